@@ -1,0 +1,468 @@
+"""Train the shapes model the seed's way, stage by stage, resumable, within a time budget.
+
+Stage 1 (``vae``): ``AutoencoderKL`` trained on reconstruction (MSE + L1) plus a small KL term.
+Stage 2 (``unet``): ``UNet2DConditionModel`` and a small ``CLIPTextModel`` trained jointly on
+
+    L_LDM = E_{z=E(x), eps~N(0,1), t} || eps - eps_phi(z_t, t, tau_theta(y)) ||^2
+
+with z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, 1000 scaled-linear steps, and 10% of captions
+dropped to "" so classifier-free guidance works.
+Stage 3 (``controlnet-KIND``): a ``ControlNetModel`` copied from the trained UNet's encoder, joined
+by zero convolutions; the UNet and text encoder are frozen, 50% of prompts are dropped (as in the
+ControlNet paper). ``init="gaussian"`` re-initialises the zero convolutions N(0, 0.02) for the
+ablation.
+
+Every stage trains for a wall-clock budget (the learning rate follows a cosine over that budget),
+saves a checkpoint every ``ckpt_every`` seconds and resumes from it; losses go to
+``OUT/logs/STAGE.jsonl``. ``export`` writes the diffusers directories in fp16.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import configs, world
+from .tokenizer import write_tokenizer
+
+STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_train: int
+    workers: int
+    vae_seconds: float
+    unet_seconds: float
+    controlnet_seconds: float
+    vae_batch: int
+    unet_batch: int
+    controlnet_batch: int
+    vae_lr: float = 5e-4
+    unet_lr: float = 3e-4
+    controlnet_lr: float = 3e-4
+    ema_decay: float = 0.999
+    ckpt_every: float = 120.0
+    max_steps: int | None = None  # for smoke tests
+
+
+PRESETS = {
+    # 2 CPU cores: ~2 hours for everything (see README "Retraining the shapes model").
+    "cpu": Preset(n_train=30_000, workers=2, vae_seconds=1500, unet_seconds=4200, controlnet_seconds=500,
+                  vae_batch=32, unet_batch=64, controlnet_batch=64),
+    # one H100/H200: about 8 minutes for everything.
+    "gpu": Preset(n_train=120_000, workers=16, vae_seconds=95, unet_seconds=250, controlnet_seconds=42,
+                  vae_batch=256, unet_batch=512, controlnet_batch=512, ckpt_every=60),
+    # a few steps of every stage, to keep the training code tested.
+    "smoke": Preset(n_train=64, workers=1, vae_seconds=60, unet_seconds=60, controlnet_seconds=60,
+                    vae_batch=8, unet_batch=8, controlnet_batch=8, max_steps=3, ckpt_every=0.0),
+}
+
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _cosine_lr(base: float, frac: float, warmup: float = 0.03) -> float:
+    if frac < warmup:
+        return base * max(frac / warmup, 0.01)
+    frac = min(1.0, (frac - warmup) / (1 - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class _Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a")
+
+    def __call__(self, **row):
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+
+def _load_ckpt(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _save_ckpt(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().float(), 1 - decay)
+
+
+def _to_float_images(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+class Trainer:
+    """Holds the in-memory dataset and the models while the stages run."""
+
+    def __init__(self, out: str | Path, preset: str | Preset = "cpu", device: str | None = None, seed: int = 0,
+                 progress: bool = True):
+        self.out = Path(out)
+        self.preset = PRESETS[preset] if isinstance(preset, str) else preset
+        self.device = _device(device)
+        self.seed = seed
+        self.progress = progress
+        self._data = None
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.tokenizer_dir = write_tokenizer(self.out / "tokenizer", world.VOCABULARY, configs.MAX_TOKENS)
+
+    # ---------------------------------------------------------------- data
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            t0 = time.time()
+            d = world.generate(self.preset.n_train, self.seed, split="train", workers=self.preset.workers)
+            self._data = {
+                "caption": d["caption"],
+                **{k: torch.from_numpy(d[k]).to(self.device) for k in ("image", *world.CONDITION_KINDS)},
+            }
+            print(f"[data] {self.preset.n_train} scenes in {time.time() - t0:.1f}s", flush=True)
+        return self._data
+
+    def tokenizer(self):
+        from transformers import CLIPTokenizer
+        return CLIPTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _batch_idx(self, g: torch.Generator, batch: int) -> torch.Tensor:
+        return torch.randint(0, self.preset.n_train, (batch,), generator=g, device=self.device)
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self, stage: str, params, seconds: float, lr: float, step_fn, state_fn, load_fn, batch_g):
+        ckpt_path = self.out / "ckpt" / f"{stage}.pt"
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if stage == "vae" else 1e-2)
+        step, elapsed = 0, 0.0
+        ck = _load_ckpt(ckpt_path)
+        if ck is not None:
+            load_fn(ck)
+            opt.load_state_dict(ck["opt"])
+            step, elapsed = ck["step"], ck["elapsed"]
+            batch_g.set_state(ck["gen"])
+            print(f"[{stage}] resumed at step {step} ({elapsed:.0f}s done)", flush=True)
+        log = _Log(self.out / "logs" / f"{stage}.jsonl")
+        max_steps = self.preset.max_steps
+        bar = tqdm(total=int(seconds), desc=stage, unit="s", disable=not self.progress, initial=int(elapsed))
+        t_last_ckpt = time.time()
+        t_start = time.time() - elapsed
+        running = None
+        while elapsed < seconds and (max_steps is None or step < max_steps):
+            for grp in opt.param_groups:
+                grp["lr"] = _cosine_lr(lr, elapsed / seconds)
+            loss, extra = step_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            if step % 25 == 0 or step <= 3:
+                lv = float(loss)
+                running = lv if running is None else 0.9 * running + 0.1 * lv
+                log(step=step, t=round(elapsed, 2), loss=lv, lr=opt.param_groups[0]["lr"], **extra)
+                bar.set_postfix(loss=f"{running:.4f}", step=step)
+            now = time.time()
+            bar.update(int(now - t_start) - bar.n)
+            elapsed = now - t_start
+            if now - t_last_ckpt > self.preset.ckpt_every and self.preset.ckpt_every > 0:
+                _save_ckpt(ckpt_path, {**state_fn(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                                       "gen": batch_g.get_state()})
+                t_last_ckpt = now
+        bar.close()
+        _save_ckpt(ckpt_path, {**state_fn(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                               "gen": batch_g.get_state()})
+        summary = {"stage": stage, "steps": step, "seconds": round(elapsed, 1), "final_loss": running,
+                   "device": str(self.device)}
+        (self.out / "logs" / f"{stage}.summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[{stage}] {step} steps in {elapsed:.0f}s, loss {running}", flush=True)
+        return summary
+
+    # ---------------------------------------------------------------- stage 1
+    def train_vae(self):
+        from diffusers import AutoencoderKL
+        torch.manual_seed(self.seed)
+        vae = AutoencoderKL(**configs.VAE).to(self.device)
+        images = self.data["image"]
+        g = self._generator(self.seed + 1)
+        p = self.preset
+
+        def step_fn():
+            x = _to_float_images(images[self._batch_idx(g, p.vae_batch)])
+            with _autocast(self.device):
+                post = vae.encode(x).latent_dist
+                z = post.sample()
+                rec = vae.decode(z).sample
+            rec = rec.float()
+            mse = F.mse_loss(rec, x)
+            l1 = (rec - x).abs().mean()
+            kl = post.kl().mean() / z[0].numel()  # per latent element
+            loss = mse + 0.5 * l1 + 1e-4 * kl
+            return loss, {}
+
+        summary = self._loop("vae", list(vae.parameters()), p.vae_seconds, p.vae_lr, step_fn,
+                             lambda: {"model": vae.state_dict()},
+                             lambda ck: vae.load_state_dict(ck["model"]), g)
+        # scaling factor so that scaled latents have unit variance (SD's 0.18215 is found the same way)
+        with torch.no_grad():
+            z = self._encode(vae, images[:4096], sample=True)
+            vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+        vae.save_pretrained(self.out / "vae")
+        return summary
+
+    @torch.no_grad()
+    def _encode(self, vae, images_u8, sample: bool, batch: int = 1024):
+        outs = []
+        for i in range(0, len(images_u8), batch):
+            with _autocast(self.device):
+                post = vae.encode(_to_float_images(images_u8[i:i + batch])).latent_dist
+            outs.append((post.sample() if sample else post.mean).float())
+        return torch.cat(outs)
+
+    # ---------------------------------------------------------------- stage 2
+    def _latent_stats(self, vae):
+        with torch.no_grad():
+            means, stds = [], []
+            for i in range(0, self.preset.n_train, 1024):
+                with _autocast(self.device):
+                    post = vae.encode(_to_float_images(self.data["image"][i:i + 1024])).latent_dist
+                means.append(post.mean.float())
+                stds.append(post.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def _token_ids(self, captions):
+        tok = self.tokenizer()
+        ids = tok(captions, padding="max_length", max_length=configs.MAX_TOKENS, truncation=True,
+                  return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def _text_encoder(self):
+        from transformers import CLIPTextConfig, CLIPTextModel
+        tok = self.tokenizer()
+        cfg = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **configs.TEXT_ENCODER)
+        return CLIPTextModel(cfg)
+
+    def train_unet(self):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        p = self.preset
+        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval().requires_grad_(False)
+        scale = vae.config.scaling_factor
+        mean, std = self._latent_stats(vae)
+        del vae
+        ids = self._token_ids(self.data["caption"])
+        empty = self._token_ids([""])[0]
+        torch.manual_seed(self.seed + 2)
+        unet = UNet2DConditionModel(**configs.UNET).to(self.device)
+        text = self._text_encoder().to(self.device)
+        ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        ema_text = copy.deepcopy(text).requires_grad_(False)
+        sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
+        abar = sched.alphas_cumprod.to(self.device)
+        g = self._generator(self.seed + 3)
+
+        def step_fn():
+            idx = self._batch_idx(g, p.unet_batch)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)) * scale
+            tok = ids[idx].clone()
+            drop = torch.rand(len(idx), generator=g, device=self.device) < 0.1
+            tok[drop] = empty
+            eps = torch.randn(z0.shape, generator=g, device=self.device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=self.device)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward process q(z_t | z_0)
+            with _autocast(self.device):
+                cond = text(tok).last_hidden_state
+                pred = unet(zt, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), eps)  # L_LDM
+            return loss, {}
+
+        params = list(unet.parameters()) + list(text.parameters())
+
+        def state():
+            return {"unet": unet.state_dict(), "text": text.state_dict(),
+                    "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict()}
+
+        def load(ck):
+            unet.load_state_dict(ck["unet"])
+            text.load_state_dict(ck["text"])
+            ema_unet.load_state_dict(ck["ema_unet"])
+            ema_text.load_state_dict(ck["ema_text"])
+
+        summary = self._loop_with_ema("unet", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
+                                      [(ema_unet, unet), (ema_text, text)])
+        ema_unet.save_pretrained(self.out / "unet")
+        ema_text.save_pretrained(self.out / "text_encoder")
+        self._save_scheduler()
+        return summary
+
+    def _loop_with_ema(self, stage, params, seconds, lr, step_fn, state_fn, load_fn, g, pairs):
+        decay = self.preset.ema_decay
+        counter = {"n": 0}
+
+        def wrapped():
+            # the EMA update for the previous optimiser step happens before the next forward pass
+            if counter["n"] > 0:
+                d = min(decay, (1 + counter["n"]) / (10 + counter["n"]))
+                for ema, model in pairs:
+                    _ema_update(ema, model, d)
+            counter["n"] += 1
+            return step_fn()
+
+        summary = self._loop(stage, params, seconds, lr, wrapped, state_fn, load_fn, g)
+        d = min(decay, (1 + counter["n"]) / (10 + counter["n"]))
+        for ema, model in pairs:
+            _ema_update(ema, model, d)
+        return summary
+
+    def _save_scheduler(self):
+        from diffusers import DDIMScheduler
+        DDIMScheduler(**configs.SCHEDULER).save_pretrained(self.out / "scheduler")
+
+    # ---------------------------------------------------------------- stage 3
+    def train_controlnet(self, kind: str, init: str = "zero"):
+        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        if kind not in world.CONDITION_KINDS:
+            raise KeyError(f"unknown condition kind {kind!r}; expected one of {world.CONDITION_KINDS}")
+        p = self.preset
+        stage = f"controlnet-{kind}" + ("" if init == "zero" else f"-{init}")
+        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval().requires_grad_(False)
+        scale = vae.config.scaling_factor
+        mean, std = self._latent_stats(vae)
+        del vae
+        unet = UNet2DConditionModel.from_pretrained(self.out / "unet").to(self.device).eval().requires_grad_(False)
+        text = CLIPTextModel.from_pretrained(self.out / "text_encoder").to(self.device).eval().requires_grad_(False)
+        ids = self._token_ids(self.data["caption"])
+        empty = self._token_ids([""])[0]
+        torch.manual_seed(self.seed + 4)
+        net = ControlNetModel.from_unet(unet, **configs.CONTROLNET).to(self.device).train()
+        if init == "gaussian":
+            gaussian_init_zero_convs(net)
+        cond_u8 = self.data[kind]
+        sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
+        abar = sched.alphas_cumprod.to(self.device)
+        g = self._generator(self.seed + 5)
+
+        def step_fn():
+            idx = self._batch_idx(g, p.controlnet_batch)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)) * scale
+            tok = ids[idx].clone()
+            drop = torch.rand(len(idx), generator=g, device=self.device) < 0.5
+            tok[drop] = empty
+            hint = cond_u8[idx].permute(0, 3, 1, 2).float() / 255.0  # [B, 3, 64, 64] in [0, 1]
+            eps = torch.randn(z0.shape, generator=g, device=self.device)
+            t = torch.randint(0, 1000, (len(idx),), generator=g, device=self.device)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            with torch.no_grad(), _autocast(self.device):
+                cond = text(tok).last_hidden_state
+            with _autocast(self.device):
+                down, mid = net(zt, t, encoder_hidden_states=cond, controlnet_cond=hint, return_dict=False)
+                pred = unet(zt, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+            return F.mse_loss(pred.float(), eps), {}
+
+        summary = self._loop(stage, list(net.parameters()), p.controlnet_seconds, p.controlnet_lr, step_fn,
+                             lambda: {"model": net.state_dict()}, lambda ck: net.load_state_dict(ck["model"]), g)
+        net.save_pretrained(self.out / stage)
+        return summary
+
+    # ---------------------------------------------------------------- export
+    def export(self, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
+        """Write the diffusers pipeline directory (fp16 safetensors) with ``controlnet-KIND`` subfolders."""
+        return export_pipeline(self.out, dest, kinds)
+
+
+def gaussian_init_zero_convs(net, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Re-initialise a ControlNet's zero convolutions (and its hint embedding's last conv) N(0, std^2):
+    the ablation to the seed's zero initialisation."""
+    convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * std)
+            conv.bias.zero_()
+
+
+def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
+    import shutil
+
+    from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+    work, dest = Path(work), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet"),
+        scheduler=DDIMScheduler.from_pretrained(work / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    for kind in kinds:
+        src = work / f"controlnet-{kind}"
+        if src.exists():
+            ControlNetModel.from_pretrained(src).to(torch.float16).save_pretrained(
+                tmp / f"controlnet-{kind}", safe_serialization=True)
+    # transformers loads a model in the dtype its config names; diffusers models load in fp32. Name fp32
+    # so that a plain ``StableDiffusionPipeline.from_pretrained(dest)`` gets one dtype throughout
+    # (the weights on disk stay fp16; pass ``torch_dtype=torch.float16`` on a GPU).
+    cfg_path = tmp / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,
+          export_to: str | Path | None = None, init: str = "zero", progress: bool = True) -> list[dict]:
+    """Run one stage (``vae``, ``unet``, ``controlnet-KIND``) or all of them in order."""
+    stages = STAGES if stage in (None, "all") else (stage,)
+    for s in stages:
+        if s not in STAGES:
+            raise KeyError(f"unknown stage {s!r}; expected one of {STAGES}")
+    tr = Trainer(out, preset, device, progress=progress)
+    out_rows = []
+    for s in stages:
+        if s == "vae":
+            out_rows.append(tr.train_vae())
+        elif s == "unet":
+            out_rows.append(tr.train_unet())
+        else:
+            out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init))
+    if export_to is not None:
+        tr.export(export_to)
+    return out_rows

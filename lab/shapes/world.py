@@ -1,0 +1,276 @@
+"""The shapes world: a procedural dataset of coloured shapes with captions, masks and conditions.
+
+Every scene is drawn from ``numpy.random.default_rng([seed, index])``, so scene ``i`` of a seed is the
+same whatever the batch or the number of worker processes that produce it.
+
+A scene holds one or two non-overlapping objects (circle, square, triangle; six colours; two sizes;
+free positions) on a plain background (gray, white, black), a caption from a small grammar::
+
+    "a large red circle and a small blue square on a gray background"
+
+per-object masks, and three ControlNet conditions made from the masks and the image:
+
+* ``scribble``: each outline redrawn as a person would with a mouse: low-frequency wobble, a
+  random start point, a stroke that may stop short or overshoot, a varying stroke width;
+* ``segmentation``: one colour per shape class (:data:`SEG_PALETTE`), black background;
+* ``edges``: ``cv2.Canny`` on the image (thresholds 100/200, as in ControlNet's canny model).
+
+Images and conditions are ``uint8`` arrays ``[H, W, 3]``; masks are ``bool`` ``[H, W]``.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64  # image side in pixels
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, int] = {"small": 16, "large": 28}  # bounding-box side in pixels at SIZE=64
+SEG_PALETTE: dict[str, tuple[int, int, int]] = {  # segmentation colour per class (ADE20K-like)
+    "background": (0, 0, 0),
+    "circle": (255, 0, 128),
+    "square": (0, 200, 255),
+    "triangle": (255, 200, 0),
+}
+CONDITION_KINDS = ("scribble", "segmentation", "edges")
+VOCABULARY = sorted(
+    {"a", "and", "on", "background", *COLOURS, *BACKGROUNDS, *SHAPES, *SIZES}
+)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    cx: float  # centre, pixels
+    cy: float
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        h = SIZES[self.size] / 2
+        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+    background: str
+    caption: str = field(default="")
+
+    @staticmethod
+    def make_caption(objects, background) -> str:
+        return " and ".join(o.phrase for o in objects) + f" on a {background} background"
+
+
+def _combo_key(objects, background) -> str:
+    parts = sorted(f"{o.size} {o.colour} {o.shape}" for o in objects)
+    return "|".join(parts) + "|" + background
+
+
+def is_held_out(objects, background) -> bool:
+    """True for the ~10% of two-object combinations that training never sees (stable hash)."""
+    if len(objects) < 2:
+        return False
+    digest = hashlib.sha1(_combo_key(objects, background).encode()).digest()
+    return digest[0] < 26  # 26/256 ~ 10%
+
+
+def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None) -> Scene:
+    """Draw one scene. ``split="train"`` never yields a held-out two-object combination;
+    ``split="heldout"`` yields only held-out ones when it draws two objects."""
+    while True:
+        n = int(rng.integers(1, 3)) if n_objects is None else n_objects
+        background = str(rng.choice(list(BACKGROUNDS)))
+        objects: list[ShapeObject] = []
+        for _ in range(n):
+            for _attempt in range(100):
+                size = str(rng.choice(list(SIZES)))
+                half = SIZES[size] / 2
+                cx = float(rng.uniform(half + 2, SIZE - half - 2))
+                cy = float(rng.uniform(half + 2, SIZE - half - 2))
+                obj = ShapeObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size, cx, cy)
+                if all(_apart(obj, o) for o in objects):
+                    objects.append(obj)
+                    break
+        if len(objects) != n:
+            continue
+        held = is_held_out(objects, background)
+        if n == 2 and ((split == "train" and held) or (split == "heldout" and not held)):
+            continue
+        return Scene(tuple(objects), background, Scene.make_caption(objects, background))
+
+
+def _apart(a: ShapeObject, b: ShapeObject, gap: float = 3.0) -> bool:
+    ax0, ay0, ax1, ay1 = a.bbox
+    bx0, by0, bx1, by1 = b.bbox
+    return ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
+
+
+def _outline(obj: ShapeObject, n: int = 96) -> np.ndarray:
+    """Closed outline of an object as ``[n, 2]`` points (x, y) in pixels, evenly spaced by angle/edge."""
+    x0, y0, x1, y1 = obj.bbox
+    if obj.shape == "circle":
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        r = (x1 - x0) / 2
+        return np.stack([obj.cx + r * np.cos(t), obj.cy + r * np.sin(t)], 1)
+    if obj.shape == "square":
+        corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    else:  # triangle, pointing up
+        corners = np.array([[obj.cx, y0], [x1, y1], [x0, y1]])
+    k = len(corners)
+    per = n // k
+    pts = [corners[i] + (corners[(i + 1) % k] - corners[i]) * s
+           for i in range(k) for s in np.linspace(0, 1, per, endpoint=False)]
+    return np.array(pts)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill) -> None:
+    s = SUPERSAMPLE
+    x0, y0, x1, y1 = (v * s for v in obj.bbox)
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        draw.polygon([(obj.cx * s, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``[H, W, 3] uint8`` and masks ``[n_objects, H, W] bool`` of a scene."""
+    big = SIZE * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    masks = []
+    for obj in scene.objects:
+        _draw_object(draw, obj, COLOURS[obj.colour])
+        m = Image.new("L", (big, big), 0)
+        _draw_object(ImageDraw.Draw(m), obj, 255)
+        masks.append(np.asarray(m.resize((SIZE, SIZE), Image.BOX)) >= 128)
+    image = np.asarray(img.resize((SIZE, SIZE), Image.BOX))
+    return image, np.stack(masks) if masks else np.zeros((0, SIZE, SIZE), bool)
+
+
+def segmentation_map(scene: Scene, masks: np.ndarray) -> np.ndarray:
+    """Colour per shape class (:data:`SEG_PALETTE`) on black: ``[H, W, 3] uint8``."""
+    seg = np.zeros((SIZE, SIZE, 3), np.uint8)
+    for obj, m in zip(scene.objects, masks):
+        seg[m] = SEG_PALETTE[obj.shape]
+    return seg
+
+
+def edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges of an RGB image, white on black, ``[H, W, 3] uint8`` (ControlNet's canny input)."""
+    e = cv2.Canny(np.ascontiguousarray(image), low, high)
+    return np.repeat(e[:, :, None], 3, axis=2)
+
+
+def scribble(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """Hand-drawn-looking outlines of every object, white strokes on black, ``[H, W, 3] uint8``.
+
+    The outline is perturbed along its normal by a smooth random wobble (a few low Fourier modes),
+    each point gets a little jitter, the stroke starts at a random point and covers 85-105% of the
+    perimeter, and the stroke width is drawn per object (1-3 px at 64x64)."""
+    s = SUPERSAMPLE
+    big = SIZE * s
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        pts = _outline(obj)
+        n = len(pts)
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        wobble = sum(rng.normal(0, 0.6) * np.sin(k * t + rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3))
+        centre = np.array([obj.cx, obj.cy])
+        direction = pts - centre
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True) + 1e-6
+        pts = pts + direction * wobble[:, None] + rng.normal(0, 0.25, pts.shape)
+        start = int(rng.integers(0, n))
+        cover = rng.uniform(0.85, 1.05)
+        idx = (start + np.arange(int(round(cover * n)))) % n
+        path = [(float(x * s), float(y * s)) for x, y in pts[idx]]
+        width = int(rng.integers(1 * s, 3 * s + 1))
+        draw.line(path, fill=255, width=width, joint="curve")
+    arr = np.asarray(canvas.resize((SIZE, SIZE), Image.BOX)) >= 96
+    out = np.where(arr, 255, 0).astype(np.uint8)
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def make_example(seed: int, index: int, *, split: str = "train", n_objects: int | None = None) -> dict:
+    """Scene ``index`` of ``seed``: image, masks, caption, objects, and all three conditions."""
+    split_tag = {"train": 0, "heldout": 1}[split]
+    rng = np.random.default_rng([seed, index, split_tag])
+    scene = sample_scene(rng, split=split, n_objects=n_objects)
+    image, masks = render(scene)
+    return {
+        "scene": scene,
+        "caption": scene.caption,
+        "image": image,
+        "masks": masks,
+        "scribble": scribble(scene, rng),
+        "segmentation": segmentation_map(scene, masks),
+        "edges": edges(image),
+    }
+
+
+def _chunk(args):
+    seed, start, stop, split = args
+    out = {k: [] for k in ("image", "caption", "scribble", "segmentation", "edges", "mask_union")}
+    for i in range(start, stop):
+        ex = make_example(seed, i, split=split)
+        for k in ("image", "caption", "scribble", "segmentation", "edges"):
+            out[k].append(ex[k])
+        out["mask_union"].append(ex["masks"].any(0))
+    return out
+
+
+def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048) -> dict:
+    """``n`` examples as stacked arrays: ``image``/``scribble``/``segmentation``/``edges``
+    ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool`` and ``caption`` (list of str).
+    The result does not depend on ``workers`` or ``chunk``."""
+    jobs = [(seed, a, min(a + chunk, n), split) for a in range(0, n, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_chunk, jobs))
+    else:
+        parts = [_chunk(j) for j in jobs]
+    out = {}
+    for k in parts[0]:
+        vals = [v for p in parts for v in p[k]]
+        out[k] = vals if k == "caption" else np.stack(vals)
+    return out
+
+
+def condition_for(kind: str, example: dict) -> np.ndarray:
+    if kind not in CONDITION_KINDS:
+        raise KeyError(f"unknown condition kind {kind!r}; expected one of {CONDITION_KINDS}")
+    return example[kind]
+
+
+def palette_distance(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[list[str], np.ndarray]:
+    names = list(palette)
+    ref = np.array([palette[k] for k in names], np.float32)
+    d = np.linalg.norm(rgb[..., None, :].astype(np.float32) - ref, axis=-1)
+    return names, d
