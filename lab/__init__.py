@@ -1,0 +1,25 @@
+"""latent-lab: the headless core. Load a pipeline, step through sampling, record a run.
+
+    import lab
+    pipe = lab.load("shapes", controlnet="scribble")
+    sampler = pipe.sampler("a large red circle on a gray background", steps=30, guidance=5, seed=0)
+    for state in sampler:
+        ...                     # state.latents, state.pred_x0, state.noise_pred_cond, ...
+    run = sampler.to_run()      # run.image, run.to_xarray(), run.save("run.zarr")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .control import Control
+from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError
+from .loading import DEFAULT_MODEL, load
+from .pipeline import Pipeline
+from .run import Run
+from .sampler import Sampler, StepState
+from .schedulers import SCHEDULERS
+
+__all__ = [
+    "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
+    "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "__version__",
+]

@@ -435,6 +435,7 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
         if src.exists():
             ControlNetModel.from_pretrained(src).to(torch.float16).save_pretrained(
                 tmp / f"controlnet-{kind}", safe_serialization=True)
+    write_preview_map(tmp)
     # transformers loads a model in the dtype its config names; diffusers models load in fp32. Name fp32
     # so that a plain ``StableDiffusionPipeline.from_pretrained(dest)`` gets one dtype throughout
     # (the weights on disk stay fp16; pass ``torch_dtype=torch.float16`` on a GPU).
@@ -445,6 +446,20 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
+
+
+def write_preview_map(pipeline_dir: Path, n: int = 256) -> float:
+    """Fit the latent -> RGB preview map (:mod:`lab.preview`) on shapes scenes and store it beside the
+    model as ``lab_preview.json``. Returns its R^2."""
+    from diffusers import AutoencoderKL
+
+    from ..preview import FILENAME, fit_preview
+    vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", torch_dtype=torch.float32)
+    d = world.generate(n, seed=11, split="heldout")
+    images = torch.from_numpy(d["image"]).permute(0, 3, 1, 2).float() / 255
+    pm = fit_preview(vae, images, source="shapes scenes")
+    pm.save(Path(pipeline_dir) / FILENAME)
+    return pm.r2
 
 
 def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,

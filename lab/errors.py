@@ -1,0 +1,35 @@
+"""Typed errors of latent-lab. Each message says what was tried and what to do."""
+from __future__ import annotations
+
+
+class ModelNotAvailable(RuntimeError):
+    """A model could not be loaded. ``tried`` lists the places looked at, in order."""
+
+    def __init__(self, message: str, tried: list[str] | None = None):
+        self.tried = list(tried or [])
+        if self.tried:
+            message += "\n  tried:\n" + "\n".join(f"    - {t}" for t in self.tried)
+        super().__init__(message)
+
+
+class ModelNotFound(ModelNotAvailable):
+    """No local directory and no cached Hugging Face snapshot has this name."""
+
+
+class IncompleteModel(ModelNotAvailable):
+    """A directory or cached snapshot exists but lacks files or holds unreadable ones."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf appeared in a tensor of the sampling loop. ``step`` is the step index where it first
+    appeared, ``name`` the tensor, ``run`` the partial run up to (excluding) that step."""
+
+    def __init__(self, name: str, step: int | None, run=None, hint: str = ""):
+        self.name, self.step, self.run = name, step, run
+        where = f"at step {step}" if step is not None else "after sampling"
+        msg = f"non-finite values (NaN/inf) in {name} {where}"
+        super().__init__(msg + (f"; {hint}" if hint else ""))
+
+
+class RunFileError(ValueError):
+    """A path does not hold a readable latent-lab run (foreign, corrupted, or from a newer version)."""

@@ -1,0 +1,135 @@
+"""The project's pipeline object: diffusers modules plus the diffusers pipeline whose helpers
+(prompt encoding, latent preparation, SDXL time ids, inpainting masks) the lab's own loop reuses."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def _helper_class(components: dict):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    if components.get("text_encoder_2") is not None or components.get("tokenizer_2") is not None:
+        return "sdxl", StableDiffusionXLPipeline
+    if components["unet"].config.in_channels == 9:
+        return "inpaint", StableDiffusionInpaintPipeline
+    return "sd", StableDiffusionPipeline
+
+
+class Pipeline:
+    """A loaded latent diffusion model. Make one with :func:`lab.load` or :meth:`from_components`.
+
+    Attributes: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2`` for SDXL), ``tokenizer``,
+    ``scheduler`` (the default one; samplers copy it), ``controlnets`` (dict name -> ControlNetModel),
+    ``kind`` (``"sd"``, ``"sdxl"`` or ``"inpaint"``), ``diffusers`` (the diffusers pipeline sharing
+    these modules, used for its helpers and for equivalence checks).
+    """
+
+    def __init__(self, components: dict, *, controlnets: dict | None = None, name: str = "", path=None,
+                 device="cpu", dtype=torch.float32, class_name: str = ""):
+        self.kind, helper_cls = _helper_class(components)
+        params = inspect.signature(helper_cls.__init__).parameters
+        kwargs = {k: components.get(k) for k in params if k not in ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")}
+        if "requires_safety_checker" in params:
+            kwargs["requires_safety_checker"] = False
+        if "add_watermarker" in params:
+            kwargs["add_watermarker"] = False
+        for opt in ("safety_checker", "feature_extractor", "image_encoder"):
+            if opt in kwargs:
+                kwargs[opt] = components.get(opt)
+        self.diffusers = helper_cls(**kwargs)
+        self.diffusers.set_progress_bar_config(disable=True)
+        self.components = components
+        self.controlnets = dict(controlnets or {})
+        self.name, self.path, self.class_name = name, Path(path) if path else None, class_name
+        self.device, self.dtype = torch.device(device), dtype
+        self._preview = None
+        self.to(self.device)
+
+    # modules -----------------------------------------------------------------
+    vae = property(lambda self: self.diffusers.vae)
+    unet = property(lambda self: self.diffusers.unet)
+    text_encoder = property(lambda self: self.diffusers.text_encoder)
+    tokenizer = property(lambda self: self.diffusers.tokenizer)
+    text_encoder_2 = property(lambda self: getattr(self.diffusers, "text_encoder_2", None))
+    tokenizer_2 = property(lambda self: getattr(self.diffusers, "tokenizer_2", None))
+    scheduler = property(lambda self: self.diffusers.scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.diffusers.vae_scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @classmethod
+    def from_components(cls, *, controlnets=None, name: str = "components", device="cpu", dtype=None, **components):
+        """Wrap modules built in memory (tests, notebooks): ``vae=, unet=, text_encoder=, tokenizer=,
+        scheduler=`` (plus ``text_encoder_2=, tokenizer_2=`` for SDXL)."""
+        dtype = dtype or next(components["unet"].parameters()).dtype
+        return cls(components, controlnets=controlnets, name=name, device=device, dtype=dtype)
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        self.diffusers.to(self.device, self.dtype)
+        for net in self.controlnets.values():
+            net.to(self.device, self.dtype)
+        return self
+
+    def __repr__(self) -> str:
+        nets = f", controlnets={sorted(self.controlnets)}" if self.controlnets else ""
+        return (f"<lab.Pipeline {self.name!r} kind={self.kind} {self.default_size}px "
+                f"latents {self.unet.config.in_channels}ch/{self.vae_scale_factor}x{nets} on {self.device} {self.dtype}>")
+
+    # sampling ----------------------------------------------------------------
+    def sampler(self, prompt="", negative_prompt=None, **kwargs):
+        """An explicit, steppable sampler; see :class:`lab.Sampler` for the arguments."""
+        from .sampler import Sampler
+        return Sampler(self, prompt, negative_prompt, **kwargs)
+
+    def __call__(self, prompt="", negative_prompt=None, **kwargs):
+        """Sample to the end and return the :class:`lab.Run`."""
+        return self.sampler(prompt, negative_prompt, **kwargs).run()
+
+    # decoding ----------------------------------------------------------------
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode of (scaled) latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1] (float32, CPU)."""
+        vae = self.vae
+        z = latents.to(self.device)
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            img = vae.decode(z.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def to_pil(self, images01: torch.Tensor) -> list[Image.Image]:
+        arr = (images01.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        from .errors import NonFiniteError
+        imgs = self.decode_latents(latents)
+        if not torch.isfinite(imgs).all():
+            raise NonFiniteError("decoded image", None, hint="the VAE produced NaN/inf; try float32 or bfloat16")
+        return self.to_pil(imgs)
+
+    @property
+    def preview_map(self):
+        """The fitted latent -> RGB linear map of this model (:func:`lab.preview.fit_preview`)."""
+        if self._preview is None:
+            from .preview import FILENAME, PreviewMap, fit_preview
+            shipped = self.path / FILENAME if self.path else None
+            self._preview = PreviewMap.load(shipped) if shipped and shipped.exists() else fit_preview(self.vae)
+        return self._preview

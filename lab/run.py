@@ -1,0 +1,222 @@
+"""A recorded sampling run: its steps, its provenance, and its labelled-array form.
+
+``run.to_xarray()`` gives an ``xarray.Dataset`` with ``step`` as the leading dim::
+
+    latents, prev_latents, pred_x0, noise_pred, noise_pred_cond, noise_pred_uncond
+        [step, batch, channel, y, x]
+    coords: step, timestep(step), sigma(step), batch, channel, y, x
+    attrs:  latent_lab_run (format version), model, seed, scheduler, guidance, prompt, ...,
+            config (all settings as one JSON string), lab_version, interrupted
+
+``run.save(path)`` writes zarr (or netCDF for ``.nc``) to a temporary sibling and renames it into
+place, so an interrupted save leaves no run behind; ``Run.load(path)`` reads it back identically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .errors import RunFileError
+from .sampler import StepState
+
+FORMAT = 1
+TENSORS = ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond", "noise_pred_uncond")
+PROVENANCE_KEYS = ("model", "model_kind", "seed", "scheduler", "guidance", "steps", "num_steps", "height", "width",
+                   "batch", "dtype")
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().cpu().numpy()
+
+
+class Run:
+    """The steps of one sampling run (see :class:`lab.StepState`) with its settings."""
+
+    def __init__(self, steps: list[StepState], *, settings: dict, pipe=None, final_latents=None,
+                 interrupted: bool = False, truncated: dict | None = None, extra: xr.Dataset | None = None):
+        self.steps = list(steps)
+        self.settings = dict(settings)
+        self.pipe = pipe
+        self.final_latents = final_latents if final_latents is not None else (
+            self.steps[-1].prev_latents if self.steps else None)
+        self.interrupted = interrupted
+        self.truncated = dict(truncated or {})
+        self._images = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> StepState:
+        return self.steps[i]
+
+    def __repr__(self) -> str:
+        flag = ", interrupted" if self.interrupted else ""
+        return (f"<lab.Run {len(self.steps)}/{self.settings.get('num_steps')} steps, {self.settings.get('scheduler')}, "
+                f"guidance {self.settings.get('guidance')}, seed {self.settings.get('seed')}{flag}: "
+                f"{self.settings.get('prompt')!r}>")
+
+    # ------------------------------------------------------------------ images
+    def _need_pipe(self, pipe=None):
+        pipe = pipe or self.pipe
+        if pipe is None:
+            raise RuntimeError("this run has no pipeline attached (it was loaded from disk); "
+                               "pass pipe= or call run.attach(lab.load(...))")
+        return pipe
+
+    def attach(self, pipe) -> "Run":
+        self.pipe = pipe
+        return self
+
+    @property
+    def images(self):
+        """The decoded final images (PIL), one per batch item."""
+        if self._images is None:
+            self._images = self._need_pipe().decode(self.final_latents)
+        return self._images
+
+    @property
+    def image(self):
+        return self.images[0]
+
+    def decode(self, step: int = -1, *, pipe=None):
+        """VAE decode of ``pred_x0`` at ``step`` (the model's x0 estimate then): a list of PIL images."""
+        return self._need_pipe(pipe).decode(self.steps[step].pred_x0)
+
+    def preview(self, step: int = -1, *, which: str = "pred_x0", pipe=None, index: int = 0) -> np.ndarray:
+        """Cheap RGB preview ``uint8 [h, w, 3]`` at latent resolution of ``which`` (``pred_x0`` or
+        ``latents``) at ``step``, through the model's fitted linear map (:mod:`lab.preview`)."""
+        return self._need_pipe(pipe).preview_map(getattr(self.steps[step], which)[index])
+
+    # ------------------------------------------------------------------ arrays
+    def to_xarray(self) -> xr.Dataset:
+        if not self.steps:
+            raise ValueError("the run has no steps")
+        s0 = self.steps[0]
+        b, c, h, w = s0.latents.shape
+        dims = ("step", "batch", "channel", "y", "x")
+        data = {}
+        for name in TENSORS:
+            vals = [getattr(s, name) for s in self.steps]
+            if any(v is None for v in vals):
+                continue
+            data[name] = (dims, np.stack([_np(v) for v in vals]))
+        coords = {
+            "step": np.array([s.index for s in self.steps], np.int64),
+            "timestep": ("step", np.array([s.timestep for s in self.steps], np.float64)),
+            "sigma": ("step", np.array([s.sigma for s in self.steps], np.float64)),
+            "batch": np.arange(b), "channel": np.arange(c), "y": np.arange(h), "x": np.arange(w),
+        }
+        attrs = {"latent_lab_run": FORMAT, "lab_version": _version(), "interrupted": int(self.interrupted),
+                 "prompt": json.dumps(self.settings.get("prompt")),
+                 "negative_prompt": json.dumps(self.settings.get("negative_prompt")),
+                 "config": json.dumps(self.settings, default=str, sort_keys=True),
+                 "truncated": json.dumps(self.truncated)}
+        for k in PROVENANCE_KEYS:
+            v = self.settings.get(k)
+            attrs[k] = v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else json.dumps(v, default=str)
+        ds = xr.Dataset(data, coords=coords, attrs=attrs)
+        if self.final_latents is not None:
+            ds["final_latents"] = (("batch", "channel", "y", "x"), _np(self.final_latents))
+        return ds
+
+    @classmethod
+    def from_xarray(cls, ds: xr.Dataset, pipe=None) -> "Run":
+        if ds.attrs.get("latent_lab_run") is None:
+            raise RunFileError("not a latent-lab run: the attribute 'latent_lab_run' is missing")
+        if int(ds.attrs["latent_lab_run"]) > FORMAT:
+            raise RunFileError(f"run format {ds.attrs['latent_lab_run']} is newer than this latent-lab "
+                               f"({FORMAT}); upgrade latent-lab to read it")
+        missing = [k for k in ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond") if k not in ds]
+        if missing:
+            raise RunFileError(f"run is missing variables {missing}")
+        steps = []
+        for j, idx in enumerate(ds["step"].values):
+            get = lambda n: torch.from_numpy(np.ascontiguousarray(ds[n].values[j])) if n in ds else None  # noqa: E731
+            steps.append(StepState(int(idx), float(ds["timestep"].values[j]), float(ds["sigma"].values[j]),
+                                   get("latents"), get("prev_latents"), get("pred_x0"), get("noise_pred_cond"),
+                                   get("noise_pred_uncond"), get("noise_pred"), MappingProxyType({})))
+        settings = json.loads(ds.attrs["config"])
+        final = torch.from_numpy(ds["final_latents"].values.copy()) if "final_latents" in ds else None
+        return cls(steps, settings=settings, pipe=pipe, final_latents=final,
+                   interrupted=bool(int(ds.attrs.get("interrupted", 0))),
+                   truncated=json.loads(ds.attrs.get("truncated", "{}")))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path, *, overwrite: bool = True) -> Path:
+        """Write the run to ``path`` (zarr directory; ``.nc`` -> netCDF via h5netcdf), atomically.
+        An existing latent-lab run at ``path`` is replaced only after the new one is complete; any
+        other existing file or directory is left alone and a ``FileExistsError`` raised."""
+        path = Path(path)
+        if path.exists():
+            if not _is_run(path):
+                raise FileExistsError(f"{path} exists and is not a latent-lab run; refusing to overwrite it")
+            if not overwrite:
+                raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        ds = self.to_xarray()
+        try:
+            if path.suffix == ".nc":
+                ds.to_netcdf(tmp, engine="h5netcdf")
+            else:
+                ds.to_zarr(tmp, mode="w", consolidated=True)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, *, pipe=None) -> "Run":
+        """Read a run written by :meth:`save`. Foreign or corrupted files raise :class:`RunFileError`."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no run at {path}")
+        try:
+            if path.is_dir():
+                ds = xr.open_zarr(path, consolidated=None)
+            else:
+                ds = xr.open_dataset(path, engine="h5netcdf")
+            ds = ds.load()
+        except RunFileError:
+            raise
+        except Exception as e:
+            raise RunFileError(f"{path} is not a readable latent-lab run ({type(e).__name__}: {e})") from e
+        return cls.from_xarray(ds, pipe=pipe)
+
+
+def _is_run(path: Path) -> bool:
+    try:
+        if path.is_dir():
+            attrs = xr.open_zarr(path, consolidated=None).attrs
+        else:
+            attrs = xr.open_dataset(path, engine="h5netcdf").attrs
+        return "latent_lab_run" in attrs
+    except Exception:
+        return False
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()

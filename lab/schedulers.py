@@ -1,0 +1,83 @@
+"""Schedulers by name. All are diffusers classes, built from the pipeline's own scheduler config
+(the swap diffusers documents: ``Cls.from_config(pipe.scheduler.config)``)."""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    # the seed's ancestral update z_{t-1} = (z_t - (1-a_t)/sqrt(1-abar_t) eps)/sqrt(a_t) + sigma_t eps_t
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+}
+
+
+def scheduler_name(scheduler: SchedulerMixin) -> str:
+    for name, (cls, extra) in SCHEDULERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return type(scheduler).__name__
+
+
+def make_scheduler(spec, base_config) -> SchedulerMixin:
+    """``spec``: a name of :data:`SCHEDULERS`, a scheduler instance (copied), or ``None`` (the
+    pipeline's own, copied)."""
+    import copy
+
+    if spec is None:
+        raise ValueError("make_scheduler needs a name or an instance")
+    if isinstance(spec, SchedulerMixin):
+        return copy.deepcopy(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"scheduler must be a name {sorted(SCHEDULERS)} or a diffusers scheduler, not {type(spec).__name__}")
+    key = spec.lower()
+    if key not in SCHEDULERS:
+        close = difflib.get_close_matches(key, SCHEDULERS, n=3, cutoff=0.3)
+        raise KeyError(f"unknown scheduler {spec!r}; known: {sorted(SCHEDULERS)}"
+                       + (f"; did you mean {close}?" if close else ""))
+    cls, extra = SCHEDULERS[key]
+    return cls.from_config(base_config, **extra)
+
+
+def alpha_bar(scheduler: SchedulerMixin, t) -> torch.Tensor:
+    """abar_t of the training schedule at (integer) timestep ``t``."""
+    return scheduler.alphas_cumprod[int(t)]
+
+
+def predict_x0(scheduler: SchedulerMixin, model_output: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
+    """x0 from a model output at timestep ``t`` for a DDPM-space sample x_t (used when the scheduler's
+    ``step`` does not return ``pred_original_sample``: PNDM, DPM-Solver++).
+
+    epsilon:       x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    v_prediction:  x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+    sample:        x0 = model output
+    """
+    a = alpha_bar(scheduler, t).to(sample.device, torch.float32)
+    kind = scheduler.config.prediction_type
+    x, out = sample.float(), model_output.float()
+    if kind == "epsilon":
+        x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    return x0.to(sample.dtype)
+
+
+def current_sigma(scheduler: SchedulerMixin) -> float:
+    """sigma of the step about to run, for schedulers that define one (Euler, Euler a, DPM-Solver); NaN else."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    idx = getattr(scheduler, "step_index", None)
+    if sigmas is None or idx is None or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler)):
+        return float("nan")
+    return float(sigmas[idx])
