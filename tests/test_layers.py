@@ -1,0 +1,37 @@
+"""The layers import one way: lab never imports analysis, widgets, ipywidgets, ipycanvas, matplotlib."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BLOCKED = ("ipywidgets", "ipycanvas", "matplotlib", "analysis", "widgets")
+
+
+def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
+    # shadow each blocked package with one whose import fails, ahead of everything on sys.path
+    for name in BLOCKED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('blocked by test: {name}')\n")
+    code = textwrap.dedent("""
+        import sys
+        import lab, lab.cli, lab.shapes.world, lab.shapes.train, lab.shapes.tokenizer
+        pipe = lab.load('shapes')
+        run = pipe.sampler('a red circle', steps=2, progress=False).run()
+        run.to_xarray(); run.preview(0)
+        bad = [m for m in sys.modules if m.split('.')[0] in %r]
+        assert not bad, bad
+        print('ok')
+    """ % (BLOCKED,))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+    # the blocker works: importing a blocked package in that environment fails
+    probe = subprocess.run([sys.executable, "-c", "import matplotlib"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert probe.returncode != 0 and "blocked by test" in probe.stderr

@@ -1,0 +1,108 @@
+"""lab.load: the bundled model, local directories, cached repo ids, and typed errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from components import tiny_sd_components
+
+import lab
+from lab import IncompleteModel, ModelNotAvailable, ModelNotFound
+
+
+def test_bundled_shapes_model(shapes_pipe):
+    assert shapes_pipe.kind == "sd"
+    assert shapes_pipe.default_size == 64 and shapes_pipe.vae_scale_factor == 4
+    assert sorted(shapes_pipe.controlnets) == ["edges", "scribble", "segmentation"]
+    assert shapes_pipe.dtype == torch.float32
+
+
+def test_shipped_directory_loads_with_plain_diffusers():
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from lab.loading import bundled_path
+    path = bundled_path("shapes")
+    sd = StableDiffusionPipeline.from_pretrained(path)
+    sd.set_progress_bar_config(disable=True)
+    out = sd("a large red circle on a gray background", num_inference_steps=3, output_type="np",
+             generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3)
+    for kind in ("scribble", "segmentation", "edges"):
+        net = ControlNetModel.from_pretrained(path, subfolder=f"controlnet-{kind}")
+        StableDiffusionControlNetPipeline(**sd.components, controlnet=net)
+    weights = sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+    assert weights <= 30e6, f"bundled weights are {weights / 1e6:.1f} MB (budget 30 MB)"
+    assert all(p.suffix == ".safetensors" for p in path.rglob("*") if p.stat().st_size > 1e6)
+
+
+def test_fp16_on_cpu_falls_back_with_a_warning():
+    with pytest.warns(UserWarning, match="float32"):
+        pipe = lab.load("shapes", device="cpu", dtype=torch.float16)
+    assert pipe.dtype == torch.float32 and pipe.unet.dtype == torch.float32
+
+
+def test_missing_repo_fails_fast_with_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.time()
+    with pytest.raises(ModelNotFound) as err:
+        lab.load("runwayml/stable-diffusion-v1-5")
+    assert time.time() - t0 < 10
+    assert isinstance(err.value, ModelNotAvailable)
+    msg = str(err.value)
+    assert "Hugging Face cache" in msg and "local directory" in msg and "huggingface-cli download" in msg
+    assert len(err.value.tried) >= 3
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelNotFound, match="not available offline"):
+        lab.load(str(tmp_path / "nope"))
+
+
+def test_incomplete_directory(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    with pytest.raises(IncompleteModel) as err:
+        lab.load(str(tmp_path))
+    assert str(tmp_path) in str(err.value)
+    (tmp_path / "model_index.json").unlink()
+    with pytest.raises(IncompleteModel, match="model_index.json"):
+        lab.load(str(tmp_path))
+
+
+def test_controlnet_directory_passed_as_base_is_explained():
+    from lab.loading import bundled_path
+    with pytest.raises(IncompleteModel, match="is a ControlNet"):
+        lab.load(str(bundled_path() / "controlnet-scribble"))
+
+
+def test_unknown_controlnet_kind_lists_the_shipped_ones():
+    with pytest.raises(ModelNotFound, match="scribble"):
+        lab.load("shapes", controlnet="depth")
+
+
+def test_local_directory_roundtrip(tmp_path):
+    """A saved SD 1.x layout directory loads through lab.load and samples the same as in memory."""
+    from diffusers import StableDiffusionPipeline
+    comps = tiny_sd_components()
+    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    pipe = lab.load(str(tmp_path / "sd"))
+    mem = lab.Pipeline.from_components(**comps)
+    a = pipe.sampler("a red circle", steps=2, seed=0, height=32, width=32, progress=False).run()
+    b = mem.sampler("a red circle", steps=2, seed=0, height=32, width=32, progress=False).run()
+    assert torch.allclose(a.final_latents, b.final_latents, atol=1e-6)
+
+
+def test_cached_repo_id_resolves_offline(tmp_path, monkeypatch):
+    """A repo id whose snapshot is in the HF cache loads with no network (HF_HUB_OFFLINE=1)."""
+    from diffusers import StableDiffusionPipeline
+    hub = tmp_path / "hub"
+    snap = hub / "models--lab--tiny-sd" / "snapshots" / ("0" * 40)
+    StableDiffusionPipeline(**tiny_sd_components(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(snap)
+    (hub / "models--lab--tiny-sd" / "refs").mkdir()
+    (hub / "models--lab--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    pipe = lab.load("lab/tiny-sd")
+    assert pipe.kind == "sd" and pipe.path == snap

@@ -1,0 +1,212 @@
+"""The explicit sampler: the seed's formulas, time travel, interruption, non-finite detection."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from components import PROMPT, tiny_sd_components
+
+import lab
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return lab.Pipeline.from_components(**tiny_sd_components())
+
+
+def test_ddpm_step_is_the_seeds_formula(pipe):
+    """z_{t-1} = (z_t - (1-a_t)/sqrt(1-abar_t) eps)/sqrt(a_t) + sigma_t eps_t, with a_t = abar_t/abar_{t-1}
+    over the strided inference schedule and sigma_t^2 = (1-abar_{t-1})/(1-abar_t) (1-a_t) (DDPM's fixed small
+    variance); pred_x0 = (z_t - sqrt(1-abar_t) eps)/sqrt(abar_t)."""
+    s = pipe.sampler(PROMPT, steps=10, guidance=3.0, scheduler="ddpm", seed=0, height=32, width=32, progress=False)
+    abar = s.scheduler.alphas_cumprod.double()
+    for _ in range(4):
+        rng = s.generator.get_state()
+        st = s.step()
+        t = int(st.timestep)
+        t_prev = int(s.timesteps[st.index + 1]) if st.index + 1 < s.num_steps else -1
+        ab_t = abar[t]
+        ab_prev = abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        a_t = ab_t / ab_prev
+        eps = st.noise_pred.double()
+        z = st.latents.double()
+        g = torch.Generator().set_state(rng)
+        noise = torch.randn(st.latents.shape, generator=g, dtype=st.latents.dtype).double()
+        var = (1 - ab_prev) / (1 - ab_t) * (1 - a_t)
+        want = (z - (1 - a_t) / (1 - ab_t).sqrt() * eps) / a_t.sqrt() + var.clamp(min=1e-20).sqrt() * noise
+        assert torch.allclose(st.prev_latents.double(), want, atol=1e-5), (st.prev_latents.double() - want).abs().max()
+        x0 = (z - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+        assert torch.allclose(st.pred_x0.double(), x0, atol=1e-5)
+        # classifier-free guidance: eps = eps_u + w (eps_c - eps_u)
+        assert torch.allclose(st.noise_pred, st.noise_pred_uncond + 3.0 * (st.noise_pred_cond - st.noise_pred_uncond),
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpm++2m", "euler"])
+def test_pred_x0_exists_for_every_scheduler(pipe, name):
+    run = pipe.sampler(PROMPT, steps=5, guidance=2.0, scheduler=name, seed=0, height=32, width=32, progress=False).run()
+    for st in run.steps:
+        assert st.pred_x0 is not None and st.pred_x0.shape == st.latents.shape
+        assert torch.isfinite(st.pred_x0).all()
+    if name == "euler":
+        assert all(not math.isnan(st.sigma) for st in run.steps)
+        # Euler works in sigma space: x0 = x - sigma * eps
+        st = run.steps[2]
+        assert torch.allclose(st.pred_x0, st.latents - st.sigma * st.noise_pred, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpm++2m", "pndm", "ddpm"])
+def test_rewind_and_replay_are_bit_exact(pipe, name):
+    s = pipe.sampler(PROMPT, steps=8, guidance=4.0, scheduler=name, seed=7, height=32, width=32, progress=False)
+    first = s.run()
+    s.rewind(3)
+    assert s.position == 3 and len(s.history) == 3
+    again = s.run()
+    assert torch.equal(first.final_latents, again.final_latents)
+    for a, b in zip(first.steps, again.steps):
+        assert torch.equal(a.prev_latents, b.prev_latents)
+    replayed = s.replay()
+    assert torch.equal(first.final_latents, replayed.final_latents)
+
+
+def test_fork_shares_earlier_steps_and_differs_after(pipe):
+    s = pipe.sampler(PROMPT, steps=8, guidance=4.0, scheduler="euler_a", seed=1, height=32, width=32, progress=False)
+    for _ in range(4):
+        s.step()
+    f = s.fork(prompt="a small green triangle on a white background")
+    base = s.run()
+    forked = f.run()
+    for k in range(4):
+        assert torch.equal(base.steps[k].prev_latents, forked.steps[k].prev_latents)
+    assert not torch.equal(base.steps[4].noise_pred, forked.steps[4].noise_pred)
+    assert (base.final_latents - forked.final_latents).abs().max() > 1e-3
+    # the fork replays exactly, prompt change included, and records it in its provenance
+    assert torch.equal(f.replay().final_latents, forked.final_latents)
+    assert forked.settings["forks"] == [{"step": 4, "prompt": "a small green triangle on a white background"}]
+    # a fork with a new seed changes only the fresh noise of stochastic steps
+    g = s.fork(at=4, seed=99).run()
+    assert torch.equal(g.steps[3].prev_latents, base.steps[3].prev_latents)
+    assert not torch.equal(g.final_latents, base.final_latents)
+
+
+def test_fork_rejects_trajectory_changes(pipe):
+    s = pipe.sampler(PROMPT, steps=3, guidance=4.0, seed=0, height=32, width=32, progress=False)
+    s.step()
+    with pytest.raises(ValueError, match="steps"):
+        s.fork(steps=10)
+    with pytest.raises(IndexError):
+        s.rewind(5)
+
+
+def test_iteration_and_finished_sampler(pipe):
+    s = pipe.sampler(PROMPT, steps=4, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    states = list(s)
+    assert [st.index for st in states] == [0, 1, 2, 3]
+    assert s.done
+    with pytest.raises(RuntimeError, match="finished"):
+        s.step()
+    for a, b in zip(states, states[1:]):
+        assert torch.equal(a.prev_latents, b.latents)
+
+
+def test_keyboard_interrupt_keeps_partial_run(pipe, monkeypatch):
+    s = pipe.sampler(PROMPT, steps=6, guidance=2.0, scheduler="dpm++2m", seed=0, height=32, width=32, progress=False)
+    full = pipe.sampler(PROMPT, steps=6, guidance=2.0, scheduler="dpm++2m", seed=0, height=32, width=32,
+                        progress=False).run()
+    real_forward = pipe.unet.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(pipe.unet, "forward", flaky)
+    with pytest.warns(UserWarning, match="interrupted"):
+        run = s.run()
+    assert run.interrupted and len(run) == 3
+    monkeypatch.setattr(pipe.unet, "forward", real_forward)
+    rest = s.run()  # continues from the step boundary, exactly
+    assert torch.equal(rest.final_latents, full.final_latents)
+
+
+def test_stop_from_another_thread(pipe):
+    import threading
+    s = pipe.sampler(PROMPT, steps=50, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    orig = s.step
+
+    def step_and_stop():
+        st = orig()
+        if st.index == 2:
+            threading.Thread(target=s.stop).start()
+            threading.Event().wait(0.05)
+        return st
+
+    s.step = step_and_stop
+    run = s.run()
+    assert run.interrupted and 3 <= len(run) < 50
+
+
+def test_nan_is_detected_at_its_step(pipe, monkeypatch):
+    real_forward = pipe.unet.forward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real_forward(*a, **k)
+        if calls["n"] == 3:
+            out = (out[0] * float("nan"),) if isinstance(out, tuple) else out
+        return out
+
+    monkeypatch.setattr(pipe.unet, "forward", poisoned)
+    s = pipe.sampler(PROMPT, steps=6, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    with pytest.raises(lab.NonFiniteError) as err:
+        s.run()
+    assert err.value.step == 2 and "noise_pred" in str(err.value)
+    assert len(err.value.run) == 2
+
+
+def test_long_prompt_truncation_is_reported(pipe):
+    long = " ".join(["a large red circle"] * 12) + " and a purple triangle"
+    with pytest.warns(UserWarning, match="dropped") as rec:
+        s = pipe.sampler(long, steps=1, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    assert "purple triangle" in s.truncated[long]
+    assert "purple triangle" in str(rec[0].message)
+    run = s.run()
+    assert "purple triangle" in run.to_xarray().attrs["truncated"]
+
+
+def test_empty_prompt_is_allowed(pipe):
+    run = pipe.sampler("", steps=2, guidance=3.0, seed=0, height=32, width=32, progress=False).run()
+    assert len(run) == 2
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(guidance=float("nan")), "guidance"),
+    (dict(guidance=-1.0), "guidance"), (dict(height=31), "nearest valid: 32"), (dict(width=71), "nearest valid: 72"),
+    (dict(batch=0), "batch"), (dict(seed=-3), "seed"),
+])
+def test_bad_settings_fail_before_model_work(pipe, monkeypatch, kw, match):
+    def boom(*a, **k):
+        raise AssertionError("model work happened before validation")
+    monkeypatch.setattr(pipe.unet, "forward", boom)
+    monkeypatch.setattr(pipe.text_encoder, "forward", boom)
+    args = dict(steps=3, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        pipe.sampler(PROMPT, **args)
+
+
+def test_unknown_scheduler_lists_close_matches(pipe):
+    with pytest.raises(KeyError, match="did you mean.*euler"):
+        pipe.sampler(PROMPT, steps=2, scheduler="eulr", height=32, width=32)
+
+
+def test_cpu_generator_is_the_default_and_portable(pipe):
+    s = pipe.sampler(PROMPT, steps=1, seed=11, height=32, width=32, progress=False)
+    assert s.generator.device.type == "cpu"
+    want = torch.randn(s.latents.shape, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(s.latents, want * s.scheduler.init_noise_sigma)
