@@ -172,7 +172,7 @@ class Run:
             if path.suffix == ".nc":
                 ds.to_netcdf(tmp, engine="h5netcdf")
             else:
-                ds.to_zarr(tmp, mode="w", consolidated=True)
+                ds.to_zarr(tmp, mode="w", consolidated=False)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
                 os.replace(path, old)
@@ -193,7 +193,7 @@ class Run:
             raise FileNotFoundError(f"no run at {path}")
         try:
             if path.is_dir():
-                ds = xr.open_zarr(path, consolidated=None)
+                ds = xr.open_zarr(path, consolidated=False)
             else:
                 ds = xr.open_dataset(path, engine="h5netcdf")
             ds = ds.load()
@@ -207,7 +207,7 @@ class Run:
 def _is_run(path: Path) -> bool:
     try:
         if path.is_dir():
-            attrs = xr.open_zarr(path, consolidated=None).attrs
+            attrs = xr.open_zarr(path, consolidated=False).attrs
         else:
             attrs = xr.open_dataset(path, engine="h5netcdf").attrs
         return "latent_lab_run" in attrs
