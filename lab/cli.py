@@ -89,6 +89,13 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .shapes.evaluate import run_eval
+    res = run_eval(args.n, steps=args.steps, guidance=args.guidance, json_path=args.json)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lab", description="latent-lab command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seed", type=int, default=3)
     d.set_defaults(func=_demo)
+
+    e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
+    e.add_argument("model", choices=["shapes"])
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--steps", type=int, default=30)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train the bundled shapes model (resumable)")
     t.add_argument("model", choices=["shapes"])

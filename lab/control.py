@@ -45,6 +45,15 @@ class Control:
 
 
 def condition_tensor(image, height: int, width: int) -> torch.Tensor:
+    """One condition image, or a list of them (one per prompt) -> float32 ``[N, 3, H, W]`` in [0, 1]."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("empty list of control images")
+        return torch.cat([_one_condition(im, height, width) for im in image])
+    return _one_condition(image, height, width)
+
+
+def _one_condition(image, height: int, width: int) -> torch.Tensor:
     """A condition image as float32 ``[1, 3, H, W]`` in [0, 1].
 
     Accepted: PIL images (modes RGB, L, 1, RGBA, P are converted to RGB), numpy arrays ``[H, W]`` or

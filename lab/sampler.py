@@ -270,6 +270,9 @@ class Sampler:
         for c in self.controls:
             img = condition_tensor(c.image, s["height"], s["width"])
             net = pipe.controlnets[c.net]
+            if img.shape[0] not in (1, self.n_prompts):
+                raise ValueError(f"{img.shape[0]} control images for {self.n_prompts} prompts: give one image, "
+                                 f"or one per prompt")
             img = img.repeat_interleave(self.batch_size if img.shape[0] == 1 else s["batch"], dim=0)
             img = img.to(self.device, net.dtype)
             self._control_images[c.net] = torch.cat([img] * 2) if self.cond["cfg"] else img

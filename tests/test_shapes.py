@@ -1,0 +1,154 @@
+"""The shapes world: data, oracle, the seed's zero-convolution properties, and the training code."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lab.shapes import evaluator, train, world
+
+
+def test_dataset_is_deterministic_and_chunk_independent():
+    a = world.generate(12, seed=5)
+    b = world.generate(12, seed=5, chunk=5)
+    c = world.generate(12, seed=6)
+    assert a["caption"] == b["caption"]
+    for k in ("image", "scribble", "segmentation", "edges", "mask_union"):
+        assert np.array_equal(a[k], b[k]), k
+    assert a["caption"] != c["caption"]
+    assert a["image"].shape == (12, 64, 64, 3) and a["image"].dtype == np.uint8
+
+
+def test_world_covers_its_grammar():
+    exs = [world.make_example(0, i) for i in range(300)]
+    objs = [o for e in exs for o in e["scene"].objects]
+    assert {o.shape for o in objs} == set(world.SHAPES)
+    assert {o.colour for o in objs} == set(world.COLOURS) and len(world.COLOURS) >= 6
+    assert {o.size for o in objs} == {"small", "large"}
+    assert {e["scene"].background for e in exs} == set(world.BACKGROUNDS) and len(world.BACKGROUNDS) >= 3
+    assert {len(e["scene"].objects) for e in exs} == {1, 2}
+    e = exs[0]
+    assert e["caption"].endswith(f"on a {e['scene'].background} background")
+    for m, o in zip(e["masks"], e["scene"].objects):
+        assert m.sum() > 50
+    # conditions come from the masks: segmentation colours are class colours, scribbles lie near outlines
+    assert set(map(tuple, e["segmentation"].reshape(-1, 3))) <= set(world.SEG_PALETTE.values())
+    assert e["scribble"].any() and e["edges"].any()
+
+
+def test_heldout_combinations_never_appear_in_training():
+    for i in range(200):
+        s = world.make_example(0, i)["scene"]
+        assert not world.is_held_out(s.objects, s.background)
+        h = world.make_example(0, i, split="heldout", n_objects=2)["scene"]
+        assert world.is_held_out(h.objects, h.background)
+
+
+def test_evaluator_is_right_on_ground_truth():
+    ok, ious = 0, []
+    for i in range(1000):
+        ex = world.make_example(1, i, split="heldout")
+        r = evaluator.evaluate(ex["image"], ex["caption"])
+        ok += bool(r["all_ok"] and r["background_ok"])
+        if i < 100:
+            ious.append(evaluator.mask_iou(r["foreground"], ex["masks"].any(0)))
+    assert ok / 1000 >= 0.98
+    # the oracle's masks are the objects' (anti-aliased rims and the 3x3 opening cost small shapes a little)
+    assert np.mean(ious) > 0.85 and min(ious) > 0.7
+
+
+def test_evaluator_catches_wrong_captions():
+    ex = world.make_example(1, 3, split="heldout", n_objects=1)
+    (size, colour, shape), bg = evaluator.parse_caption(ex["caption"])[0][0], None
+    other_colour = next(c for c in world.COLOURS if c != colour)
+    other_shape = next(s for s in world.SHAPES if s != shape)
+    assert not evaluator.evaluate(ex["image"], f"a {size} {other_colour} {shape} on a gray background")["colour_ok"]
+    assert not evaluator.evaluate(ex["image"], f"a {size} {colour} {other_shape}")["shape_ok"]
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    r = evaluator.evaluate(blank, ex["caption"])
+    assert r["n_detected"] == 0 and not r["colour_ok"]
+
+
+def test_tokenizer_makes_each_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from lab.shapes.tokenizer import write_tokenizer
+    tok = CLIPTokenizer.from_pretrained(write_tokenizer(tmp_path, world.VOCABULARY))
+    for w in world.VOCABULARY:
+        assert len(tok(w).input_ids) == 3, w  # bos, word, eos
+    assert len(tok("a zebra").input_ids) > 4  # unknown words still tokenize (bytes)
+
+
+def _tiny_unet_and_controlnet(init="zero"):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=8)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    if init == "gaussian":
+        train.gaussian_init_zero_convs(net, generator=torch.Generator().manual_seed(0))
+    return unet, net
+
+
+def _forward(unet, net, x, t, c, hint):
+    down, mid = net(x, t, encoder_hidden_states=c, controlnet_cond=hint, return_dict=False)
+    return unet(x, t, encoder_hidden_states=c, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid).sample
+
+
+def test_zero_convolutions_leave_the_base_unchanged_yet_learn():
+    """y_c = F(x) + Z(F(x + Z(c)); Theta_c): at zero init the output is exactly F(x), but dZ/dW = I != 0."""
+    unet, net = _tiny_unet_and_controlnet()
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    hint = torch.rand(2, 3, 16, 16, generator=g)  # one /2 step in the hint embedding
+    t = torch.tensor([10, 500])
+    unet.requires_grad_(False)
+    base = unet(x, t, encoder_hidden_states=c).sample
+    out = _forward(unet, net, x, t, c, hint)
+    assert torch.equal(out, base)
+    loss = (out - torch.randn(out.shape, generator=g)).pow(2).mean()
+    loss.backward()
+    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block]
+    for conv in zero_convs:
+        assert conv.weight.abs().sum() == 0
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+        assert conv.bias.grad.abs().sum() > 0
+    # the trainable copy's own weights get no gradient yet (dZ/dI = sum_j W_ij = 0)
+    assert net.conv_in.weight.grad is None or net.conv_in.weight.grad.abs().sum() == 0
+
+
+def test_gaussian_init_changes_the_output_at_step_zero():
+    unet, net = _tiny_unet_and_controlnet("gaussian")
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g)
+    hint = torch.rand(1, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        base = unet(x, 10, encoder_hidden_states=c).sample
+        out = _forward(unet, net, x, 10, c, hint)
+    assert (out - base).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_training_smoke_every_stage(tmp_path):
+    rows = train.train(None, tmp_path / "work", preset="smoke", export_to=tmp_path / "model", progress=False)
+    assert [r["stage"] for r in rows] == list(train.STAGES)
+    for r in rows:
+        assert r["steps"] == 3 and np.isfinite(r["final_loss"])
+        log = (tmp_path / "work" / "logs" / f"{r['stage']}.jsonl").read_text().splitlines()
+        assert len(log) == 3 and all(np.isfinite(json.loads(line)["loss"]) for line in log)
+    # resumable: running a stage again starts from its checkpoint and does no more steps
+    again = train.train("vae", tmp_path / "work", preset="smoke", progress=False)
+    assert again[0]["steps"] == 3
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert sd.unet.dtype == torch.float32
+    ControlNetModel.from_pretrained(tmp_path / "model", subfolder="controlnet-edges")
+    assert (tmp_path / "model" / "lab_preview.json").exists()
+    # and the ablation variant
+    g = train.train("controlnet-scribble", tmp_path / "work", preset="smoke", init="gaussian", progress=False)
+    assert g[0]["stage"] == "controlnet-scribble-gaussian"
