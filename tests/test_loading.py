@@ -106,3 +106,53 @@ def test_cached_repo_id_resolves_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
     pipe = lab.load("lab/tiny-sd")
     assert pipe.kind == "sd" and pipe.path == snap
+
+
+def test_sdxl_and_inpainting_layouts_and_controlnet_dirs(tmp_path):
+    from components import controlnet, tiny_sdxl_components
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLPipeline
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
+    xl = lab.load(str(tmp_path / "xl"))
+    assert xl.kind == "sdxl" and xl.text_encoder_2 is not None
+    comps = tiny_sd_components(in_channels=9)
+    StableDiffusionInpaintPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(tmp_path / "inpaint")
+    ip = lab.load(str(tmp_path / "inpaint"))
+    assert ip.kind == "inpaint" and ip.unet.config.in_channels == 9
+    with pytest.raises(ValueError, match="image= and mask_image="):
+        ip.sampler("x", steps=1, height=32, width=32)
+    base = tiny_sd_components()
+    controlnet(base["unet"]).save_pretrained(tmp_path / "cn-lines")
+    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline(**base, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    pipe = lab.load(str(tmp_path / "sd"), controlnet=str(tmp_path / "cn-lines"))
+    assert list(pipe.controlnets) == ["cn-lines"]
+    pipe2 = lab.load(str(tmp_path / "sd"), controlnet={"lines": str(tmp_path / "cn-lines")})
+    assert list(pipe2.controlnets) == ["lines"]
+
+
+def test_control_inputs_are_validated(shapes_pipe):
+    import numpy as np
+    from PIL import Image
+    ok = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="64x64"):
+        shapes_pipe.sampler("x", control=lab.Control("scribble", np.zeros((32, 32, 3), np.uint8)))
+    with pytest.raises(TypeError, match="PIL image, numpy array or torch tensor"):
+        shapes_pipe.sampler("x", control=lab.Control("scribble", "scribble.png"))
+    with pytest.raises(TypeError, match="mode"):
+        shapes_pipe.sampler("x", control=lab.Control("scribble", Image.new("CMYK", (64, 64))))
+    with pytest.raises(ValueError, match="start <= end"):
+        shapes_pipe.sampler("x", control=lab.Control("scribble", ok, start=0.8, end=0.2))
+    with pytest.raises(ValueError, match="start <= end"):
+        shapes_pipe.sampler("x", control=lab.Control("scribble", ok, end=1.5))
+    with pytest.raises(KeyError, match="did you mean"):
+        shapes_pipe.sampler("x", control=lab.Control("scribbles", ok))
+    with pytest.raises(ValueError, match="exactly one loaded ControlNet"):
+        shapes_pipe.sampler("x", control=ok)
+    with pytest.raises(ValueError, match="3 control images for 2 prompts"):
+        shapes_pipe.sampler(["a", "b"], control=lab.Control("scribble", [ok, ok, ok]))
+    # documented modes are converted: L and bool arrays work
+    s = shapes_pipe.sampler("x", steps=1, progress=False, control={"scribble": Image.new("L", (64, 64))})
+    s2 = shapes_pipe.sampler("x", steps=1, progress=False, control={"edges": ok[..., 0] > 0})
+    assert s.num_steps == s2.num_steps == 1
