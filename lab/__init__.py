@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .attention import AttentionRecorder, RecordingBudgetError, attention_layer_names
 from .control import Control
 from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError
 from .loading import DEFAULT_MODEL, load
@@ -20,6 +21,6 @@ from .sampler import Sampler, StepState
 from .schedulers import SCHEDULERS
 
 __all__ = [
-    "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
+    "AttentionRecorder", "Control", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
     "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "__version__",
 ]

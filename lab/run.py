@@ -46,7 +46,8 @@ class Run:
     """The steps of one sampling run (see :class:`lab.StepState`) with its settings."""
 
     def __init__(self, steps: list[StepState], *, settings: dict, pipe=None, final_latents=None,
-                 interrupted: bool = False, truncated: dict | None = None, extra: xr.Dataset | None = None):
+                 interrupted: bool = False, truncated: dict | None = None, recording_meta: dict | None = None,
+                 attention=None):
         self.steps = list(steps)
         self.settings = dict(settings)
         self.pipe = pipe
@@ -54,6 +55,8 @@ class Run:
             self.steps[-1].prev_latents if self.steps else None)
         self.interrupted = interrupted
         self.truncated = dict(truncated or {})
+        self.recording_meta = dict(recording_meta or {})
+        self._attention = attention
         self._images = None
 
     def __len__(self) -> int:
@@ -101,6 +104,28 @@ class Run:
         return self._need_pipe(pipe).preview_map(getattr(self.steps[step], which)[index])
 
     # ------------------------------------------------------------------ arrays
+    @property
+    def attention(self) -> "xr.DataTree":
+        """Recorded attention probabilities, one DataTree node per query resolution (:mod:`lab.attention`)."""
+        if self._attention is None:
+            if "attention" not in self.recording_meta:
+                raise ValueError("this run recorded no attention; sample with recorders=[lab.AttentionRecorder()]")
+            from .attention import attention_tree
+            self._attention = attention_tree(self.steps, self.recording_meta["attention"])
+        return self._attention
+
+    def has_attention(self) -> bool:
+        return self._attention is not None or "attention" in self.recording_meta
+
+    def to_datatree(self) -> "xr.DataTree":
+        """The run with everything recorded: the root is :meth:`to_xarray`, recorded attention lives under
+        ``/attention/<resolution>``."""
+        nodes = {"/": self.to_xarray()}
+        if self.has_attention():
+            for child in self.attention.children.values():
+                nodes[f"/attention/{child.name}"] = child.to_dataset()
+        return xr.DataTree.from_dict(nodes)
+
     def to_xarray(self) -> xr.Dataset:
         if not self.steps:
             raise ValueError("the run has no steps")
@@ -167,12 +192,12 @@ class Run:
                 raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        ds = self.to_xarray()
+        tree = self.to_datatree()
         try:
             if path.suffix == ".nc":
-                ds.to_netcdf(tmp, engine="h5netcdf")
+                tree.to_netcdf(tmp, engine="h5netcdf")
             else:
-                ds.to_zarr(tmp, mode="w", consolidated=False)
+                tree.to_zarr(tmp, mode="w", consolidated=False)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
                 os.replace(path, old)
@@ -193,23 +218,25 @@ class Run:
             raise FileNotFoundError(f"no run at {path}")
         try:
             if path.is_dir():
-                ds = xr.open_zarr(path, consolidated=False)
+                tree = xr.open_datatree(path, engine="zarr", consolidated=False)
             else:
-                ds = xr.open_dataset(path, engine="h5netcdf")
-            ds = ds.load()
-        except RunFileError:
-            raise
+                tree = xr.open_datatree(path, engine="h5netcdf")
+            tree = tree.load()
         except Exception as e:
             raise RunFileError(f"{path} is not a readable latent-lab run ({type(e).__name__}: {e})") from e
-        return cls.from_xarray(ds, pipe=pipe)
+        run = cls.from_xarray(tree.to_dataset(), pipe=pipe)
+        if "attention" in tree.children:
+            run._attention = xr.DataTree.from_dict(
+                {f"/{name}": node.to_dataset() for name, node in tree["attention"].children.items()})
+        return run
 
 
 def _is_run(path: Path) -> bool:
     try:
         if path.is_dir():
-            attrs = xr.open_zarr(path, consolidated=False).attrs
+            attrs = xr.open_datatree(path, engine="zarr", consolidated=False).attrs
         else:
-            attrs = xr.open_dataset(path, engine="h5netcdf").attrs
+            attrs = xr.open_datatree(path, engine="h5netcdf").attrs
         return "latent_lab_run" in attrs
     except Exception:
         return False

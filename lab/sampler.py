@@ -177,6 +177,8 @@ class Sampler:
         self.generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         self.scheduler = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         self.truncated: dict[str, str] = {}
+        self.recording_meta: dict = {}
+        self._attached = False
         self.interrupted = False
         self._stop = threading.Event()
         self._plan: list[tuple[int, dict]] = []  # (step, changes) applied by forks, replayed exactly
@@ -361,7 +363,8 @@ class Sampler:
         snap = self._snapshot()
         self._snaps[i:] = [snap]
         try:
-            state = self._step(i)
+            with self._recording():
+                state = self._step(i)
         except BaseException:
             self._restore(snap)  # an interrupted step leaves no trace
             raise
@@ -415,6 +418,21 @@ class Sampler:
                 return st.index
         return i
 
+    @contextlib.contextmanager
+    def _recording(self):
+        """Attach the recorders for one step when :meth:`run` has not attached them for the whole loop."""
+        if self._attached or not self.recorders:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for rec in self.recorders:
+                stack.enter_context(rec.attached(self))
+            self._attached = True
+            try:
+                yield
+            finally:
+                self._attached = False
+
     def __iter__(self):
         while not self.done and not self._stop.is_set():
             yield self.step()
@@ -432,6 +450,7 @@ class Sampler:
         try:
             for rec in self.recorders:
                 stack.enter_context(rec.attached(self))
+            self._attached = bool(self.recorders)
             with stack:
                 while not self.done:
                     if self._stop.is_set():
@@ -443,13 +462,15 @@ class Sampler:
             self.interrupted = True
             warnings.warn(f"interrupted: returning the partial run ({self._i} of {self.num_steps} steps)", stacklevel=2)
         finally:
+            self._attached = False
             bar.close()
         return self.to_run()
 
     def to_run(self):
         from .run import Run
         return Run(list(self.history), settings=self.provenance(), pipe=self.pipe,
-                   final_latents=self._latents, interrupted=self.interrupted, truncated=dict(self.truncated))
+                   final_latents=self._latents, interrupted=self.interrupted, truncated=dict(self.truncated),
+                   recording_meta=dict(self.recording_meta))
 
     def provenance(self) -> dict:
         s = dict(self.settings)
@@ -495,6 +516,8 @@ class Sampler:
         new._snaps = self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]
         new._pending = []
+        new.recording_meta = dict(self.recording_meta)
+        new._attached = False
         new.interrupted = False
         new._i = k
         snap = self._snaps[k] if k < len(self._snaps) else self._snapshot()

@@ -49,13 +49,11 @@ def test_save_load_roundtrip_is_identical(run, tmp_path, suffix):
 
 
 def test_interrupted_save_leaves_no_run(run, tmp_path, monkeypatch):
-    real = xr.Dataset.to_zarr
-
     def half_then_fail(self, store, *a, **k):
-        real(self[["latents"]], store, *a, **k)  # something is on disk ...
+        self.to_dataset()[["latents"]].to_zarr(store)  # something is on disk ...
         raise OSError("No space left on device")  # ... then the disk fills up
 
-    monkeypatch.setattr(xr.Dataset, "to_zarr", half_then_fail)
+    monkeypatch.setattr(xr.DataTree, "to_zarr", half_then_fail)
     with pytest.raises(OSError, match="No space"):
         run.save(tmp_path / "r.zarr")
     assert list(tmp_path.iterdir()) == []
@@ -63,7 +61,7 @@ def test_interrupted_save_leaves_no_run(run, tmp_path, monkeypatch):
 
 def test_interrupted_overwrite_keeps_the_old_run(run, tmp_path, monkeypatch):
     path = run.save(tmp_path / "r.zarr")
-    monkeypatch.setattr(xr.Dataset, "to_zarr", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(xr.DataTree, "to_zarr", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run.save(path)
     xr.testing.assert_identical(Run.load(path).to_xarray(), run.to_xarray())

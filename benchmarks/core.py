@@ -1,0 +1,94 @@
+"""Core measurements: equivalence with diffusers per scheduler, preview speed, sampling speed.
+
+    python benchmarks/core.py [--json PATH]
+
+Equivalence: the lab sampler vs diffusers' pipelines on identical tiny random components (the same as
+tests/test_equivalence.py), max |lab - diffusers| of the final latents, fp32, CPU.
+Preview: ``PreviewMap`` on a 4x16x16 (shapes) and a 4x64x64 (SD 1.5 at 512 px) latent, median of 200.
+Sampling: the shapes model, one 64x64 image, 50 DDIM steps with CFG, median of 3.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def equivalence() -> dict:
+    from components import PROMPT, tiny_sd_components, tiny_sdxl_components
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    import lab
+    from lab.schedulers import make_scheduler
+    out = {}
+    for pred in ("epsilon", "v_prediction"):
+        for name in ("ddpm", "ddim", "euler", "euler_a", "dpm++2m", "pndm"):
+            comps = tiny_sd_components(pred)
+            run = lab.Pipeline.from_components(**comps).sampler(PROMPT, steps=6, guidance=6.0, scheduler=name, seed=3,
+                                                                 height=32, width=32, progress=False).run()
+            ref = StableDiffusionPipeline(**{**comps, "scheduler": make_scheduler(name, comps["scheduler"].config)},
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            ref.set_progress_bar_config(disable=True)
+            want = ref(PROMPT, num_inference_steps=6, guidance_scale=6.0, height=32, width=32, output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).images
+            out[f"sd/{pred}/{name}"] = (run.final_latents - want).abs().max().item()
+    comps = tiny_sdxl_components()
+    for name in ("euler", "ddim"):
+        run = lab.Pipeline.from_components(**comps).sampler(PROMPT, steps=6, guidance=5.0, scheduler=name, seed=2,
+                                                             height=32, width=32, progress=False).run()
+        ref = StableDiffusionXLPipeline(**{**comps, "scheduler": make_scheduler(name, comps["scheduler"].config)})
+        ref.set_progress_bar_config(disable=True)
+        want = ref(PROMPT, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="latent",
+                   generator=torch.Generator().manual_seed(2)).images
+        out[f"sdxl/{name}"] = (run.final_latents - want).abs().max().item()
+    return out
+
+
+def preview_ms() -> dict:
+    import lab
+    pm = lab.load("shapes").preview_map
+    res = {}
+    for name, shape in (("4x16x16", (4, 16, 16)), ("4x64x64", (4, 64, 64))):
+        z = torch.randn(shape)
+        ts = []
+        for _ in range(200):
+            t = time.perf_counter()
+            pm(z)
+            ts.append(time.perf_counter() - t)
+        res[name] = statistics.median(ts) * 1000
+    res["r2"] = pm.r2
+    return res
+
+
+def sample_seconds() -> float:
+    import lab
+    pipe = lab.load("shapes")
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        pipe.sampler("a large red circle on a gray background", steps=50, guidance=5.0, scheduler="ddim", seed=0,
+                     progress=False).run().image
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    res = {"torch_threads": torch.get_num_threads(), "equivalence_max_abs_diff": equivalence(),
+           "preview_ms": preview_ms(), "shapes_sample_seconds_50_steps": sample_seconds()}
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Recording cross- and self-attention probabilities through diffusers attention processors.
+
+    rec = lab.AttentionRecorder(kind="cross", layers="*attn2", heads="mean", half="cond")
+    run = pipe.sampler(prompt, recorders=[rec]).run()
+    run.attention          # xarray DataTree: one node per query resolution ("16x16", "8x8", ...)
+
+Only the recorded layers get a :class:`RecordingAttnProcessor`; it computes the layer's output exactly
+as diffusers' ``AttnProcessor2_0`` does (scaled-dot-product attention) and, separately, the
+probabilities ``softmax(Q K^T / sqrt(d))`` of the chosen half of the batch (for cross-attention a
+queries x tokens matrix, cheap). Processors are installed for one run and the previous ones restored
+afterwards, also on error or interrupt (``with rec.attached(sampler): ...``).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+
+class RecordingBudgetError(MemoryError):
+    """The requested recording would exceed the recorder's memory budget."""
+
+
+def attention_layer_names(unet, prefix: str = "unet") -> list[str]:
+    """Module paths of all attention layers of ``unet`` (diffusers' processor keys without ``.processor``)."""
+    return [f"{prefix}.{k.removesuffix('.processor')}" for k in unet.attn_processors]
+
+
+def select_layers(names: list[str], layers) -> list[str]:
+    """Resolve glob patterns or exact names against ``names``; unknown ones raise KeyError with close matches."""
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    chosen = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, "unet." + pat)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=3, cutoff=0.4)
+            raise KeyError(f"no attention layer matches {pat!r}" + (f"; did you mean {close}?" if close else "")
+                           + f" ({len(names)} layers; see lab.attention_layer_names(pipe.unet))")
+        chosen += [h for h in hits if h not in chosen]
+    return [n for n in names if n in chosen]
+
+
+class RecordingAttnProcessor(AttnProcessor2_0):
+    """``AttnProcessor2_0`` plus a look at the attention probabilities.
+
+    The layer output is computed with ``F.scaled_dot_product_attention`` on the same tensors as
+    diffusers' processor, so recording does not change it. When an ``edit`` is set, the probabilities
+    are computed explicitly, edited, and the output is ``probs @ V`` instead (prompt-to-prompt style)."""
+
+    def __init__(self, name: str, recorder: "AttentionRecorder"):
+        super().__init__()
+        self.name = name
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, heads, Q, d]
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, heads, K, d]
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        edit = self.recorder.edit_for(self.name, is_cross)
+        if edit is None:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=0.0, is_causal=False)
+            self.recorder.observe(self.name, attn, query, key, is_cross, attention_mask)
+        else:
+            probs = _probs(query, key, attn.scale, attention_mask)  # [B, heads, Q, K]
+            probs = edit(self.name, probs)
+            self.recorder.observe(self.name, attn, query, key, is_cross, attention_mask, probs=probs)
+            hidden_states = probs.to(value.dtype) @ value
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _probs(query, key, scale, attention_mask=None):
+    """softmax(Q K^T * scale) in float32: ``[B, heads, Q, K]``."""
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    return scores.softmax(-1)
+
+
+@dataclass
+class AttentionRecorder:
+    """What to record. ``kind``: ``"cross"``, ``"self"`` or ``"both"``. ``layers``: module-path names
+    or glob patterns (default: every cross-attention layer ``*attn2``; self-attention is ``*attn1``).
+    ``steps``: ``None`` (all) or step indices. ``heads``: ``"mean"`` or ``"all"``. ``half``:
+    ``"cond"``, ``"uncond"`` or ``"both"`` (with classifier-free guidance). ``dtype``: storage dtype.
+    ``max_bytes``: budget for the whole run; a larger request fails before sampling starts."""
+
+    kind: str = "cross"
+    layers: object = None
+    steps: object = None
+    heads: str = "mean"
+    half: str = "cond"
+    dtype: torch.dtype = torch.float16
+    max_bytes: int = 2 * 1024 ** 3
+    edits: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.kind not in ("cross", "self", "both"):
+            raise ValueError(f"kind must be 'cross', 'self' or 'both', got {self.kind!r}")
+        if self.heads not in ("mean", "all"):
+            raise ValueError(f"heads must be 'mean' or 'all', got {self.heads!r}")
+        if self.half not in ("cond", "uncond", "both"):
+            raise ValueError(f"half must be 'cond', 'uncond' or 'both', got {self.half!r}")
+        if self.layers is None:
+            self.layers = {"cross": ["*attn2"], "self": ["*attn1"], "both": ["*attn1", "*attn2"]}[self.kind]
+        self._buf: dict = {}
+        self._active = False
+        self.layer_names: list[str] = []
+        self.meta: dict = {}
+
+    # ----------------------------------------------------------------- scope
+    @contextlib.contextmanager
+    def attached(self, sampler):
+        pipe = sampler.pipe
+        unet = pipe.unet
+        names = attention_layer_names(unet)
+        chosen = select_layers(names, self.layers)
+        if self.kind == "cross":
+            chosen = [n for n in chosen if not n.endswith("attn1")]
+        elif self.kind == "self":
+            chosen = [n for n in chosen if not n.endswith("attn2")]
+        if not chosen:
+            raise KeyError(f"no {self.kind}-attention layers among {self.layers!r}")
+        self.layer_names = chosen
+        self._prepare_meta(sampler)
+        self.meta["query_sizes"] = self.query_sizes(sampler)
+        self._check_budget(sampler)
+        sampler.recording_meta["attention"] = self.meta
+        original = unet.attn_processors
+        procs = {}
+        for key, proc in original.items():
+            name = "unet." + key.removesuffix(".processor")
+            procs[key] = RecordingAttnProcessor(name, self) if name in chosen else proc
+        unet.set_attn_processor(procs)
+        self._sampler = sampler
+        try:
+            yield self
+        finally:
+            unet.set_attn_processor(original)
+            self._sampler = None
+
+    def _prepare_meta(self, sampler):
+        _, _, h, w = sampler.latents.shape
+        cfg = sampler.cond["cfg"]
+        self.meta = {"latent_hw": (h, w), "cfg": cfg, "batch": sampler.batch_size,
+                     "tokens": token_table(sampler)}
+        unet = sampler.pipe.unet
+        self.meta["heads"] = {}
+        self.meta["half"] = self.half
+        self.meta["heads_mode"] = self.heads
+        self.meta["layers"] = list(self.layer_names)
+        mods = dict(unet.named_modules())
+        for n in self.layer_names:
+            self.meta["heads"][n] = mods[n.removeprefix("unet.")].heads
+
+    def _steps_recorded(self, sampler) -> int:
+        if self.steps is None:
+            return sampler.num_steps
+        return len([s for s in self.steps if 0 <= s < sampler.num_steps])
+
+    def estimate_bytes(self, sampler) -> int:
+        """Bytes this recorder would store over the sampler's run (computed from shapes, before sampling)."""
+        h, w = self.meta["latent_hw"]
+        halves = 2 if (self.half == "both" and self.meta["cfg"]) else 1
+        n_tokens = self.meta["tokens"]["n_tokens"]
+        total = 0
+        for name, q in self.query_sizes(sampler).items():
+            keys = n_tokens if name.endswith("attn2") else q
+            heads = 1 if self.heads == "mean" else self.meta["heads"][name]
+            total += halves * self.meta["batch"] * heads * q * keys
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return total * itemsize * self._steps_recorded(sampler)
+
+    def query_sizes(self, sampler) -> dict[str, int]:
+        """Query count per recorded layer, from the UNet's structure (block depth -> downsampling)."""
+        h, w = self.meta["latent_hw"]
+        out = {}
+        n_down = len(sampler.pipe.unet.config.down_block_types)
+        for name in self.layer_names:
+            parts = name.split(".")
+            if parts[1] == "down_blocks":
+                level = int(parts[2])
+            elif parts[1] == "mid_block":
+                level = n_down - 1
+            else:
+                level = n_down - 1 - int(parts[2])
+            hh, ww = h, w
+            for _ in range(level):
+                hh, ww = math.ceil(hh / 2), math.ceil(ww / 2)
+            out[name] = hh * ww
+        return out
+
+    def _check_budget(self, sampler):
+        need = self.estimate_bytes(sampler)
+        if need > self.max_bytes:
+            raise RecordingBudgetError(
+                f"recording {len(self.layer_names)} layers ({self.kind}, heads={self.heads}, half={self.half}) "
+                f"for {self._steps_recorded(sampler)} steps needs {need / 2**20:.0f} MiB, over the budget of "
+                f"{self.max_bytes / 2**20:.0f} MiB; record fewer layers/steps, heads='mean', "
+                f"or raise max_bytes")
+
+    # ----------------------------------------------------------------- capture
+    def edit_for(self, name: str, is_cross: bool):
+        if not self.edits or self._sampler is None:
+            return None
+        i = self._sampler.position
+        fns = [e for e in self.edits if e.applies(name, i, is_cross)]
+        if not fns:
+            return None
+
+        def apply(layer, probs):
+            for e in fns:
+                probs = e(layer, probs, self.meta)
+            return probs
+        return apply
+
+    def observe(self, name, attn, query, key, is_cross, attention_mask=None, probs=None):
+        if name not in self.layer_names or self._sampler is None:
+            return
+        i = self._sampler.position
+        if self.steps is not None and i not in self.steps:
+            return
+        b = self.meta["batch"]
+        cfg = self.meta["cfg"]
+        sel = {"cond": slice(b, 2 * b) if cfg else slice(0, b), "uncond": slice(0, b) if cfg else slice(0, 0),
+               "both": slice(0, 2 * b) if cfg else slice(0, b)}[self.half]
+        if probs is None:
+            m = attention_mask[sel] if attention_mask is not None else None
+            p = _probs(query[sel], key[sel], attn.scale, m)  # [b', heads, Q, K]
+        else:
+            p = probs[sel].float()
+        if self.heads == "mean":
+            p = p.mean(1, keepdim=True)
+        p = p.to(self.dtype)
+        if p.device.type == "cuda":
+            host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            host.copy_(p, non_blocking=True)
+            p = host
+        else:
+            p = p.clone()
+        self._buf[name] = p
+
+    def collect(self, step: int) -> dict:
+        out = {f"{n}": self._buf.pop(n) for n in list(self._buf)}
+        return out
+
+
+def token_table(sampler) -> dict:
+    """Token strings and word indices of the (first) prompt of a sampler, as the text encoder saw it."""
+    tok = sampler.pipe.tokenizer
+    prompt = sampler.settings["prompt"]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = tok.model_max_length
+    rows = []
+    for p in prompts:
+        ids = tok(p, padding="max_length", max_length=n, truncation=True).input_ids
+        toks = tok.convert_ids_to_tokens(ids)
+        words, word_idx, w, current = [], [], 0, ""
+        for t in toks:
+            if t in (tok.bos_token, tok.eos_token, tok.pad_token):
+                word_idx.append(-1)
+                words.append("")
+                continue
+            word_idx.append(w)
+            current += t.removesuffix("</w>")
+            words.append(None)
+            if t.endswith("</w>"):
+                for j in range(len(words)):
+                    if words[j] is None:
+                        words[j] = current
+                current, w = "", w + 1
+        words = [x if x is not None else current for x in words]
+        rows.append({"tokens": [t.removesuffix("</w>") for t in toks], "word_index": word_idx, "words": words})
+    return {"n_tokens": n, "prompts": rows}
+
+
+def attention_tree(steps, meta: dict):
+    """Recorded attention of a run as an ``xarray.DataTree``: one child per query resolution
+    (``"16x16"``, ...), each a Dataset with ``cross`` ``[step, batch, layer, head, query_y, query_x, token]``
+    and/or ``self`` ``[step, batch, layer, head, query_y, query_x, key]`` (key = flattened key position)."""
+    import numpy as np
+    import xarray as xr
+
+    recorded = [s for s in steps if any(k in s.records for k in meta["layers"])]
+    if not recorded:
+        raise ValueError("this run has no recorded attention (pass recorders=[lab.AttentionRecorder()])")
+    h, w = meta["latent_hw"]
+    groups: dict[tuple[str, int, int], list[str]] = {}
+    for name in meta["layers"]:
+        q = meta["query_sizes"][name]
+        f = round(math.sqrt(h * w / q))
+        hh, ww = math.ceil(h / f), math.ceil(w / f)
+        kind = "cross" if name.endswith("attn2") else "self"
+        groups.setdefault((kind, hh, ww), []).append(name)
+    tok = meta["tokens"]
+    nodes: dict[str, dict] = {}
+    for (kind, hh, ww), names in groups.items():
+        arrs = []
+        for s in recorded:
+            per_layer = [s.records[n].float().numpy() for n in names]  # each [b, heads, Q, K]
+            arrs.append(np.stack(per_layer, axis=1))  # [b, layer, heads, Q, K]
+        a = np.stack(arrs)  # [step, b, layer, heads, Q, K]
+        st, b, nl, nh, q, k = a.shape
+        a = a.reshape(st, b, nl, nh, hh, ww, k)
+        last = "token" if kind == "cross" else "key"
+        node = nodes.setdefault(f"{hh}x{ww}", {})
+        node[kind] = (("step", "batch", "layer", "head", "query_y", "query_x", last), a.astype(np.float32))
+        node.setdefault("_layers", {})[kind] = names
+        node["_heads"] = nh
+    children = {}
+    prompts = tok["prompts"]
+    for res, node in nodes.items():
+        layers = node.pop("_layers")
+        nh = node.pop("_heads")
+        ds = xr.Dataset()
+        for kind, (dims, arr) in node.items():
+            # cross and self layers differ (attn2 vs attn1): self-attention gets its own layer dim
+            layer_dim = "layer_self" if (kind == "self" and "cross" in node) else "layer"
+            dims = tuple(layer_dim if d == "layer" else d for d in dims)
+            ds[kind] = xr.DataArray(arr, dims=dims)
+            ds = ds.assign_coords({layer_dim: layers[kind]})
+        b = ds.sizes["batch"]
+        rows = [prompts[i % len(prompts)] for i in range(b)] if meta["half"] != "both" or not meta["cfg"] else \
+            [prompts[(i % (b // 2)) % len(prompts)] for i in range(b)]
+        ds = ds.assign_coords(
+            step=[s.index for s in recorded],
+            timestep=("step", [s.timestep for s in recorded]),
+            head=np.arange(ds.sizes["head"]) if meta["heads_mode"] == "all" else ["mean"],
+            query_y=np.arange(ds.sizes["query_y"]), query_x=np.arange(ds.sizes["query_x"]),
+        )
+        if "cross" in ds:
+            ds = ds.assign_coords(token=np.arange(ds.sizes["token"]),
+                                  token_str=(("batch", "token"), [r["tokens"] for r in rows]),
+                                  word_index=(("batch", "token"), [r["word_index"] for r in rows]),
+                                  word=(("batch", "token"), [r["words"] for r in rows]))
+        if meta["half"] == "both" and meta["cfg"]:
+            ds = ds.assign_coords(half=("batch", ["uncond"] * (b // 2) + ["cond"] * (b // 2)))
+        ds.attrs.update(resolution=res, half=meta["half"], heads=meta["heads_mode"], n_heads=int(nh))
+        children[res] = ds
+    return xr.DataTree.from_dict({f"/{k}": v for k, v in sorted(children.items(), key=lambda kv: -int(kv[0].split("x")[0]))})
