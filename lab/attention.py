@@ -362,9 +362,16 @@ def attention_tree(steps, meta: dict):
             dims = tuple(layer_dim if d == "layer" else d for d in dims)
             ds[kind] = xr.DataArray(arr, dims=dims)
             ds = ds.assign_coords({layer_dim: layers[kind]})
+        if meta["half"] == "both" and meta["cfg"]:  # [step, 2b, ...] -> [step, half, b, ...]
+            for kind in list(ds.data_vars):
+                da = ds[kind]
+                b2 = da.sizes["batch"]
+                arr = da.values.reshape(da.shape[0], 2, b2 // 2, *da.shape[2:])
+                ds[kind] = xr.DataArray(arr, dims=("step", "half", "batch", *da.dims[2:]))
+            ds = ds.assign_coords(half=["uncond", "cond"])
         b = ds.sizes["batch"]
-        rows = [prompts[i % len(prompts)] for i in range(b)] if meta["half"] != "both" or not meta["cfg"] else \
-            [prompts[(i % (b // 2)) % len(prompts)] for i in range(b)]
+        per_prompt = max(1, b // len(prompts))
+        rows = [prompts[min(i // per_prompt, len(prompts) - 1)] for i in range(b)]
         ds = ds.assign_coords(
             step=[s.index for s in recorded],
             timestep=("step", [s.timestep for s in recorded]),
@@ -376,8 +383,6 @@ def attention_tree(steps, meta: dict):
                                   token_str=(("batch", "token"), [r["tokens"] for r in rows]),
                                   word_index=(("batch", "token"), [r["word_index"] for r in rows]),
                                   word=(("batch", "token"), [r["words"] for r in rows]))
-        if meta["half"] == "both" and meta["cfg"]:
-            ds = ds.assign_coords(half=("batch", ["uncond"] * (b // 2) + ["cond"] * (b // 2)))
         ds.attrs.update(resolution=res, half=meta["half"], heads=meta["heads_mode"], n_heads=int(nh))
         children[res] = ds
     return xr.DataTree.from_dict({f"/{k}": v for k, v in sorted(children.items(), key=lambda kv: -int(kv[0].split("x")[0]))})

@@ -118,12 +118,14 @@ class Run:
         return self._attention is not None or "attention" in self.recording_meta
 
     def to_datatree(self) -> "xr.DataTree":
-        """The run with everything recorded: the root is :meth:`to_xarray`, recorded attention lives under
-        ``/attention/<resolution>``."""
-        nodes = {"/": self.to_xarray()}
+        """The run with everything recorded: ``/run`` is :meth:`to_xarray`, recorded attention lives under
+        ``/attention/<resolution>`` (siblings, so their differing ``step``/``batch`` coords never clash);
+        the root carries the run's attrs."""
+        ds = self.to_xarray()
+        nodes = {"/": xr.Dataset(attrs=ds.attrs), "/run": ds}
         if self.has_attention():
             for child in self.attention.children.values():
-                nodes[f"/attention/{child.name}"] = child.to_dataset()
+                nodes[f"/attention/{child.name}"] = child.to_dataset(inherit=False)
         return xr.DataTree.from_dict(nodes)
 
     def to_xarray(self) -> xr.Dataset:
@@ -224,10 +226,12 @@ class Run:
             tree = tree.load()
         except Exception as e:
             raise RunFileError(f"{path} is not a readable latent-lab run ({type(e).__name__}: {e})") from e
-        run = cls.from_xarray(tree.to_dataset(), pipe=pipe)
+        if "run" not in tree.children:
+            raise RunFileError(f"{path} is not a latent-lab run: it has no /run group")
+        run = cls.from_xarray(tree["run"].to_dataset(inherit=False), pipe=pipe)
         if "attention" in tree.children:
             run._attention = xr.DataTree.from_dict(
-                {f"/{name}": node.to_dataset() for name, node in tree["attention"].children.items()})
+                {f"/{name}": node.to_dataset(inherit=False) for name, node in tree["attention"].children.items()})
         return run
 
 

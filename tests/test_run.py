@@ -50,7 +50,7 @@ def test_save_load_roundtrip_is_identical(run, tmp_path, suffix):
 
 def test_interrupted_save_leaves_no_run(run, tmp_path, monkeypatch):
     def half_then_fail(self, store, *a, **k):
-        self.to_dataset()[["latents"]].to_zarr(store)  # something is on disk ...
+        self["run"].to_dataset()[["latents"]].to_zarr(store)  # something is on disk ...
         raise OSError("No space left on device")  # ... then the disk fills up
 
     monkeypatch.setattr(xr.DataTree, "to_zarr", half_then_fail)

@@ -1,0 +1,155 @@
+"""Attention recording: invariance, exact probabilities, the layer-name contract, scoping, budgets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from components import PROMPT, tiny_sd_components
+
+import lab
+from lab.attention import attention_layer_names
+
+SHAPES_CROSS_LAYERS = [
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    "unet.up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+    "unet.up_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn2",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return lab.Pipeline.from_components(**tiny_sd_components())
+
+
+def test_layer_names_of_the_shapes_model_are_a_contract(shapes_pipe):
+    rec = lab.AttentionRecorder()
+    run = shapes_pipe.sampler("a large red circle on a gray background", steps=2, recorders=[rec],
+                              progress=False).run()
+    assert rec.layer_names == SHAPES_CROSS_LAYERS
+    assert sorted(run.steps[0].records) == sorted(SHAPES_CROSS_LAYERS)
+    tree = run.attention
+    assert sorted(tree.children) == ["16x16", "4x4", "8x8"]
+    assert list(tree["16x16"]["layer"].values) == [SHAPES_CROSS_LAYERS[i] for i in (0, 4, 5)]
+    assert list(tree["4x4"]["layer"].values) == [SHAPES_CROSS_LAYERS[6]]
+    selfs = [n for n in attention_layer_names(shapes_pipe.unet) if n.endswith("attn1")]
+    assert selfs == [n.replace("attn2", "attn1") for n in SHAPES_CROSS_LAYERS]
+
+
+@pytest.mark.parametrize("kind", ["cross", "self", "both"])
+def test_recording_does_not_change_the_output(tiny_pipe, kind):
+    kw = dict(steps=4, guidance=5.0, scheduler="euler_a", seed=0, height=32, width=32, progress=False)
+    plain = tiny_pipe.sampler(PROMPT, **kw).run()
+    rec = lab.AttentionRecorder(kind=kind, heads="all", half="both", dtype=torch.float32)
+    recorded = tiny_pipe.sampler(PROMPT, recorders=[rec], **kw).run()
+    assert (plain.final_latents - recorded.final_latents).abs().max().item() < 1e-5
+    for n, p in recorded.steps[0].records.items():
+        assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-4), n  # probabilities sum to 1 over keys
+
+
+def test_recording_does_not_change_the_shapes_model(shapes_pipe):
+    kw = dict(steps=6, guidance=5.0, seed=3, progress=False)
+    plain = shapes_pipe.sampler(PROMPT, **kw).run()
+    rec = shapes_pipe.sampler(PROMPT, recorders=[lab.AttentionRecorder()], **kw).run()
+    assert (plain.final_latents - rec.final_latents).abs().max().item() < 1e-5
+
+
+def test_probabilities_equal_diffusers_vanilla_attention_scores(tiny_pipe):
+    """Independent check: the recorded map equals ``Attention.get_attention_scores`` (the vanilla
+    processor's own computation) on the layer's actual inputs."""
+    unet = tiny_pipe.unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn = dict(unet.named_modules())[name]
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        seen.setdefault("x", (args[0] if args else kwargs["hidden_states"]).detach().clone())
+        seen.setdefault("c", kwargs["encoder_hidden_states"].detach().clone())
+
+    h = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        rec = lab.AttentionRecorder(layers=f"unet.{name}", heads="all", half="both", dtype=torch.float32)
+        run = tiny_pipe.sampler(PROMPT, steps=1, guidance=5.0, seed=0, height=32, width=32, recorders=[rec],
+                                progress=False).run()
+    finally:
+        h.remove()
+    q = attn.head_to_batch_dim(attn.to_q(seen["x"]))
+    k = attn.head_to_batch_dim(attn.to_k(seen["c"]))
+    want = attn.get_attention_scores(q, k, None)  # [batch*heads, Q, K]
+    got = run.steps[0].records[f"unet.{name}"]  # [batch, heads, Q, K]
+    assert torch.allclose(got.reshape(want.shape), want, atol=1e-5)
+
+
+def test_processors_are_restored_even_on_error(tiny_pipe, monkeypatch):
+    before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    rec = lab.AttentionRecorder()
+    s = tiny_pipe.sampler(PROMPT, steps=3, height=32, width=32, recorders=[rec], progress=False)
+    real = tiny_pipe.unet.forward
+
+    def fail(*a, **k):
+        real(*a, **k)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny_pipe.unet, "forward", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.run()
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    monkeypatch.setattr(tiny_pipe.unet, "forward", real)
+    s.step()  # a direct step attaches and detaches around itself
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    assert s.history[0].records
+
+
+def test_unknown_layer_and_budget(tiny_pipe):
+    with pytest.raises(KeyError, match="did you mean"):
+        tiny_pipe.sampler(PROMPT, steps=2, height=32, width=32, progress=False,
+                          recorders=[lab.AttentionRecorder(layers="unet.down_blocks.0.attentions.0.transformer_blocks.0.atn2")]).run()
+    rec = lab.AttentionRecorder(kind="self", heads="all", half="both", max_bytes=10_000)
+    with pytest.raises(lab.RecordingBudgetError, match="MiB"):
+        tiny_pipe.sampler(PROMPT, steps=20, height=32, width=32, recorders=[rec], progress=False).run()
+    with pytest.raises(ValueError, match="heads"):
+        lab.AttentionRecorder(heads="max")
+
+
+def test_steps_filter_and_data_model(tiny_pipe):
+    rec = lab.AttentionRecorder(steps=[1, 3], heads="all")
+    run = tiny_pipe.sampler(PROMPT, steps=4, guidance=3.0, height=32, width=32, recorders=[rec], progress=False).run()
+    node = run.attention["16x16"].to_dataset()
+    assert list(node["step"].values) == [1, 3]
+    assert node["cross"].dims == ("step", "batch", "layer", "head", "query_y", "query_x", "token")
+    assert node.sizes["head"] == 2 and node.sizes["token"] == 32
+    words = list(node["word"].isel(batch=0).values[:6])
+    assert words == ["", "a", "large", "red", "circle", "and"]
+    assert list(node["token_str"].isel(batch=0).values[:3]) == ["<|startoftext|>", "a", "large"]
+    assert node["word_index"].isel(batch=0).values[4] == 3
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".nc"])
+def test_attention_is_saved_with_the_run(tiny_pipe, tmp_path, suffix):
+    run = tiny_pipe.sampler(PROMPT, steps=2, guidance=3.0, height=32, width=32, progress=False,
+                            recorders=[lab.AttentionRecorder(kind="both")]).run()
+    back = lab.Run.load(run.save(tmp_path / f"r{suffix}"))
+    for res in run.attention.children:
+        xr.testing.assert_identical(run.attention[res].to_dataset(), back.attention[res].to_dataset())
+
+
+@pytest.mark.parametrize("arch,heads,res", [("sd15", 8, ["8x8", "4x4", "2x2", "1x1"]),
+                                            ("sd21", 5, ["8x8", "4x4", "2x2", "1x1"]),
+                                            ("sdxl", 10, ["4x4", "2x2"])])
+def test_recording_on_real_architectures(arch, heads, res):
+    from lab.architectures import random_pipeline
+    pipe = random_pipeline(arch, width=10 if arch != "sdxl" else 20, max_depth=1, layers=2)
+    rec = lab.AttentionRecorder(heads="all")
+    run = pipe.sampler("a red circle", steps=1, guidance=5.0, height=64, width=64, recorders=[rec],
+                       progress=False).run()
+    tree = run.attention
+    assert sorted(tree.children, key=lambda r: -int(r.split("x")[0])) == res
+    first = tree[res[0]].to_dataset()
+    if arch == "sdxl":  # SDXL: no attention at the top level; 10 heads at 1280 -> here 20 heads would not divide
+        assert first.sizes["head"] in (heads, 1, 2)
+    else:
+        assert first.sizes["head"] == heads or arch == "sd21" and first.sizes["head"] in (1, 5)
