@@ -136,6 +136,7 @@ class AttentionRecorder:
     dtype: torch.dtype = torch.float16
     max_bytes: int = 2 * 1024 ** 3
     edits: list = field(default_factory=list)
+    record: bool = True
 
     def __post_init__(self):
         if self.kind not in ("cross", "self", "both"):
@@ -147,7 +148,8 @@ class AttentionRecorder:
         if self.layers is None:
             self.layers = {"cross": ["*attn2"], "self": ["*attn1"], "both": ["*attn1", "*attn2"]}[self.kind]
         self._buf: dict = {}
-        self._active = False
+        self.record_names: set = set()
+        self._sampler = None
         self.layer_names: list[str] = []
         self.meta: dict = {}
 
@@ -167,13 +169,16 @@ class AttentionRecorder:
         self.layer_names = chosen
         self._prepare_meta(sampler)
         self.meta["query_sizes"] = self.query_sizes(sampler)
-        self._check_budget(sampler)
-        sampler.recording_meta["attention"] = self.meta
+        if self.record:
+            self._check_budget(sampler)
+            sampler.recording_meta["attention"] = self.meta
         original = unet.attn_processors
+        self.record_names = set(chosen) if self.record else set()
+        edited = {n for n in names if any(fnmatch.fnmatchcase(n, e.layers) for e in self.edits)}
         procs = {}
         for key, proc in original.items():
             name = "unet." + key.removesuffix(".processor")
-            procs[key] = RecordingAttnProcessor(name, self) if name in chosen else proc
+            procs[key] = RecordingAttnProcessor(name, self) if (name in self.record_names or name in edited) else proc
         unet.set_attn_processor(procs)
         self._sampler = sampler
         try:
@@ -247,18 +252,19 @@ class AttentionRecorder:
         if not self.edits or self._sampler is None:
             return None
         i = self._sampler.position
-        fns = [e for e in self.edits if e.applies(name, i, is_cross)]
+        fns = [e for e in self.edits if e.applies(name, i, self._sampler.num_steps, is_cross)]
         if not fns:
             return None
 
         def apply(layer, probs):
+            meta = dict(self.meta, _step=i)
             for e in fns:
-                probs = e(layer, probs, self.meta)
+                probs = e(layer, probs, meta)
             return probs
         return apply
 
     def observe(self, name, attn, query, key, is_cross, attention_mask=None, probs=None):
-        if name not in self.layer_names or self._sampler is None:
+        if name not in self.record_names or self._sampler is None:
             return
         i = self._sampler.position
         if self.steps is not None and i not in self.steps:

@@ -90,8 +90,16 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.what == "attention":
+        # heat maps are analysis-layer functions; the CLI is the one place that composes the layers,
+        # and it imports `analysis` only when this subcommand runs (importing lab never does).
+        import importlib
+        attention_eval = importlib.import_module("analysis.evaluate").attention_eval
+        res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json)
+        print(json.dumps(res, indent=2))
+        return 0
     from .shapes.evaluate import run_eval
-    res = run_eval(args.n, steps=args.steps, guidance=args.guidance, json_path=args.json)
+    res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -125,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("model", choices=["shapes"])
+    e.add_argument("what", choices=["shapes", "attention"],
+                   help="shapes: the model's bars; attention: word heat maps vs object masks")
     e.add_argument("--json", default=None, help="write the results here")
-    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
     e.add_argument("--steps", type=int, default=30)
     e.add_argument("--guidance", type=float, default=5.0)
     e.set_defaults(func=_eval)

@@ -79,7 +79,7 @@ class _Snapshot:
     settings: dict
 
 
-FORKABLE = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "guidance", "seed")
+FORKABLE = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "guidance", "seed", "recorders")
 
 
 def _check_number(name, v, *, minimum=None, integer=False):
@@ -322,6 +322,9 @@ class Sampler:
                 raise ValueError("a fork cannot switch classifier-free guidance on or off (guidance across 1.0)")
         if "seed" in changes:
             _check_number("seed", changes["seed"], minimum=0, integer=True)
+        changes = dict(changes)
+        if "recorders" in changes:  # e.g. an AttentionRecorder carrying prompt-to-prompt edits
+            self.recorders = list(changes.pop("recorders"))
         self.settings.update(changes)
         if {"prompt", "negative_prompt", "prompt_2", "negative_prompt_2"} & set(changes):
             with torch.no_grad():

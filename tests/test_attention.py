@@ -153,3 +153,51 @@ def test_recording_on_real_architectures(arch, heads, res):
         assert first.sizes["head"] in (heads, 1, 2)
     else:
         assert first.sizes["head"] == heads or arch == "sd21" and first.sizes["head"] in (1, 5)
+
+
+def test_reweight_by_one_is_a_no_op_and_other_weights_act(shapes_pipe):
+    kw = dict(steps=8, guidance=5.0, seed=2, progress=False)
+    cap = "a large red circle on a gray background"
+    plain = shapes_pipe.sampler(cap, **kw).run()
+    same = shapes_pipe.sampler(cap, recorders=[lab.AttentionRecorder(record=False, edits=[lab.Reweight({"red": 1.0})])],
+                               **kw).run()
+    assert (plain.final_latents - same.final_latents).abs().max().item() < 1e-4  # explicit softmax vs SDPA
+    boosted = shapes_pipe.sampler(cap, recorders=[lab.AttentionRecorder(edits=[lab.Reweight({"red": 4.0})])],
+                                  **kw).run()
+    assert (plain.final_latents - boosted.final_latents).abs().max().item() > 1e-2
+    # the edit shows in what was recorded: more mass on "red" than without
+    ref = shapes_pipe.sampler(cap, recorders=[lab.AttentionRecorder()], **kw).run()
+    import analysis as an
+    assert float(an.attention_over_time(boosted, "red").mean()) > 2 * float(an.attention_over_time(ref, "red").mean())
+    with pytest.raises(KeyError, match="not in the prompt"):
+        shapes_pipe.sampler(cap, recorders=[lab.AttentionRecorder(edits=[lab.Reweight({"blue": 2.0})])], **kw).run()
+
+
+def test_replace_attention_keeps_the_source_layout(shapes_pipe):
+    from lab.edits import token_alignment
+    kw = dict(steps=10, guidance=5.0, seed=4, progress=False)
+    src = shapes_pipe.sampler("a large red circle on a gray background",
+                              recorders=[lab.AttentionRecorder(heads="all")], **kw).run()
+    # with the source's own prompt, replacing all maps reproduces the source
+    itself = shapes_pipe.sampler("a large red circle on a gray background", **kw, recorders=[
+        lab.AttentionRecorder(record=False, edits=[lab.ReplaceAttention(src, steps=(0.0, 1.0))])]).run()
+    assert (itself.final_latents - src.final_latents).abs().max().item() < 1e-3
+    target = "a large blue circle on a gray background"
+    plain = shapes_pipe.sampler(target, **kw).run()
+    edited = shapes_pipe.sampler(target, **kw, recorders=[
+        lab.AttentionRecorder(record=False, edits=[lab.ReplaceAttention(src, steps=(0.0, 1.0))])]).run()
+    d_edit = (edited.final_latents - src.final_latents).norm().item()
+    d_plain = (plain.final_latents - src.final_latents).norm().item()
+    assert d_edit < d_plain
+    assert token_alignment(["", "a", "red", "circle", ""], ["", "a", "blue", "circle", ""]) == [0, 1, 2, 3, 4]
+    assert token_alignment(["", "a", "circle", ""], ["", "a", "red", "circle", ""]) == [0, 1, -1, 2, 3]
+
+
+def test_edits_through_a_fork(shapes_pipe):
+    s = shapes_pipe.sampler("a large red circle on a gray background", steps=8, guidance=5.0, seed=1, progress=False)
+    for _ in range(3):
+        s.step()
+    f = s.fork(recorders=[lab.AttentionRecorder(edits=[lab.Reweight({"circle": 3.0})])])
+    a, b = s.run(), f.run()
+    assert torch.equal(a.steps[2].prev_latents, b.steps[2].prev_latents)
+    assert (a.final_latents - b.final_latents).abs().max().item() > 1e-3
