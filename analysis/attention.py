@@ -191,15 +191,19 @@ def self_attention_components(run, layer: str, step: int, k: int = 3, *, batch: 
     raise KeyError(f"no recorded self-attention layer {layer!r}; record with lab.AttentionRecorder(kind='self')")
 
 
-def overlay(image, heatmap, ax=None, *, alpha: float = 0.5, cmap: str = "jet", title: str | None = None):
-    """Draw ``heatmap`` over ``image`` (PIL or array); returns the matplotlib axes."""
+def overlay(image, heatmap, ax=None, *, alpha: float = 0.5, cmap: str = "jet", title: str | None = None,
+            stretch: bool = True):
+    """Draw ``heatmap`` over ``image`` (PIL or array); returns the matplotlib axes. ``stretch`` maps the
+    heat map's own min..max to the colour scale (shows where a word attends *relatively* more, also when
+    the map is flat); ``stretch=False`` draws 0..1 as is."""
     import matplotlib.pyplot as plt
     if ax is None:
         _, ax = plt.subplots(figsize=(3, 3))
     img = np.asarray(image)
-    h = np.asarray(heatmap)
+    h = np.asarray(heatmap, dtype=np.float32)
+    lo, hi = (float(h.min()), float(h.max())) if stretch else (0.0, 1.0)
     ax.imshow(img, extent=(0, h.shape[1], h.shape[0], 0))
-    ax.imshow(h, cmap=cmap, alpha=alpha, extent=(0, h.shape[1], h.shape[0], 0), vmin=0, vmax=1)
+    ax.imshow(h, cmap=cmap, alpha=alpha, extent=(0, h.shape[1], h.shape[0], 0), vmin=lo, vmax=max(hi, lo + 1e-6))
     ax.set_axis_off()
     if title is None and isinstance(heatmap, xr.DataArray):
         title = heatmap.attrs.get("word")

@@ -148,6 +148,7 @@ class AttentionRecorder:
         if self.layers is None:
             self.layers = {"cross": ["*attn2"], "self": ["*attn1"], "both": ["*attn1", "*attn2"]}[self.kind]
         self._buf: dict = {}
+        self._pinned: dict = {}
         self.record_names: set = set()
         self._sampler = None
         self.layer_names: list[str] = []
@@ -181,6 +182,7 @@ class AttentionRecorder:
             procs[key] = RecordingAttnProcessor(name, self) if (name in self.record_names or name in edited) else proc
         unet.set_attn_processor(procs)
         self._sampler = sampler
+        self._pinned = {}
         try:
             yield self
         finally:
@@ -282,12 +284,21 @@ class AttentionRecorder:
             p = p.mean(1, keepdim=True)
         p = p.to(self.dtype)
         if p.device.type == "cuda":
-            host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-            host.copy_(p, non_blocking=True)
-            p = host
+            # one pinned host buffer per layer, allocated once per run; non-blocking copies into its slots
+            key = (name, tuple(p.shape))
+            pool = self._pinned.get(key)
+            if pool is None:
+                pool = self._pinned[key] = torch.empty((self._steps_recorded(self._sampler), *p.shape),
+                                                       dtype=p.dtype, pin_memory=True)
+            slot = pool[self._slot(i)]
+            slot.copy_(p, non_blocking=True)
+            p = slot
         else:
             p = p.clone()
         self._buf[name] = p
+
+    def _slot(self, i: int) -> int:
+        return i if self.steps is None else sorted(s for s in self.steps).index(i)
 
     def collect(self, step: int) -> dict:
         out = {f"{n}": self._buf.pop(n) for n in list(self._buf)}

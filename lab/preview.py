@@ -15,7 +15,7 @@ for 64x64, on CPU. ``r2`` is the fraction of RGB variance explained on the fitti
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

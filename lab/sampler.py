@@ -266,6 +266,7 @@ class Sampler:
                 self.scheduler.set_begin_index(0)
             self.extra_step_kwargs = dp.prepare_extra_step_kwargs(self.generator, s["eta"])
         self.timesteps = timesteps
+        self._t_values = [float(x) for x in timesteps.cpu()]  # host copies: no device sync per step
         self._latents = latents
         self.initial_latents = latents
         self._control_images = {}
@@ -384,8 +385,9 @@ class Sampler:
         model_input = torch.cat([x] * 2) if cfg else x
         model_input = sched.scale_model_input(model_input, t)
         sigmas = getattr(sched, "sigmas", None)
-        sigma = float(sigmas[i]) if sigmas is not None and type(sched).__name__ not in (
-            "DDPMScheduler", "DDIMScheduler", "PNDMScheduler") and i < len(sigmas) else float("nan")
+        sigma = float(sigmas[i].cpu() if sigmas.device.type != "cpu" else sigmas[i]) if (
+            sigmas is not None and type(sched).__name__ not in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+            and i < len(sigmas)) else float("nan")
         if self.concat is not None:
             model_input = torch.cat([model_input, *self.concat], dim=1)
         down, mid = self._control_residuals(i, t, model_input)
@@ -411,7 +413,7 @@ class Sampler:
                 first = self._first_nonfinite(i, bad, prev, guided)
                 raise NonFiniteError(bad, first, run=self.to_run(),
                                      hint="try float32, a lower guidance, or another scheduler")
-        tval = float(t)
+        tval = self._t_values[i]
         return StepState(i, tval, sigma, x, prev, x0, cond, uncond, guided, MappingProxyType(records))
 
     def _first_nonfinite(self, i, name, prev, guided) -> int:

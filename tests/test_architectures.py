@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab.architectures import ARCHITECTURES, random_pipeline, unet_config
+from lab.architectures import random_pipeline, unet_config
 
 
 def test_full_size_configs_have_the_published_sizes():

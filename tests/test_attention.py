@@ -1,7 +1,6 @@
 """Attention recording: invariance, exact probabilities, the layer-name contract, scoping, budgets."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import xarray as xr

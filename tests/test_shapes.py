@@ -61,7 +61,7 @@ def test_evaluator_is_right_on_ground_truth():
 
 def test_evaluator_catches_wrong_captions():
     ex = world.make_example(1, 3, split="heldout", n_objects=1)
-    (size, colour, shape), bg = evaluator.parse_caption(ex["caption"])[0][0], None
+    size, colour, shape = evaluator.parse_caption(ex["caption"])[0][0]
     other_colour = next(c for c in world.COLOURS if c != colour)
     other_shape = next(s for s in world.SHAPES if s != shape)
     assert not evaluator.evaluate(ex["image"], f"a {size} {other_colour} {shape} on a gray background")["colour_ok"]

@@ -261,16 +261,3 @@ def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, c
         vals = [v for p in parts for v in p[k]]
         out[k] = vals if k == "caption" else np.stack(vals)
     return out
-
-
-def condition_for(kind: str, example: dict) -> np.ndarray:
-    if kind not in CONDITION_KINDS:
-        raise KeyError(f"unknown condition kind {kind!r}; expected one of {CONDITION_KINDS}")
-    return example[kind]
-
-
-def palette_distance(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[list[str], np.ndarray]:
-    names = list(palette)
-    ref = np.array([palette[k] for k in names], np.float32)
-    d = np.linalg.norm(rgb[..., None, :].astype(np.float32) - ref, axis=-1)
-    return names, d
