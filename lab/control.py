@@ -1,4 +1,21 @@
-"""ControlNet conditions in the sampler: which net, which image, how strong, when."""
+"""ControlNet conditions in the sampler: which net, which image, how strong, when, and per block.
+
+ControlNet adds one residual per encoder level and one for the middle block (13 for SD 1.5):
+``y = F(x) + Z(F(x + Z(c)))``. How strongly each of them is added is a weight per block and step:
+
+* ``balanced``: every block at ``scale``, both halves of the CFG batch (diffusers' default);
+* ``prompt``: soft weights ``w_i = scale * 10^(-(N-1-i)/(N-1))`` (i = 0 the first encoder block, N-1 the
+  middle block; for N = 13 this is 0.825^(12-i), sd-webui-controlnet's "my prompt is more important"),
+  both halves;
+* ``control``: the same soft weights on the conditional half only, the unconditional half gets no
+  residuals (ControlNet's guess mode, diffusers' ``guess_mode=True``);
+* ``cfg_rw``: the ControlNet paper's CFG resolution weighting, conditional half only, with
+  ``w_i = 64 / h_i`` for a block of latent height h_i, divided by its largest value so the middle
+  block gets ``scale``: ``w_i = scale * h_min / h_i``. For SD 1.5 at 512 px (h = 64, 32, 16, 8) this is
+  1/8, 1/4, 1/2, 1 — the same shape as the code's 0.825^(12-i), which runs from 0.099 to 1;
+* ``weights``: an explicit grid ``[N blocks, steps]`` (any array-like) that all of the above are
+  shortcuts for (see :meth:`Control.grid`); ``halves`` says which halves it applies to.
+"""
 from __future__ import annotations
 
 import difflib
@@ -9,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+
+MODES = ("balanced", "prompt", "control", "cfg_rw")
 
 
 @dataclass(frozen=True)
@@ -25,6 +45,9 @@ class Control:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"
+    weights: Any = None
+    halves: str | None = None
 
     def validate(self, available) -> None:
         if self.net not in available:
@@ -38,6 +61,43 @@ class Control:
                 raise ValueError(f"control {name} must be a finite number, got {v!r}")
         if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0) or self.start > self.end:
             raise ValueError(f"control start/end must satisfy 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if self.mode not in MODES:
+            close = difflib.get_close_matches(str(self.mode), MODES, n=2, cutoff=0.3)
+            raise ValueError(f"unknown control mode {self.mode!r}; modes: {MODES}" + (f"; did you mean {close}?" if close else ""))
+        if self.halves not in (None, "both", "cond"):
+            raise ValueError(f"halves must be 'both' or 'cond', got {self.halves!r}")
+
+    @property
+    def cond_only(self) -> bool:
+        """Residuals go to the conditional half only (guess mode / CFG-RW)."""
+        if self.halves is not None:
+            return self.halves == "cond"
+        return self.mode in ("control", "cfg_rw")
+
+    def block_weights(self, heights: list[int]) -> list[float]:
+        """Per-block weights of the mode (without start/end), for blocks of latent heights ``heights``
+        (encoder blocks first, middle block last)."""
+        n = len(heights)
+        if self.mode == "balanced":
+            return [float(self.scale)] * n
+        if self.mode in ("prompt", "control"):
+            # exactly diffusers' guess-mode scales: torch.logspace(-1, 0, N) * conditioning_scale
+            return [float(v) for v in torch.logspace(-1, 0, n) * self.scale]
+        h_min = min(heights)
+        return [float(self.scale * h_min / h) for h in heights]
+
+    def grid(self, heights: list[int], n_steps: int) -> np.ndarray:
+        """The ``[blocks, steps]`` weight grid this control applies (explicit ``weights`` or the mode's)."""
+        if self.weights is not None:
+            g = np.asarray(self.weights, dtype=np.float64)
+            if g.shape != (len(heights), n_steps):
+                raise ValueError(f"weights grid must be [blocks, steps] = [{len(heights)}, {n_steps}], got {g.shape}")
+            if not np.isfinite(g).all():
+                raise ValueError("weights grid has NaN/inf")
+            return g
+        w = np.asarray(self.block_weights(heights))
+        keep = np.array([self.keep(i, n_steps) for i in range(n_steps)])
+        return w[:, None] * keep[None, :]
 
     def keep(self, i: int, n: int) -> float:
         """1.0 if step ``i`` of ``n`` lies in [start, end] (diffusers' ``controlnet_keep`` rule), else 0.0."""

@@ -57,6 +57,7 @@ class Run:
         self.truncated = dict(truncated or {})
         self.recording_meta = dict(recording_meta or {})
         self._attention = attention
+        self._residuals = None
         self._images = None
 
     def __len__(self) -> int:
@@ -114,6 +115,32 @@ class Run:
             self._attention = attention_tree(self.steps, self.recording_meta["attention"])
         return self._attention
 
+    @property
+    def residuals(self) -> xr.Dataset:
+        """Recorded ControlNet residual norms ``norm[step, net, block, batch]`` (:mod:`lab.residuals`)."""
+        if self._residuals is None:
+            if "residuals" not in self.recording_meta:
+                raise ValueError("this run recorded no residuals; sample with recorders=[lab.ResidualRecorder()]")
+            from .residuals import residual_dataset
+            self._residuals = residual_dataset(self.steps, self.recording_meta["residuals"])
+        return self._residuals
+
+    def residual_map(self, net: str, block, step: int, index: int = 0):
+        """Channel-norm map ``[h, w]`` (numpy) of one residual at one step (needs ``ResidualRecorder(maps=True)``);
+        ``block`` is an index or a name such as ``"down_block_res_samples.3"``."""
+        from .residuals import residual_names
+        meta = self.recording_meta.get("residuals")
+        if meta is None or net not in meta["names"]:
+            raise KeyError(f"no residuals recorded for ControlNet {net!r}")
+        names = meta["names"][net]
+        name = names[block] if isinstance(block, int) else f"controlnet[{net}].{block}"
+        if name not in names:
+            raise KeyError(f"no block {block!r}; blocks: {[n.split('].', 1)[1] for n in names]}")
+        rec = self.steps[step].records.get(name)
+        if rec is None or rec.map is None:
+            raise ValueError("no spatial map at that step: record with lab.ResidualRecorder(maps=True)")
+        return rec.map[index].numpy()
+
     def has_attention(self) -> bool:
         return self._attention is not None or "attention" in self.recording_meta
 
@@ -126,6 +153,8 @@ class Run:
         if self.has_attention():
             for child in self.attention.children.values():
                 nodes[f"/attention/{child.name}"] = child.to_dataset(inherit=False)
+        if self._residuals is not None or "residuals" in self.recording_meta:
+            nodes["/residuals"] = self.residuals
         return xr.DataTree.from_dict(nodes)
 
     def to_xarray(self) -> xr.Dataset:
@@ -229,6 +258,8 @@ class Run:
         if "run" not in tree.children:
             raise RunFileError(f"{path} is not a latent-lab run: it has no /run group")
         run = cls.from_xarray(tree["run"].to_dataset(inherit=False), pipe=pipe)
+        if "residuals" in tree.children:
+            run._residuals = tree["residuals"].to_dataset(inherit=False)
         if "attention" in tree.children:
             run._attention = xr.DataTree.from_dict(
                 {f"/{name}": node.to_dataset(inherit=False) for name, node in tree["attention"].children.items()})

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -270,6 +271,7 @@ class Sampler:
         self._latents = latents
         self.initial_latents = latents
         self._control_images = {}
+        self._control_cache = {}
         for c in self.controls:
             img = condition_tensor(c.image, s["height"], s["width"])
             net = pipe.controlnets[c.net]
@@ -336,16 +338,64 @@ class Sampler:
                                       for k, v in self.extra_step_kwargs.items()}
 
     # ------------------------------------------------------------------ the loop
-    def _control_residuals(self, i: int, t, model_input: torch.Tensor):
+    def _control_heights(self, c: Control) -> list[int]:
+        """Latent height of each residual block of ``c``'s net (encoder blocks, then the middle block)."""
+        key = ("heights", c.net)
+        if key not in self._control_cache:
+            net = self.pipe.controlnets[c.net]
+            h = self._latents.shape[-2]
+            heights = [h]  # conv_in's output is the first residual
+            for block in net.down_blocks:
+                heights += [h] * len(block.resnets)
+                if block.downsamplers is not None:
+                    h = (h + 1) // 2
+                    heights.append(h)
+            heights.append(h)  # the middle block
+            if len(heights) != len(net.controlnet_down_blocks) + 1:
+                raise RuntimeError(f"could not map {c.net}'s residuals to blocks ({len(heights)} heights for "
+                                   f"{len(net.controlnet_down_blocks) + 1} residuals)")
+            self._control_cache[key] = heights
+        return self._control_cache[key]
+
+    def control_grid(self, c: Control):
+        """The ``[blocks, steps]`` weights ``c`` applies in this sampler."""
+        return c.grid(self._control_heights(c), self.num_steps)
+
+    def _control_residuals(self, i: int, t, model_input: torch.Tensor, x: torch.Tensor):
+        """Sum over nets of weighted ControlNet residuals for step ``i``; each net's (weighted) residuals
+        are also handed to recorders that observe them."""
         down = mid = None
+        cfg = self.cond["cfg"]
         for c in self.controls:
-            keep = c.keep(i, self.num_steps)
-            if keep == 0.0:
+            w = self._control_cache.get(("grid", c.net, id(c)))
+            if w is None:
+                w = self._control_cache[("grid", c.net, id(c))] = self.control_grid(c)
+            col = w[:, i]
+            if not col.any():
                 continue  # outside [start, end]: diffusers multiplies by 0; skipping adds exactly nothing
             net = self.pipe.controlnets[c.net]
-            d, m = net(model_input, t, encoder_hidden_states=self.cond["prompt_embeds"],
-                       controlnet_cond=self._control_images[c.net], conditioning_scale=c.scale * keep,
-                       guess_mode=False, return_dict=False)
+            image = self._control_images[c.net]
+            added = self.cond["added_cond_kwargs"]  # SDXL: pooled text embeddings and time ids
+            if c.cond_only and cfg:  # guess mode: the net sees the conditional half only
+                inp = self.scheduler.scale_model_input(x, t)
+                emb = self.cond["prompt_embeds"].chunk(2)[1]
+                image = image.chunk(2)[1]
+                added = {k: v.chunk(2)[1] for k, v in added.items()} if added else None
+            else:
+                inp, emb = model_input, self.cond["prompt_embeds"]
+            if self.concat is not None:
+                inp = inp[:, : self.pipe.vae.config.latent_channels]
+            kw = {"added_cond_kwargs": added} if added else {}
+            d, m = net(inp, t, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=1.0,
+                       guess_mode=False, return_dict=False, **kw)
+            d = [r * float(wi) for r, wi in zip(d, col[:-1])]
+            m = m * float(col[-1])
+            if c.cond_only and cfg:
+                d = [torch.cat([torch.zeros_like(r), r]) for r in d]
+                m = torch.cat([torch.zeros_like(m), m])
+            for rec in self.recorders:
+                if hasattr(rec, "observe_residuals"):
+                    rec.observe_residuals(c.net, i, d, m)
             if down is None:
                 down, mid = list(d), m
             else:  # summed across nets, as diffusers' MultiControlNetModel does
@@ -390,7 +440,7 @@ class Sampler:
             and i < len(sigmas)) else float("nan")
         if self.concat is not None:
             model_input = torch.cat([model_input, *self.concat], dim=1)
-        down, mid = self._control_residuals(i, t, model_input)
+        down, mid = self._control_residuals(i, t, model_input, x)
         records = {}
         out = unet(model_input, t, encoder_hidden_states=self.cond["prompt_embeds"], timestep_cond=None,
                    added_cond_kwargs=self.cond["added_cond_kwargs"], down_block_additional_residuals=down,
@@ -485,7 +535,9 @@ class Sampler:
         s["dtype"] = str(self.pipe.dtype).removeprefix("torch.")
         s["device"] = str(self.device)
         s["num_steps"] = self.num_steps
-        s["controls"] = [dict(net=c.net, scale=c.scale, start=c.start, end=c.end) for c in self.controls]
+        s["controls"] = [dict(net=c.net, scale=c.scale, start=c.start, end=c.end, mode=c.mode,
+                              halves="cond" if c.cond_only else "both", weights=None if c.weights is None
+                              else np.asarray(c.weights).tolist()) for c in self.controls]
         s["forks"] = [dict(step=k, **v) for k, v in self._plan]
         return s
 

@@ -1,0 +1,117 @@
+"""Recording ControlNet residuals per net (before nets are summed), per block and per step.
+
+    rec = lab.ResidualRecorder(maps=True)            # norms always; channel-norm maps; full=True for tensors
+    run = pipe.sampler(prompt, control=..., recorders=[rec]).run()
+    run.residuals                                      # xarray: norm[step, net, block, batch]
+
+What is recorded is what the UNet receives: each residual after its block weight (scale, mode, start/end
+or the explicit grid). Names follow the module tree: ``controlnet[scribble].down_block_res_samples.3``
+and ``controlnet[scribble].mid_block_res_sample``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+def residual_names(net_name: str, n_down: int) -> list[str]:
+    return [f"controlnet[{net_name}].down_block_res_samples.{i}" for i in range(n_down)] + [
+        f"controlnet[{net_name}].mid_block_res_sample"]
+
+
+@dataclass(frozen=True)
+class ResidualRecord:
+    """One residual at one step: ``norm`` [batch] (L2 over channels and positions), ``map`` [batch, h, w]
+    (L2 over channels) when asked, ``tensor`` [batch, channels, h, w] when asked."""
+
+    norm: torch.Tensor
+    map: torch.Tensor | None = None
+    tensor: torch.Tensor | None = None
+
+
+@dataclass
+class ResidualRecorder:
+    """``maps``: keep channel-norm maps; ``full``: keep the residual tensors; ``half``: ``"cond"``,
+    ``"uncond"`` or ``"both"`` (with guidance); ``steps``: ``None`` or step indices."""
+
+    maps: bool = False
+    full: bool = False
+    half: str = "cond"
+    steps: object = None
+
+    def __post_init__(self):
+        if self.half not in ("cond", "uncond", "both"):
+            raise ValueError(f"half must be 'cond', 'uncond' or 'both', got {self.half!r}")
+        self._buf: dict = {}
+        self._sampler = None
+
+    @contextlib.contextmanager
+    def attached(self, sampler):
+        if not sampler.controls:
+            raise ValueError("ResidualRecorder needs a sampler with control=...")
+        meta = {"nets": [c.net for c in sampler.controls], "cfg": sampler.cond["cfg"], "batch": sampler.batch_size,
+                "half": self.half, "heights": {}, "names": {}}
+        for c in sampler.controls:
+            heights = sampler._control_heights(c)
+            meta["heights"][c.net] = heights
+            meta["names"][c.net] = residual_names(c.net, len(heights) - 1)
+        sampler.recording_meta["residuals"] = meta
+        self._sampler = sampler
+        try:
+            yield self
+        finally:
+            self._sampler = None
+
+    def observe_residuals(self, net: str, i: int, down, mid) -> None:
+        if self._sampler is None or (self.steps is not None and i not in self.steps):
+            return
+        b = self._sampler.batch_size
+        cfg = self._sampler.cond["cfg"]
+        sel = {"cond": slice(b, 2 * b) if cfg else slice(0, b), "uncond": slice(0, b) if cfg else slice(0, 0),
+               "both": slice(None)}[self.half]
+        names = residual_names(net, len(down))
+        for name, r in zip(names, [*down, mid]):
+            r = r[sel].float()
+            rec = ResidualRecord(norm=r.flatten(1).norm(dim=1).cpu(),
+                                 map=r.norm(dim=1).cpu() if self.maps else None,
+                                 tensor=r.cpu() if self.full else None)
+            self._buf[name] = rec
+
+    def collect(self, step: int) -> dict:
+        out, self._buf = self._buf, {}
+        return out
+
+
+def residual_dataset(steps, meta: dict):
+    """``norm[step, net, block, batch]`` with coords ``block_name`` (net-independent path) and
+    ``resolution`` per block; steps without records are left out."""
+    import numpy as np
+    import xarray as xr
+    nets = meta["nets"]
+    first = meta["names"][nets[0]]
+    n_blocks = len(first)
+    rows, idx = [], []
+    for s in steps:
+        if first[0] not in s.records and not any(meta["names"][n][0] in s.records for n in nets):
+            continue
+        per_net = []
+        for n in nets:
+            names = meta["names"][n]
+            per_net.append([s.records[nm].norm.numpy() if nm in s.records else
+                            np.full(meta["batch"], np.nan, np.float32) for nm in names])
+        rows.append(np.asarray(per_net, dtype=np.float32))  # [net, block, batch]
+        idx.append(s)
+    if not rows:
+        raise ValueError("this run recorded no ControlNet residuals (pass recorders=[lab.ResidualRecorder()])")
+    arr = np.stack(rows)
+    heights = meta["heights"][nets[0]]
+    block_paths = [nm.split("].", 1)[1] for nm in first]
+    ds = xr.Dataset(
+        {"norm": (("step", "net", "block", "batch"), arr)},
+        coords={"step": [s.index for s in idx], "timestep": ("step", [s.timestep for s in idx]), "net": nets,
+                "block": np.arange(n_blocks), "block_name": ("block", block_paths),
+                "resolution": ("block", [f"{h}x{h}" for h in heights])},
+        attrs={"half": meta["half"]})
+    return ds
