@@ -14,7 +14,8 @@ at a CPU-feasible size) it times, median of ``--repeats`` runs after a warm-up:
   switched to a vanilla (non-SDPA) processor that keeps its ``attention_probs``.
 
 Ratios are times over ``plain``. Targets (issue 4): record_off <= 1.02, latents <= 1.03,
-cross_attention <= 1.10, and cross_attention below vanilla_processor.
+cross_attention <= 1.10, and cross_attention below vanilla_processor. ControlNet (issue 5):
+``ratio_controlnet_residuals`` (one net + residual-norm recording vs diffusers' ControlNet pipeline) <= 1.05.
 """
 from __future__ import annotations
 
@@ -100,6 +101,35 @@ def measure(pipe, *, prompt: str, steps: int, size: int, repeats: int, device: s
             "steps": steps, "size": size, "repeats": repeats}
 
 
+def measure_controlnet(pipe, *, prompt: str, condition, steps: int, repeats: int, device: str) -> dict:
+    """``ratio_controlnet_residuals``: the lab sampler with one ControlNet and a ResidualRecorder (norms)
+    over diffusers' StableDiffusionControlNetPipeline on the same modules."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+    net_name = next(iter(pipe.controlnets))
+    comps = {k: v for k, v in pipe.components.items() if k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")}
+    ref = StableDiffusionControlNetPipeline(**comps, controlnet=pipe.controlnets[net_name], safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    image = Image.fromarray(condition)
+
+    def plain():
+        ref(prompt, image=image, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+            generator=torch.Generator().manual_seed(0))
+
+    def ours(record):
+        return lambda: pipe.sampler(prompt, steps=steps, guidance=5.0, seed=0, progress=False,
+                                    control=lab.Control(net_name, condition),
+                                    recorders=[lab.ResidualRecorder()] if record else []).run()
+
+    t_plain = _time(plain, repeats, device)
+    t_control = _time(ours(False), repeats, device)
+    t_rec = _time(ours(True), repeats, device)
+    return {"seconds": {"plain_controlnet": t_plain, "control": t_control, "control_residuals": t_rec},
+            "ratio_control": t_control / t_plain, "ratio_controlnet_residuals": t_rec / t_plain,
+            "steps": steps, "repeats": repeats}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -111,6 +141,11 @@ def main() -> None:
     shapes = lab.load("shapes", device=args.device)
     res["shapes"] = measure(shapes, prompt="a large red circle and a small blue square on a gray background",
                             steps=30, size=64, repeats=args.repeats, device=args.device)
+    from lab.shapes import world
+    ex = world.make_example(0, 1, split="heldout")
+    shapes_cn = lab.load("shapes", controlnet="scribble", device=args.device)
+    res["shapes_controlnet"] = measure_controlnet(shapes_cn, prompt=ex["caption"], condition=ex["scribble"], steps=30,
+                                                  repeats=args.repeats, device=args.device)
     sd15 = random_pipeline("sd15", width=4, max_depth=1, layers=4, device=args.device)
     res["sd15_random_width4_256px"] = measure(sd15, prompt="a red circle", steps=10, size=256,
                                               repeats=max(3, args.repeats // 2), device=args.device)

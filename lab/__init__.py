@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .attention import AttentionRecorder, RecordingBudgetError, attention_layer_names
 from .control import Control
+from .counterfactual import Ablation, ablate
 from .edits import ReplaceAttention, Reweight
 from .residuals import ResidualRecorder
 from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError
@@ -23,6 +24,6 @@ from .sampler import Sampler, StepState
 from .schedulers import SCHEDULERS
 
 __all__ = [
-    "AttentionRecorder", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
+    "Ablation", "AttentionRecorder", "ablate", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
     "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "__version__",
 ]

@@ -128,7 +128,6 @@ class Run:
     def residual_map(self, net: str, block, step: int, index: int = 0):
         """Channel-norm map ``[h, w]`` (numpy) of one residual at one step (needs ``ResidualRecorder(maps=True)``);
         ``block`` is an index or a name such as ``"down_block_res_samples.3"``."""
-        from .residuals import residual_names
         meta = self.recording_meta.get("residuals")
         if meta is None or net not in meta["names"]:
             raise KeyError(f"no residuals recorded for ControlNet {net!r}")

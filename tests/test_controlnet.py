@@ -179,3 +179,23 @@ def test_conditions():
         conditions.canny(np.zeros((0, 0, 3), np.uint8))
     with pytest.raises(ValueError, match="palette"):
         conditions.segmentation_to_classes(np.full((8, 8, 3), 77, np.uint8))
+
+
+def test_ablation_of_a_block(setup):
+    _, pipe, _, _, img_a, _ = setup
+    s = pipe.sampler(PROMPT, control=lab.Control("a", img_a), **KW)
+    s.step()
+    s.step()
+    ab = lab.ablate(s, "a", "mid_block_res_sample", at=2, steps=(2, 4))
+    assert s.position == 2  # the sampler is left where it was
+    assert len(ab.base) == len(ab.ablated) == 6
+    for k in range(2):  # shared history
+        assert torch.equal(ab.base.steps[k].prev_latents, ab.ablated.steps[k].prev_latents)
+    assert float(ab.latent_distance[1]) == 0.0 and float(ab.latent_distance[-1]) > 0
+    assert (ab.grid[-1, 2:5] == 0).all() and (ab.grid[-1, 5:] == 1).all() and (ab.grid[:-1] == 1).all()
+    same = lab.ablate(s, "a", 3, at=2, scale=1.0)
+    assert float(same.latent_distance.max()) == 0.0 and same.image_delta == 0.0
+    with pytest.raises(KeyError, match="blocks"):
+        lab.ablate(s, "a", "mid_block")
+    with pytest.raises(KeyError):
+        lab.ablate(s, "zzz", 0)
