@@ -51,18 +51,21 @@ class VanillaRecordingProcessor(AttnProcessor):
         return out / attn.rescale_output_factor
 
 
-def _time(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def _time_all(fns: dict, repeats: int, device: str) -> dict:
+    """Median seconds per variant, the variants interleaved round by round (so drift in machine load hits
+    all of them alike), after one warm-up round."""
+    times = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(pipe, *, prompt: str, steps: int, size: int, repeats: int, device: str) -> dict:
@@ -91,10 +94,9 @@ def measure(pipe, *, prompt: str, steps: int, size: int, repeats: int, device: s
         finally:
             plain_pipe.unet.set_attn_processor(original)
 
-    t_plain = _time(plain, repeats, device)
-    t_off = _time(lab_run(), repeats, device)
-    t_cross = _time(lambda: lab_run([lab.AttentionRecorder()])(), repeats, device)
-    t_vanilla = _time(vanilla, repeats, device)
+    t = _time_all({"plain": plain, "off": lab_run(), "cross": lambda: lab_run([lab.AttentionRecorder()])(),
+                   "vanilla": vanilla}, repeats, device)
+    t_plain, t_off, t_cross, t_vanilla = t["plain"], t["off"], t["cross"], t["vanilla"]
     return {"seconds": {"plain": t_plain, "record_off": t_off, "cross_attention": t_cross, "vanilla_processor": t_vanilla},
             "ratio_record_off": t_off / t_plain, "ratio_latents": t_off / t_plain,
             "ratio_cross_attention": t_cross / t_plain, "ratio_vanilla_processor": t_vanilla / t_plain,
@@ -122,9 +124,8 @@ def measure_controlnet(pipe, *, prompt: str, condition, steps: int, repeats: int
                                     control=lab.Control(net_name, condition),
                                     recorders=[lab.ResidualRecorder()] if record else []).run()
 
-    t_plain = _time(plain, repeats, device)
-    t_control = _time(ours(False), repeats, device)
-    t_rec = _time(ours(True), repeats, device)
+    t = _time_all({"plain": plain, "control": ours(False), "rec": ours(True)}, repeats, device)
+    t_plain, t_control, t_rec = t["plain"], t["control"], t["rec"]
     return {"seconds": {"plain_controlnet": t_plain, "control": t_control, "control_residuals": t_rec},
             "ratio_control": t_control / t_plain, "ratio_controlnet_residuals": t_rec / t_plain,
             "steps": steps, "repeats": repeats}

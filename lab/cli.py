@@ -70,14 +70,28 @@ def _sample(args) -> int:
 
 
 def _demo(args) -> int:
-    """The main job on the bundled model: a captioned scene under a scribble ControlNet, recorded."""
+    """The main job on the bundled model: a captioned scene under a scribble ControlNet, everything
+    recorded, and an HTML report (trajectory, word heat maps, residual norms, settings)."""
+    import importlib
+
+    import lab
     from lab.shapes import world
+    t0 = time.time()
     ex = world.make_example(args.seed, 0, split="heldout")
-    ns = argparse.Namespace(prompt=ex["caption"], negative=None, out=args.out, model="shapes", control="scribble",
-                            control_image=None, control_scale=1.0, steps=30, guidance=5.0, scheduler="ddim",
-                            seed=args.seed, device=None, quiet=False)
     print(f"model: bundled 'shapes' (trained by this project; see README)\nprompt: {ex['caption']!r}")
-    return _sample(ns)
+    pipe = lab.load("shapes", controlnet="scribble")
+    run = pipe.sampler(ex["caption"], steps=30, guidance=5.0, scheduler="ddim", seed=args.seed,
+                       control=lab.Control("scribble", ex["scribble"]),
+                       recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)]).run()
+    sampled = time.time() - t0
+    out = Path(args.out)
+    run.save(out / "run.zarr")
+    # the report draws figures, an analysis-layer job: the CLI composes the layers, importing lab never does
+    write_report = importlib.import_module("analysis.report").write_report
+    path = write_report(run, out, condition=ex["scribble"], title=f"latent-lab demo: {ex['caption']}",
+                        seconds=sampled)
+    print(f"report: {path.resolve()}\nrun: {(out / 'run.zarr').resolve()}\ntook {time.time() - t0:.1f}s")
+    return 0
 
 
 def _train(args) -> int:

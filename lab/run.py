@@ -227,7 +227,7 @@ class Run:
             if path.suffix == ".nc":
                 tree.to_netcdf(tmp, engine="h5netcdf")
             else:
-                tree.to_zarr(tmp, mode="w", consolidated=False)
+                tree.to_zarr(tmp, mode="w", consolidated=False, zarr_format=2)  # v2: fixed-width strings are specified
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
                 os.replace(path, old)
