@@ -31,10 +31,10 @@ def write_report(run, out_dir, *, condition=None, title: str = "latent-lab run",
     parts = []
     big = run.image.resize((256, 256), Image.NEAREST)
     big.save(out / "image.png")
-    row = f'<img src="image.png" width=256 title="final image">'
+    row = '<img src="image.png" width=256 title="final image">'
     if condition is not None:
         Image.fromarray(np.asarray(condition)).resize((256, 256), Image.NEAREST).save(out / "condition.png")
-        row = f'<img src="condition.png" width=256 title="condition"> ' + row
+        row = '<img src="condition.png" width=256 title="condition"> ' + row
     parts.append(f"<h2>Result</h2><p>{row}</p>")
 
     n = len(run)
