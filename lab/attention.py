@@ -223,22 +223,7 @@ class AttentionRecorder:
 
     def query_sizes(self, sampler) -> dict[str, int]:
         """Query count per recorded layer, from the UNet's structure (block depth -> downsampling)."""
-        h, w = self.meta["latent_hw"]
-        out = {}
-        n_down = len(sampler.pipe.unet.config.down_block_types)
-        for name in self.layer_names:
-            parts = name.split(".")
-            if parts[1] == "down_blocks":
-                level = int(parts[2])
-            elif parts[1] == "mid_block":
-                level = n_down - 1
-            else:
-                level = n_down - 1 - int(parts[2])
-            hh, ww = h, w
-            for _ in range(level):
-                hh, ww = math.ceil(hh / 2), math.ceil(ww / 2)
-            out[name] = hh * ww
-        return out
+        return query_sizes(sampler.pipe.unet, self.layer_names, self.meta["latent_hw"])
 
     def _check_budget(self, sampler):
         need = self.estimate_bytes(sampler)
@@ -303,6 +288,43 @@ class AttentionRecorder:
     def collect(self, step: int) -> dict:
         out = {f"{n}": self._buf.pop(n) for n in list(self._buf)}
         return out
+
+
+def query_sizes(unet, layer_names, latent_hw) -> dict[str, int]:
+    """Number of query positions of each attention layer for latents of ``latent_hw`` (each level of the
+    UNet halves the resolution; the middle block sits at the deepest level)."""
+    h, w = latent_hw
+    n_down = len(unet.config.down_block_types)
+    out = {}
+    for name in layer_names:
+        parts = name.split(".")
+        if parts[1] == "down_blocks":
+            level = int(parts[2])
+        elif parts[1] == "mid_block":
+            level = n_down - 1
+        else:
+            level = n_down - 1 - int(parts[2])
+        hh, ww = h, w
+        for _ in range(level):
+            hh, ww = math.ceil(hh / 2), math.ceil(ww / 2)
+        out[name] = hh * ww
+    return out
+
+
+def recording_bytes(unet, height: int, width: int, *, steps: int, n_tokens: int = 77, vae_factor: int = 8,
+                    kind: str = "cross", heads: str = "mean", batch: int = 1, halves: int = 1,
+                    dtype=torch.float16) -> int:
+    """Bytes an :class:`AttentionRecorder` would keep for a run, from the UNet config alone (works on a
+    ``meta``-device UNet, so full-size models can be sized without weights)."""
+    names = [n for n in attention_layer_names(unet) if (kind in ("cross", "both") and n.endswith("attn2"))
+             or (kind in ("self", "both") and n.endswith("attn1"))]
+    mods = dict(unet.named_modules())
+    total = 0
+    for name, q in query_sizes(unet, names, (height // vae_factor, width // vae_factor)).items():
+        keys = n_tokens if name.endswith("attn2") else q
+        h = 1 if heads == "mean" else mods[name.removeprefix("unet.")].heads
+        total += halves * batch * h * q * keys
+    return total * torch.empty((), dtype=dtype).element_size() * steps
 
 
 def token_table(sampler) -> dict:
