@@ -52,6 +52,7 @@ class Preset:
     ema_decay: float = 0.999
     ckpt_every: float = 120.0
     max_steps: int | None = None  # for smoke tests
+    log_every: int = 25
 
 
 PRESETS = {
@@ -122,8 +123,11 @@ class Trainer:
     """Holds the in-memory dataset and the models while the stages run."""
 
     def __init__(self, out: str | Path, preset: str | Preset = "cpu", device: str | None = None, seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, base: str | Path | None = None):
+        """``base``: a pipeline directory (e.g. the bundled model) whose ``vae``, ``unet`` and
+        ``text_encoder`` later stages start from, instead of this trainer's own earlier stages."""
         self.out = Path(out)
+        self.base = Path(base) if base is not None else self.out
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
         self.device = _device(device)
         self.seed = seed
@@ -132,7 +136,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.tokenizer_dir = write_tokenizer(self.out / "tokenizer", world.VOCABULARY, configs.MAX_TOKENS)
+        self.tokenizer_dir = (self.base / "tokenizer" if base is not None
+                              else write_tokenizer(self.out / "tokenizer", world.VOCABULARY, configs.MAX_TOKENS))
 
     # ---------------------------------------------------------------- data
     @property
@@ -184,8 +189,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            if step % 25 == 0 or step <= 3:
-                lv = float(loss)
+            if step % self.preset.log_every == 0 or step <= 3:
+                lv = float(loss.detach())
                 running = lv if running is None else 0.9 * running + 0.1 * lv
                 log(step=step, t=round(elapsed, 2), loss=lv, lr=opt.param_groups[0]["lr"], **extra)
                 bar.set_postfix(loss=f"{running:.4f}", step=step)
@@ -354,12 +359,12 @@ class Trainer:
             raise KeyError(f"unknown condition kind {kind!r}; expected one of {world.CONDITION_KINDS}")
         p = self.preset
         stage = f"controlnet-{kind}" + ("" if init == "zero" else f"-{init}")
-        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(self.base / "vae", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
         scale = vae.config.scaling_factor
         mean, std = self._latent_stats(vae)
         del vae
-        unet = UNet2DConditionModel.from_pretrained(self.out / "unet").to(self.device).eval().requires_grad_(False)
-        text = CLIPTextModel.from_pretrained(self.out / "text_encoder").to(self.device).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(self.base / "unet", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        text = CLIPTextModel.from_pretrained(self.base / "text_encoder", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
         ids = self._token_ids(self.data["caption"])
         empty = self._token_ids([""])[0]
         torch.manual_seed(self.seed + 4)
