@@ -74,7 +74,8 @@ class ResidualRecorder:
         names = residual_names(net, len(down))
         for name, r in zip(names, [*down, mid]):
             r = r[sel].float()
-            rec = ResidualRecord(norm=r.flatten(1).norm(dim=1).cpu(),
+            # norms stay on the device (no sync in the loop); maps and tensors are opt-in copies
+            rec = ResidualRecord(norm=r.flatten(1).norm(dim=1),
                                  map=r.norm(dim=1).cpu() if self.maps else None,
                                  tensor=r.cpu() if self.full else None)
             self._buf[name] = rec
@@ -99,7 +100,7 @@ def residual_dataset(steps, meta: dict):
         per_net = []
         for n in nets:
             names = meta["names"][n]
-            per_net.append([s.records[nm].norm.numpy() if nm in s.records else
+            per_net.append([s.records[nm].norm.cpu().numpy() if nm in s.records else
                             np.full(meta["batch"], np.nan, np.float32) for nm in names])
         rows.append(np.asarray(per_net, dtype=np.float32))  # [net, block, batch]
         idx.append(s)
