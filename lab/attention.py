@@ -210,16 +210,10 @@ class AttentionRecorder:
 
     def estimate_bytes(self, sampler) -> int:
         """Bytes this recorder would store over the sampler's run (computed from shapes, before sampling)."""
-        h, w = self.meta["latent_hw"]
-        halves = 2 if (self.half == "both" and self.meta["cfg"]) else 1
-        n_tokens = self.meta["tokens"]["n_tokens"]
-        total = 0
-        for name, q in self.query_sizes(sampler).items():
-            keys = n_tokens if name.endswith("attn2") else q
-            heads = 1 if self.heads == "mean" else self.meta["heads"][name]
-            total += halves * self.meta["batch"] * heads * q * keys
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return total * itemsize * self._steps_recorded(sampler)
+        return _layer_bytes(sampler.pipe.unet, self.layer_names, self.meta["latent_hw"],
+                            n_tokens=self.meta["tokens"]["n_tokens"], heads=self.heads, batch=self.meta["batch"],
+                            halves=2 if (self.half == "both" and self.meta["cfg"]) else 1, dtype=self.dtype,
+                            steps=self._steps_recorded(sampler))
 
     def query_sizes(self, sampler) -> dict[str, int]:
         """Query count per recorded layer, from the UNet's structure (block depth -> downsampling)."""
@@ -311,6 +305,18 @@ def query_sizes(unet, layer_names, latent_hw) -> dict[str, int]:
     return out
 
 
+def _layer_bytes(unet, layer_names, latent_hw, *, n_tokens, heads, batch, halves, dtype, steps) -> int:
+    """Bytes of recorded probabilities for ``layer_names``: queries x keys (tokens for cross-attention,
+    queries again for self-attention) x heads kept x batch x halves x steps."""
+    mods = dict(unet.named_modules())
+    total = 0
+    for name, q in query_sizes(unet, layer_names, latent_hw).items():
+        keys = n_tokens if name.endswith("attn2") else q
+        h = 1 if heads == "mean" else mods[name.removeprefix("unet.")].heads
+        total += halves * batch * h * q * keys
+    return total * torch.empty((), dtype=dtype).element_size() * steps
+
+
 def recording_bytes(unet, height: int, width: int, *, steps: int, n_tokens: int = 77, vae_factor: int = 8,
                     kind: str = "cross", heads: str = "mean", batch: int = 1, halves: int = 1,
                     dtype=torch.float16) -> int:
@@ -318,13 +324,8 @@ def recording_bytes(unet, height: int, width: int, *, steps: int, n_tokens: int 
     ``meta``-device UNet, so full-size models can be sized without weights)."""
     names = [n for n in attention_layer_names(unet) if (kind in ("cross", "both") and n.endswith("attn2"))
              or (kind in ("self", "both") and n.endswith("attn1"))]
-    mods = dict(unet.named_modules())
-    total = 0
-    for name, q in query_sizes(unet, names, (height // vae_factor, width // vae_factor)).items():
-        keys = n_tokens if name.endswith("attn2") else q
-        h = 1 if heads == "mean" else mods[name.removeprefix("unet.")].heads
-        total += halves * batch * h * q * keys
-    return total * torch.empty((), dtype=dtype).element_size() * steps
+    return _layer_bytes(unet, names, (height // vae_factor, width // vae_factor), n_tokens=n_tokens, heads=heads,
+                        batch=batch, halves=halves, dtype=dtype, steps=steps)
 
 
 def token_table(sampler) -> dict:

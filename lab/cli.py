@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import ModelNotAvailable
+
 
 def _info(args) -> int:
     import platform
@@ -173,13 +175,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileExistsError) as e:
-        from .errors import ModelNotAvailable  # noqa: F401
+    except (ValueError, KeyError, TypeError, FileExistsError, ModelNotAvailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from .errors import ModelNotAvailable
-        if isinstance(e, ModelNotAvailable):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise

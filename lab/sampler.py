@@ -165,7 +165,6 @@ class Sampler:
                              negative_prompt_2=negative_prompt_2, steps=steps, guidance=float(guidance),
                              seed=seed, height=height, width=width, batch=batch, eta=eta, strength=strength,
                              scheduler=scheduler if isinstance(scheduler, str) or scheduler is None else scheduler_name(scheduler))
-        self._scheduler_spec = scheduler
         self._base_kwargs = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, height=height,
                                  width=width, batch=batch, eta=eta, control=control, image=image,
                                  mask_image=mask_image, strength=strength, prompt_2=prompt_2,
@@ -193,10 +192,6 @@ class Sampler:
         self._i = 0
 
     # ------------------------------------------------------------------ set-up
-    @property
-    def do_cfg(self) -> bool:
-        return self.settings["guidance"] > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
-
     def _report_truncation(self, text: str) -> None:
         for tok in [self.pipe.tokenizer, self.pipe.tokenizer_2]:
             if tok is None or not text:
@@ -269,7 +264,6 @@ class Sampler:
         self.timesteps = timesteps
         self._t_values = [float(x) for x in timesteps.cpu()]  # host copies: no device sync per step
         self._latents = latents
-        self.initial_latents = latents
         self._control_images = {}
         self._control_cache = {}
         for c in self.controls:
@@ -460,13 +454,13 @@ class Sampler:
         if self.check_finite and (self.device.type == "cpu" or i % 10 == 9 or i == self.num_steps - 1):
             if not bool(torch.isfinite(prev).all()):
                 bad = "noise_pred (UNet output)" if not bool(torch.isfinite(guided).all()) else "latents"
-                first = self._first_nonfinite(i, bad, prev, guided)
+                first = self._first_nonfinite(i)
                 raise NonFiniteError(bad, first, run=self.to_run(),
                                      hint="try float32, a lower guidance, or another scheduler")
         tval = self._t_values[i]
         return StepState(i, tval, sigma, x, prev, x0, cond, uncond, guided, MappingProxyType(records))
 
-    def _first_nonfinite(self, i, name, prev, guided) -> int:
+    def _first_nonfinite(self, i: int) -> int:
         # on CUDA finiteness is checked every 10 steps; find the first bad step among those kept
         for st in self.history:
             if not bool(torch.isfinite(st.prev_latents).all()):
