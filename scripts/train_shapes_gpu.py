@@ -31,17 +31,10 @@ def tar_dir(src: Path, dest: Path, arcname: str) -> None:
 
 def vae_psnr(vae_dir: Path, device, n: int = 2000) -> float:
     from diffusers import AutoencoderKL
+
+    from lab.shapes.evaluate import vae_psnr as psnr
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float16).to(device).eval()
-    d = world.generate(n, seed=1, split="heldout", workers=8)
-    x = torch.from_numpy(d["image"]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-    errs = []
-    with torch.no_grad():
-        for i in range(0, n, 500):
-            xb = x[i:i + 500].half()
-            rec = vae.decode(vae.encode(xb).latent_dist.mean).sample.float().clamp(-1, 1)
-            errs.append(((rec - xb.float()) / 2).pow(2).flatten(1).mean(1))
-    mse = torch.cat(errs)
-    return float((10 * torch.log10(1 / mse)).mean())
+    return psnr(vae, n, workers=8, batch=500)
 
 
 def sample_grid(pipe_dir: Path, dest: Path, device) -> None:

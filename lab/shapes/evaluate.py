@@ -40,14 +40,15 @@ def _sample_images(pipe, captions, *, steps, guidance, seed, control=None, chunk
     return out
 
 
-def vae_psnr(pipe, n: int) -> float:
-    d = world.generate(n, seed=1, split="heldout")
-    x = torch.from_numpy(d["image"]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(pipe.device, pipe.dtype)
+def vae_psnr(vae, n: int, *, workers: int = 1, batch: int = 100) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of ``vae`` reconstructions (posterior mean) of ``n`` held-out scenes."""
+    d = world.generate(n, seed=1, split="heldout", workers=workers)
+    x = torch.from_numpy(d["image"]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(vae.device, vae.dtype)
     vals = []
     with torch.no_grad():
-        for i in range(0, n, 100):
-            xb = x[i:i + 100]
-            rec = pipe.vae.decode(pipe.vae.encode(xb).latent_dist.mean).sample.float().clamp(-1, 1)
+        for i in range(0, n, batch):
+            xb = x[i:i + batch]
+            rec = vae.decode(vae.encode(xb).latent_dist.mean).sample.float().clamp(-1, 1)
             mse = ((rec - xb.float()) / 2).pow(2).flatten(1).mean(1)
             vals.append(10 * torch.log10(1 / mse))
     return float(torch.cat(vals).mean())
@@ -59,7 +60,7 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
     t0 = time.time()
     pipe = lab.load("shapes", controlnet=list(kinds))
     res: dict = {"n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed}
-    res["vae_psnr_db"] = vae_psnr(pipe, n)
+    res["vae_psnr_db"] = vae_psnr(pipe.vae, n)
     progress(f"vae_psnr_db {res['vae_psnr_db']:.2f}")
 
     gt_ok = 0
