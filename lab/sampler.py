@@ -169,7 +169,8 @@ class Sampler:
                                  width=width, batch=batch, eta=eta, control=control, image=image,
                                  mask_image=mask_image, strength=strength, prompt_2=prompt_2,
                                  negative_prompt_2=negative_prompt_2, recorders=recorders, progress=progress,
-                                 check_finite=check_finite, generator=None if generator is None else "given")
+                                 check_finite=check_finite)
+        self._external_generator = generator is not None
         self._base_prompt = (prompt, negative_prompt)
         self.n_prompts = len(prompts)
         self.batch_size = len(prompts) * batch
@@ -582,9 +583,8 @@ class Sampler:
     def replay(self):
         """Sample again from the start with the same settings and forks; returns the new :class:`lab.Run`
         (bit-exact on CPU)."""
-        if self._base_kwargs["generator"] == "given":
+        if self._external_generator:
             raise RuntimeError("replay needs a seed: this sampler was given an external generator")
-        kw = {k: v for k, v in self._base_kwargs.items() if k != "generator"}
-        new = Sampler(self.pipe, *self._base_prompt, **kw)
+        new = Sampler(self.pipe, *self._base_prompt, **self._base_kwargs)
         new._pending = list(self._plan)
         return new.run()
