@@ -1,9 +1,9 @@
 """latent-lab analysis: pure functions on recorded runs (xarray in, xarray or matplotlib axes out)."""
-from .attention import (attention_over_time, entropy, heatmap_iou, overlay, plot_heatmaps, self_attention_components,
-                        token_heatmaps, word_heatmap)
+from .attention import (attention_at, attention_over_time, entropy, heatmap_iou, overlay, plot_heatmaps, self_attention_components,
+                        token_heatmaps, word_heatmap, words)
 
-__all__ = ["attention_over_time", "entropy", "heatmap_iou", "overlay", "plot_heatmaps", "self_attention_components",
-           "token_heatmaps", "word_heatmap"]
+__all__ = ["attention_at", "attention_over_time", "entropy", "heatmap_iou", "overlay", "plot_heatmaps", "self_attention_components",
+           "token_heatmaps", "word_heatmap", "words"]
 from .controlnet import plot_residual_norms, residual_map, residual_norms  # noqa: E402
 
 __all__ += ["plot_residual_norms", "residual_map", "residual_norms"]

@@ -132,6 +132,47 @@ def attention_over_time(run, word, *, batch: int = 0) -> xr.DataArray:
     return res
 
 
+def words(run, *, batch: int = 0) -> list[str]:
+    """The prompt's words as recorded (in order, each once; what ``word=`` arguments accept)."""
+    tree = _tree(run)
+    ds = next((n.to_dataset() for n in tree.children.values() if "cross" in n.to_dataset()), None)
+    if ds is None:
+        raise ValueError("no cross-attention was recorded")
+    return _words(ds, batch)
+
+
+def attention_at(run, y: float, x: float, *, layers=None, batch: int = 0) -> xr.DataArray:
+    """What the image location ``(y, x)`` (image pixels) attended to over time: per step and word, the
+    cross-attention probability of the word's tokens at the query cell that covers the location, averaged
+    over heads and the chosen layers (all resolutions; ``layers`` as in :func:`word_heatmap`). ``[step, word]``."""
+    tree = _tree(run)
+    height, width = _image_size(run, tree)
+    if not (0 <= y < height and 0 <= x < width):
+        raise ValueError(f"location (y={y}, x={x}) is outside the {width}x{height} image")
+    per_layer, vocab = [], None
+    for node in tree.children.values():
+        ds = node.to_dataset()
+        if "cross" not in ds:
+            continue
+        da = _select(ds["cross"].isel(batch=batch), layers=layers)
+        if da.sizes["layer"] == 0:
+            continue
+        qy = int(y * da.sizes["query_y"] / height)
+        qx = int(x * da.sizes["query_x"] / width)
+        cell = da.isel(query_y=qy, query_x=qx).mean("head").drop_vars(
+            ["query_y", "query_x", "timestep"], errors="ignore")  # [step, layer, token]
+        vocab = vocab or _words(ds, batch)
+        by_word = [cell.isel(token=np.flatnonzero(_token_mask(ds, w, batch))).sum("token") for w in vocab]
+        per_layer.append(xr.concat(by_word, dim=xr.DataArray(vocab, dims="word", name="word"), coords="minimal"))
+    if not per_layer:
+        raise ValueError("no recorded cross-attention layer matches the selection")
+    out = xr.concat(per_layer, dim="layer", coords="minimal").mean("layer")
+    out = out.transpose("step", "word")
+    out.name = "attention"
+    out.attrs.update(y=float(y), x=float(x), batch=batch)
+    return out
+
+
 def entropy(run, *, batch: int = 0, kind: str = "cross") -> xr.DataArray:
     """Mean entropy (nats) of the attention distribution over keys, per step and layer: ``[step, layer]``."""
     tree = _tree(run)

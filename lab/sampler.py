@@ -491,9 +491,11 @@ class Sampler:
         """Ask :meth:`run` (possibly in another thread) to stop at the next step boundary."""
         self._stop.set()
 
-    def run(self):
+    def run(self, callback=None):
         """Run the remaining steps and return the :class:`lab.Run`. Ctrl-C (KeyboardInterrupt) or
-        :meth:`stop` ends at a step boundary; the partial run is returned, marked ``interrupted``."""
+        :meth:`stop` ends at a step boundary; the partial run is returned, marked ``interrupted``.
+        ``callback(state)`` is called with each :class:`StepState` as soon as its step is done (diffusers'
+        ``callback_on_step_end``, read-only); an exception it raises ends the run and propagates."""
         self._stop.clear()
         stack = contextlib.ExitStack()
         bar = tqdm(total=self.num_steps, initial=self._i, disable=not self.progress, desc="sampling", leave=False)
@@ -506,8 +508,10 @@ class Sampler:
                     if self._stop.is_set():
                         self.interrupted = True
                         break
-                    self.step()
+                    state = self.step()
                     bar.update(1)
+                    if callback is not None:
+                        callback(state)
         except KeyboardInterrupt:
             self.interrupted = True
             warnings.warn(f"interrupted: returning the partial run ({self._i} of {self.num_steps} steps)", stacklevel=2)

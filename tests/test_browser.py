@@ -1,0 +1,234 @@
+"""The widgets in a real JupyterLab 4, in a real Chromium, driven with the mouse and keyboard.
+
+One server and one notebook for the module: the tests run in order (draw, reload, generate, scrub,
+explore, errors, stop). The kernel writes what it holds (the pad's image and strokes, the finished
+run) under ``state/`` in the server's folder, so the assertions read the kernel's side, not the
+page's. Screenshots go to ``test-output/browser/`` (not committed).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jupyterlab_browser import JupyterLab, chromium_path, launch, run_cell, wait_for, write_notebook
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
+
+SHOTS = Path(os.environ.get("LATENT_LAB_TEST_OUTPUT", Path(__file__).resolve().parents[1] / "test-output")) / "browser"
+STEPS = 12
+
+SETUP = """
+import json, os
+from pathlib import Path
+import lab, widgets
+pipe = lab.load("shapes", controlnet="scribble")
+STATE = Path("state"); STATE.mkdir(exist_ok=True)
+def dump(name, **data):  # atomic: the test never reads half a file
+    tmp = STATE / f"{name}.json.tmp"; tmp.write_text(json.dumps(data)); os.replace(tmp, STATE / f"{name}.json")
+"""
+STUDIO = f"""
+studio = widgets.Studio(pipe, steps={STEPS}, guidance=5.0, seed=1,
+                        prompt="a large red circle and a small blue square on a gray background")
+pad = studio.pad
+def on_pad(change):
+    pad.image.save(STATE / "pad.png")
+    dump("pad", version=pad.version, strokes=[list(map(list, s.points)) for s in pad.strokes])
+pad.observe(on_pad, "version")
+def on_run(change):
+    run = change["new"]
+    if run is None:
+        return
+    ex = studio.explorer
+    if ex is not None:
+        ex.observe(lambda ch: dump("explorer", word=ex.word, version=ex.version,
+                                   location=list(ex.location) if ex.location else None), "version")
+    dump("studio", steps=len(run.steps), interrupted=run.interrupted, n_frames=studio.viewer.n_frames,
+         frame_ms=studio.viewer.frame_ms, words=ex.words if ex else [])
+studio.observe(on_run, "run")
+studio
+"""
+LONG_RUN = "studio.steps.value = 80"
+
+
+def _read(root: Path, name: str):
+    p = root / "state" / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _shot(locator, name: str) -> np.ndarray:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    data = locator.screenshot(path=str(SHOTS / f"{name}.png"))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    if chromium_path() is None:
+        pytest.fail("Chromium is missing: `make test` installs Debian's chromium (or set LATENT_LAB_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+    root = tmp_path_factory.mktemp("lab") / "root"
+    root.mkdir()
+    write_notebook(root / "widgets_test.ipynb", [SETUP, STUDIO, LONG_RUN])
+    with JupyterLab(root) as server, sync_playwright() as pw:
+        browser = launch(pw)
+        page = browser.new_page(viewport={"width": 1500, "height": 1300})
+        console = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+        page.goto(f"{server.base}/lab/tree/widgets_test.ipynb")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        server.wait_kernel_ready()
+        run_cell(page, 0)
+        run_cell(page, 1)
+        page.wait_for_selector(".ll-studio canvas.ll-scribble-canvas", timeout=120_000)
+        try:
+            yield dict(page=page, root=root, server=server, console=console)
+        finally:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "zz_final_page.png"), full_page=True)
+            browser.close()
+
+
+def _pad_canvas(page):
+    return page.locator(".ll-studio .ll-scribble-canvas").first
+
+
+def test_draw_on_scribble_pad_reaches_kernel(session):
+    page, root = session["page"], session["root"]
+    canvas = _pad_canvas(page)
+    canvas.scroll_into_view_if_needed()
+    before = _shot(canvas, "01_pad_empty")
+    box = canvas.bounding_box()
+    scale = 4  # Studio draws a 64-px model at 4 screen px per pixel
+    assert round(box["width"]) == 64 * scale
+    # a horizontal stroke across model pixels x = 10..50 at y = 15
+    y = box["y"] + (15 + 0.5) * scale
+    page.mouse.move(box["x"] + 10.5 * scale, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 50.5 * scale, y, steps=12)
+    page.mouse.up()
+    state = wait_for(lambda: _read(root, "pad"), 30, "the kernel to record the stroke")
+    assert state["version"] >= 1 and len(state["strokes"]) == 1
+    xs, ys = np.array(state["strokes"][0]).T
+    assert abs(xs.min() - 10) <= 1 and abs(xs.max() - 50) <= 1 and np.abs(ys - 15).max() <= 1
+    img = np.asarray(Image.open(root / "state" / "pad.png").convert("L"))
+    assert img.shape == (64, 64)
+    assert (img[14:17, 12:49].max(axis=0) == 255).all(), "the stroke's pixels are set in the kernel's image"
+    assert img[30:, :].max() == 0 and img[:10, :].max() == 0, "nothing is set away from the stroke"
+    after = _shot(canvas, "02_pad_stroke")
+    # what the page shows is the kernel's raster: bright along the stroke, black elsewhere
+    assert after[int(15.5 * scale), int(30 * scale)].min() > 200
+    assert after[int(40 * scale), int(30 * scale)].max() < 40
+    assert not np.array_equal(before, after)
+
+
+def test_reload_redraws_pad_from_kernel_state(session):
+    page, root = session["page"], session["root"]
+    # save, so the reopened notebook has the output that shows the kernel's live widgets
+    page.locator('[data-command="docmanager:save"]').first.click()
+    wait_for(lambda: "widget-view+json" in (root / "widgets_test.ipynb").read_text(), 30, "the notebook to be saved")
+    page.reload()
+    page.wait_for_selector(".ll-studio canvas.ll-scribble-canvas", timeout=90_000)
+    canvas = _pad_canvas(page)
+    canvas.scroll_into_view_if_needed()
+    shot = wait_for(lambda: (lambda a: a if a[int(15.5 * 4), 120].min() > 200 else None)(_shot(canvas, "03_pad_reloaded")),
+                    30, "the reloaded view to show the stroke again")
+    assert shot[int(40 * 4), 120].max() < 40
+
+
+def test_generate_shows_image_and_trajectory(session):
+    page, root = session["page"], session["root"]
+    page.locator(".ll-studio button", has_text="Generate").click()
+    state = wait_for(lambda: _read(root, "studio"), 180, "the run to finish")
+    assert state["steps"] == STEPS and not state["interrupted"] and state["n_frames"] == STEPS
+    image = page.locator(".ll-studio-image")
+    wait_for(lambda: image.get_attribute("src") or image.locator("img").count(), 30, "the result image")
+    page.wait_for_selector(".ll-attention-explorer canvas.ll-attention-canvas", timeout=60_000)
+    traj = page.locator(".ll-trajectory").first
+    traj.scroll_into_view_if_needed()
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: f"step {STEPS - 1} " in label.inner_text(), 30, "the last step's label")
+    shot = _shot(traj, "04_trajectory_last")
+    assert shot.std() > 5, "the trajectory panels are drawn"
+    result = _shot(page.locator(".ll-studio").first, "05_studio_after_generate")
+    assert result.std() > 5
+
+
+def test_trajectory_slider_changes_frame(session):
+    page = session["page"]
+    panel = page.locator(".ll-panel-x0").first
+    panel.scroll_into_view_if_needed()
+    last = _shot(panel, "06_x0_last")
+    handle = page.locator(".ll-trajectory .noUi-handle").first
+    handle.focus()
+    handle.press("Home")  # step 0: pure noise's x0 estimate
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: label.inner_text().startswith("step 0 "), 15, "the slider to reach step 0")
+    first = wait_for(lambda: (lambda a: a if not np.array_equal(a, last) else None)(_shot(panel, "07_x0_first")),
+                     15, "the shown frame to change")
+    assert np.abs(first.astype(int) - last.astype(int)).mean() > 2
+
+
+def test_word_click_changes_overlay(session):
+    page, root = session["page"], session["root"]
+    explorer = page.locator(".ll-attention-explorer").first
+    explorer.scroll_into_view_if_needed()
+    canvas = explorer.locator(".ll-attention-canvas").first
+    v0 = (_read(root, "explorer") or {}).get("version", 0)
+    before = _shot(canvas, "08_overlay_before")
+    words = _read(root, "studio")["words"]
+    assert "blue" in words
+    explorer.locator("button", has_text="blue").first.click()
+    state = wait_for(lambda: (lambda s: s if s and s["version"] > v0 and s["word"] == "blue" else None)(
+        _read(root, "explorer")), 30, "the explorer to switch to 'blue'")
+    after = wait_for(lambda: (lambda a: a if not np.array_equal(a, before) else None)(_shot(canvas, "09_overlay_blue")),
+                     15, "the overlay to change")
+    assert np.abs(after.astype(int) - before.astype(int)).mean() > 1
+    # a click on the image plots what that pixel attended to over time
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.25)
+    state = wait_for(lambda: (lambda s: s if s and s["location"] else None)(_read(root, "explorer")), 30,
+                     "the click to reach the kernel")
+    y, x = state["location"]
+    assert abs(x - 32) <= 2 and abs(y - 16) <= 2
+    plot = explorer.locator(".ll-attention-plot").first
+    wait_for(lambda: plot.get_attribute("src") or "", 15, "the over-time plot")
+    _shot(explorer, "10_explorer")
+
+
+def test_callback_error_is_shown_in_widget(session):
+    page = session["page"]
+    prompt = page.locator(".ll-studio textarea").first
+    prompt.fill("")
+    page.wait_for_timeout(500)  # let the empty value sync to the kernel
+    page.locator(".ll-studio button", has_text="Generate").click()
+    err = page.locator(".ll-studio .ll-error").first
+    err.wait_for(timeout=15_000)
+    assert "prompt is empty" in err.inner_text()
+    _shot(page.locator(".ll-studio").first, "11_error_shown")
+    prompt.fill("a small green triangle on a white background")
+
+
+def test_stop_keeps_partial_run(session):
+    page, root = session["page"], session["root"]
+    run_cell(page, 2)  # studio.steps.value = 80
+    (root / "state" / "studio.json").unlink()
+    page.locator(".ll-studio button", has_text="Generate").click()
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: label.inner_text().startswith(("step 3 ", "step 4 ", "step 5 ", "step 6 ")), 120,
+             "a few live steps")
+    page.locator(".ll-studio button", has_text="Stop").first.click()
+    state = wait_for(lambda: _read(root, "studio"), 120, "the stopped run")
+    assert state["interrupted"] and 3 <= state["steps"] < 80
+    assert state["n_frames"] == state["steps"]
+    last = state["steps"] - 1
+    wait_for(lambda: label.inner_text().startswith(f"step {last} "), 30, "the page to show the last kept step")
+    _shot(page.locator(".ll-studio").first, "12_stopped")
+    viewer = page.locator(".ll-residual-viewer").first
+    viewer.scroll_into_view_if_needed()
+    _shot(viewer, "13_residual_viewer")

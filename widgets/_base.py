@@ -1,0 +1,119 @@
+"""What every latent-lab widget shares: image encoding, colour maps, and errors shown in the widget."""
+from __future__ import annotations
+
+import functools
+import html
+import io
+import os
+import traceback
+
+import ipywidgets as W
+import numpy as np
+from PIL import Image
+
+# Frames are sent at the model's resolution and scaled up by the browser; nearest-neighbour keeps a
+# 16x16 latent preview readable instead of a blur.
+_CSS = ("<style>.ll-pixelated img, img.ll-pixelated { image-rendering: pixelated; }"
+        ".ll-error { color: #b00020; background: #fdecea; padding: 4px 8px; border-radius: 4px; "
+        "white-space: pre-wrap; font-family: monospace; font-size: 12px; }</style>")
+
+
+def css() -> W.HTML:
+    """An invisible widget carrying the stylesheet the widgets use (one per widget tree)."""
+    return W.HTML(_CSS, layout=W.Layout(height="0px", margin="0px"))
+
+
+def png(image) -> bytes:
+    """PNG bytes of a PIL image or a ``uint8`` array ``[h, w]`` / ``[h, w, 3|4]``."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # speed over size: frames are small already
+    return buf.getvalue()
+
+
+def colourise(values: np.ndarray, cmap: str = "magma", lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """A float map ``[h, w]`` -> ``uint8 [h, w, 3]`` through a matplotlib colour map (min..max unless given)."""
+    from matplotlib import colormaps
+    v = np.asarray(values, dtype=np.float32)
+    lo = float(v.min()) if lo is None else lo
+    hi = float(v.max()) if hi is None else hi
+    t = (v - lo) / max(hi - lo, 1e-12)
+    rgba = colormaps[cmap](np.clip(t, 0, 1))
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def channel_tiles(x: np.ndarray) -> np.ndarray:
+    """Latent channels ``[c, h, w]`` as one gray ``uint8`` mosaic (2 columns for 4 channels), each channel
+    mapped from ``[-m, m]`` with ``m`` its largest magnitude, so 0 is mid-gray."""
+    c, h, w = x.shape
+    cols = int(np.ceil(np.sqrt(c)))
+    rows = int(np.ceil(c / cols))
+    out = np.full((rows * h + rows - 1, cols * w + cols - 1), 255, np.uint8)  # 1-px white gutters
+    for i in range(c):
+        m = float(np.abs(x[i]).max()) or 1.0
+        tile = ((x[i] / m + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        r, q = divmod(i, cols)
+        out[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = tile
+    return out
+
+
+def blend(image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet", stretch: bool = True) -> np.ndarray:
+    """``heat`` ``[H, W]`` drawn over ``image`` (PIL/array ``[H, W, 3]``), like :func:`analysis.overlay`."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    h = np.asarray(heat, dtype=np.float32)
+    lo, hi = (float(h.min()), float(h.max())) if stretch else (0.0, 1.0)
+    col = colourise(h, cmap, lo, max(hi, lo + 1e-6)).astype(np.float32)
+    return ((1 - alpha) * img + alpha * col).round().clip(0, 255).astype(np.uint8)
+
+
+def _default_raise() -> bool:
+    return "PYTEST_CURRENT_TEST" in os.environ or os.environ.get("LATENT_LAB_RAISE_WIDGET_ERRORS", "") == "1"
+
+
+class ErrorBox(W.HTML):
+    """Where a widget shows what went wrong in a callback. Hidden while there is no error."""
+
+    def __init__(self):
+        super().__init__(value="", layout=W.Layout(display="none"))
+        self.errors: list[BaseException] = []
+
+    def show(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        self.value = f'<div class="ll-error">{html.escape(last)}</div>'
+        self.layout.display = None
+
+    def clear(self) -> None:
+        self.value = ""
+        self.layout.display = "none"
+
+
+def shows_errors(method):
+    """Decorate a widget method that runs as a callback: an exception is shown in ``self.error_box``
+    (and kept in ``self.errors``); it is re-raised when ``self.raise_errors`` is true, which is the default
+    under pytest or with ``LATENT_LAB_RAISE_WIDGET_ERRORS=1``, so tests see the real error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, re-raised under tests
+            self.error_box.show(exc)
+            if self.raise_errors:
+                raise
+            return None
+
+    return wrapper
+
+
+class ErrorsMixin:
+    """``error_box`` (an :class:`ErrorBox` to place in the layout), ``errors`` and ``raise_errors``."""
+
+    def _init_errors(self, raise_errors: bool | None) -> None:
+        self.error_box = ErrorBox()
+        self.raise_errors = _default_raise() if raise_errors is None else bool(raise_errors)
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return self.error_box.errors

@@ -1,0 +1,157 @@
+"""Studio: prompt, settings, a scribble pad, Generate/Stop, the live trajectory and the attention explorer.
+
+    Studio(lab.load("shapes", controlnet="scribble"))
+
+Generate builds a :class:`lab.Sampler` from the controls (the pad's drawing is the ControlNet
+condition when a net is chosen), runs it in a background thread with the trajectory viewer following
+it, and shows the image, the attention explorer and (with control) the residual viewer at the end.
+Each Generate also prints the equivalent plain ``lab`` call, so a run made here can be repeated in a script.
+"""
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+import traitlets
+
+import lab
+
+from ._base import ErrorsMixin, css, png, shows_errors
+from .attention import AttentionExplorer
+from .residuals import ResidualViewer
+from .scribble import ScribblePad
+from .trajectory import TrajectoryViewer
+
+
+class Studio(ErrorsMixin, W.VBox):
+    """``pipe``: a :class:`lab.Pipeline` (with ControlNets to steer it); the keyword arguments set the
+    starting values of the controls."""
+
+    run = traitlets.Any(None, allow_none=True)  # the last finished (or stopped) run
+
+    def __init__(self, pipe, *, prompt: str = "a large red circle and a small blue square on a gray background",
+                 negative_prompt: str = "", steps: int = 20, guidance: float = 5.0, seed: int = 0,
+                 scheduler: str | None = None, control: str | None = None, panels=("x0", "image", "latents", "noise"),
+                 raise_errors: bool | None = None):
+        self._init_errors(raise_errors)
+        self.pipe = pipe
+        nets = list(pipe.controlnets)
+        if control is not None and control not in nets:
+            raise KeyError(f"no ControlNet {control!r} loaded; loaded: {nets or 'none'}")
+        st = dict(style={"description_width": "90px"}, layout=W.Layout(width="360px"))
+        self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, **st)
+        self.negative_prompt = W.Text(value=negative_prompt, description="negative", **st)
+        self.seed = W.BoundedIntText(value=seed, min=0, max=2 ** 63 - 1, description="seed", **st)
+        self.steps = W.IntSlider(value=steps, min=1, max=100, description="steps", **st)
+        self.guidance = W.FloatSlider(value=guidance, min=0.0, max=15.0, step=0.5, description="guidance", **st)
+        self.scheduler = W.Dropdown(options=[("model default", "default")] + [(s, s) for s in lab.SCHEDULERS],
+                                    value=scheduler or "default", description="scheduler", **st)
+        self.control = W.Dropdown(options=[("none", "none")] + [(n, n) for n in nets],
+                                  value=control if control is not None else (nets[0] if nets else "none"),
+                                  description="ControlNet", **st)
+        self.mode = W.Dropdown(options=list(lab.control.MODES), value="balanced", description="mode", **st)
+        self.scale = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="scale", **st)
+        self.window = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="start/end", **st)
+        self.generate_button = W.Button(description="Generate", icon="play", button_style="success")
+        self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True)
+        self.generate_button.on_click(lambda _: self.generate())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.pad = ScribblePad.for_pipeline(pipe, scale=max(1, 256 // pipe.default_size), raise_errors=raise_errors)
+        self.viewer = TrajectoryViewer(pipe=pipe, panels=panels, raise_errors=raise_errors)
+        self.viewer.observe(self._running_changed, "running")
+        self.image = W.Image(value=png(np.full((8, 8, 3), 235, np.uint8)), format="png",
+                             layout=W.Layout(width="256px", height="256px"))
+        self.image.add_class("ll-pixelated")
+        self.image.add_class("ll-studio-image")
+        self.image_caption = W.HTML()
+        self.viewer.stop_button.layout.display = "none"  # the studio's own Stop does the same
+        self.code = W.HTML()
+        self.results = W.VBox([])
+        controls = W.VBox([self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance, self.scheduler,
+                           self.control, self.mode, self.scale, self.window,
+                           W.HBox([self.generate_button, self.stop_button])])
+        top = W.HBox([controls, W.VBox([W.HTML("<b>condition</b>"), self.pad]),
+                      W.VBox([W.HTML("<b>result</b>"), self.image, self.image_caption])])
+        super().__init__([css(), top, self.error_box, self.viewer, self.code, self.results])
+        self.add_class("ll-studio")
+
+    # ------------------------------------------------------------------ actions (also plain calls)
+    def sampler_kwargs(self) -> dict:
+        """The settings the controls describe, as :meth:`lab.Pipeline.sampler` keyword arguments."""
+        kw = dict(prompt=self.prompt.value, negative_prompt=self.negative_prompt.value or None,
+                  steps=int(self.steps.value), guidance=round(float(self.guidance.value), 4), seed=int(self.seed.value),
+                  scheduler=None if self.scheduler.value == "default" else self.scheduler.value)
+        if self.control.value != "none":
+            start, end = self.window.value
+            kw["control"] = lab.Control(self.control.value, self.pad.image, scale=round(float(self.scale.value), 4),
+                                        start=round(float(start), 4), end=round(float(end), 4), mode=self.mode.value)
+        return kw
+
+    @shows_errors
+    def generate(self, *, wait: bool = False):
+        """Start a run with the current settings (in a background thread; ``wait`` blocks until it ends and
+        returns the run). Invalid settings raise here, before any sampling, and show in the widget."""
+        if self.viewer.running:
+            raise RuntimeError("a run is in progress: press Stop first")
+        self.error_box.clear()
+        kw = self.sampler_kwargs()
+        if not kw["prompt"].strip():
+            raise ValueError("the prompt is empty: type what to draw")
+        recorders = [lab.AttentionRecorder()]
+        if "control" in kw:
+            recorders.append(lab.ResidualRecorder(maps=True))
+        sampler = self.pipe.sampler(**kw, recorders=recorders, progress=False)
+        self.code.value = "<pre style='font-size:11px'>" + _as_code(kw) + "</pre>"
+        self.viewer.follow(sampler, on_done=self._finished)
+        if wait:
+            run = self.viewer.wait()
+            if self.viewer._failure is not None:  # shown by the viewer; raise_errors is off
+                return None
+            return run
+        return None
+
+    def stop(self) -> None:
+        """End the current run at the next step boundary; the partial run is kept and shown."""
+        self.viewer.stop()
+
+    def _running_changed(self, change) -> None:
+        self.generate_button.disabled = change["new"]
+        self.stop_button.disabled = not change["new"]
+
+    def _finished(self, run) -> None:
+        """In the sampling thread, when the run ends: the image, the explorer and the residual viewer."""
+        shown = run.image
+        if run.interrupted and run.steps:  # x_t of a stopped run is still noisy: show the model's x0 estimate
+            shown = run.decode(-1)[0]
+            self.image.value = png(shown)
+            self.image_caption.value = (f"stopped after {len(run.steps)} of {run.settings['num_steps']} steps: "
+                                        "the x0 estimate")
+        else:
+            self.image.value = png(run.image)
+            self.image_caption.value = f"{len(run.steps)} steps, seed {run.settings['seed']}"
+        views = []
+        if run.steps:
+            views.append(AttentionExplorer(run, image=shown, raise_errors=self.raise_errors))
+            if run.settings.get("controls"):
+                views.append(ResidualViewer(run, raise_errors=self.raise_errors))
+        self.results.children = views
+        self.run = run
+
+    @property
+    def explorer(self) -> AttentionExplorer | None:
+        return next((v for v in self.results.children if isinstance(v, AttentionExplorer)), None)
+
+    @property
+    def residual_viewer(self) -> ResidualViewer | None:
+        return next((v for v in self.results.children if isinstance(v, ResidualViewer)), None)
+
+
+def _as_code(kw: dict) -> str:
+    parts = [repr(kw["prompt"])]
+    for k in ("negative_prompt", "steps", "guidance", "seed", "scheduler"):
+        if kw.get(k) is not None:
+            parts.append(f"{k}={kw[k]!r}")
+    if "control" in kw:
+        c = kw["control"]
+        parts.append(f"control=lab.Control({c.net!r}, pad.image, scale={c.scale}, start={c.start}, end={c.end}, "
+                     f"mode={c.mode!r})")
+    return "run = pipe.sampler(" + ", ".join(parts) + ",\n                   recorders=[lab.AttentionRecorder()]).run()"

@@ -1,0 +1,230 @@
+"""TrajectoryViewer: play through a denoising run, or watch one live while it samples.
+
+Every step becomes a set of small PNG frames (the x0 preview, the VAE-decoded x0, the latent
+channels, the noise prediction) sent to the browser once, as ``ipywidgets.Image`` children of a
+``Stack`` per panel. The play button, the step slider and every stack are linked in the browser
+(``jslink``), so playback and scrubbing need no kernel round trip.
+
+    viewer = TrajectoryViewer(run)                 # a finished run
+    viewer = TrajectoryViewer(pipe=pipe)           # then viewer.follow(pipe.sampler(...)) runs it live
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import ipywidgets as W
+import numpy as np
+import traitlets
+
+from ._base import ErrorsMixin, channel_tiles, css, png
+
+PANELS = {
+    "x0": "x0 preview",        # the model's x0 estimate through the fitted latent->RGB map (no VAE)
+    "image": "decoded x0",     # VAE decode of the x0 estimate
+    "latents": "latents x_t",  # the latent channels the step started from
+    "noise": "noise prediction",  # the guided epsilon the scheduler used
+}
+
+
+class TrajectoryViewer(ErrorsMixin, W.VBox):
+    """``run``: a :class:`lab.Run` to show; ``pipe``: the pipeline (default ``run.pipe``; needed for the
+    x0 preview and the decoded image); ``panels``: any of ``"x0"``, ``"image"``, ``"latents"``, ``"noise"``;
+    ``size``: display size of each panel in screen pixels; ``interval``: playback ms per frame."""
+
+    run = traitlets.Any(None, allow_none=True)   # the run shown (set when a live run finishes or stops)
+    running = traitlets.Bool(False)
+    n_frames = traitlets.Int(0)
+
+    def __init__(self, run=None, *, pipe=None, panels=("x0", "image", "latents", "noise"), size: int = 160,
+                 interval: int = 200, batch: int = 0, raise_errors: bool | None = None):
+        unknown = [p for p in panels if p not in PANELS]
+        if unknown:
+            raise ValueError(f"unknown panels {unknown}; choose from {list(PANELS)}")
+        self._init_errors(raise_errors)
+        self.pipe = pipe if pipe is not None else getattr(run, "pipe", None)
+        needs_pipe = [p for p in panels if p in ("x0", "image")]
+        if needs_pipe and self.pipe is None:
+            raise ValueError(f"panels {needs_pipe} need the pipeline: pass pipe= (the run has none attached)")
+        self.panels = tuple(panels)
+        self.size = int(size)
+        self.batch = int(batch)
+        self.frame_ms: list[float] = []      # per step: step done -> its frames sent
+        self.frame_bytes: list[int] = []     # per step: PNG bytes of all its panels
+        self.sampler = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+
+        self.play = W.Play(value=0, min=0, max=0, interval=interval, description="play")
+        self.slider = W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=True,
+                                  layout=W.Layout(width="420px"))
+        W.jslink((self.play, "value"), (self.slider, "value"))
+        self.stop_button = W.Button(description="stop", icon="stop", button_style="warning", disabled=True,
+                                    tooltip="end the run at the next step boundary; the partial run is kept")
+        self.stop_button.on_click(lambda _: self.stop())
+        # a Stack always holds a child at index 0 (the browser's StackView fails on an index with no child):
+        # a placeholder until the first step's frames replace it
+        self.labels = W.Stack([self._placeholder()], selected_index=0)
+        self.stacks = {p: W.Stack([self._placeholder()], selected_index=0) for p in self.panels}
+        for st in [self.labels, *self.stacks.values()]:
+            W.jslink((self.slider, "value"), (st, "selected_index"))
+        cells = [W.VBox([W.HTML(f"<b>{PANELS[p]}</b>"), self.stacks[p]],
+                        layout=W.Layout(width=f"{self.size + 8}px")) for p in self.panels]
+        for p, cell in zip(self.panels, cells):
+            cell.add_class(f"ll-panel-{p}")
+        self.labels.add_class("ll-step-label")
+        self.status = W.Label()
+        super().__init__([css(), W.HBox([self.play, self.slider, self.stop_button]), self.labels, W.HBox(cells),
+                          self.status, self.error_box])
+        self.add_class("ll-trajectory")
+        if run is not None:
+            self.show_run(run)
+
+    # ------------------------------------------------------------------ frames
+    @staticmethod
+    def _placeholder() -> W.HTML:
+        return W.HTML("<i style='color:#888'>no steps yet</i>")
+
+    def _frames(self, state) -> dict[str, bytes]:
+        b = self.batch
+        out = {}
+        for p in self.panels:
+            if p == "x0":
+                out[p] = png(self.pipe.preview_map(state.pred_x0[b]))
+            elif p == "image":
+                out[p] = png(self.pipe.decode(state.pred_x0[b:b + 1])[0])
+            elif p == "latents":
+                out[p] = png(channel_tiles(state.latents[b].float().cpu().numpy()))
+            elif p == "noise":
+                out[p] = png(channel_tiles(state.noise_pred[b].float().cpu().numpy()))
+        return out
+
+    def add_step(self, state) -> float:
+        """Make and send the frames of one :class:`lab.StepState`; returns the milliseconds it took."""
+        t0 = time.perf_counter()
+        frames = self._frames(state)
+        px = f"{self.size}px"
+        with self._lock:
+            kept = self.n_frames  # children beyond the frames are the placeholder
+            for p, data in frames.items():
+                img = W.Image(value=data, format="png", layout=W.Layout(width=px, height=px))
+                img.add_class("ll-pixelated")
+                self.stacks[p].children = (*self.stacks[p].children[:kept], img)
+            sigma = "" if np.isnan(state.sigma) else f" · σ = {state.sigma:.3g}"
+            self.labels.children = (*self.labels.children[:kept],
+                                    W.HTML(f"step {state.index} · t = {state.timestep:g}{sigma}"))
+            n = kept + 1
+            # always show the newest frame. Only the slider is set: the browser moves the play button and
+            # the stacks through jslink, so no second value races back from the page.
+            self.play.max = n - 1
+            with self.slider.hold_sync():  # max and value in one message: the page never clamps a new value
+                self.slider.max = n - 1
+                self.slider.value = n - 1
+            for st in [self.labels, *self.stacks.values()]:
+                st.selected_index = n - 1
+            self.n_frames = n
+        ms = (time.perf_counter() - t0) * 1e3
+        self.frame_ms.append(ms)
+        self.frame_bytes.append(sum(len(v) for v in frames.values()))
+        return ms
+
+    def clear(self) -> None:
+        with self._lock:
+            for st in [self.labels, *self.stacks.values()]:
+                st.selected_index = 0
+                st.children = (self._placeholder(),)
+            self.slider.value = 0
+            self.play.max = self.slider.max = 0
+            self.n_frames = 0
+        self.frame_ms.clear()
+        self.frame_bytes.clear()
+
+    def show_run(self, run) -> None:
+        """Show every step of a finished run (replacing what is shown)."""
+        if self.pipe is None and any(p in ("x0", "image") for p in self.panels):
+            self.pipe = run.pipe
+        self.clear()
+        for state in run.steps:
+            self.add_step(state)
+        self.show(len(run.steps) - 1 if run.steps else 0)
+        self.run = run
+        self._report()
+
+    def show(self, step: int) -> None:
+        """Show ``step`` (the slider moves; the frame switch itself happens in the browser)."""
+        n = self.n_frames
+        if not n:
+            raise ValueError("nothing to show yet")
+        if not -n <= step < n:
+            raise IndexError(f"step {step} is out of range: the trajectory has {n} steps")
+        step %= n
+        self.slider.value = step
+        for st in [self.labels, *self.stacks.values()]:  # the browser does this through jslink; keep Python in step
+            st.selected_index = step
+
+    @property
+    def step(self) -> int:
+        return int(self.slider.value)
+
+    def _report(self) -> None:
+        run = self.run
+        msg = f"{self.n_frames} steps"
+        if self.frame_ms:
+            msg += f" · frame {np.median(self.frame_ms):.0f} ms, {np.mean(self.frame_bytes) / 1024:.1f} KiB"
+        if run is not None and run.interrupted:
+            msg += " · stopped early (partial run kept)"
+        self.status.value = msg
+
+    # ------------------------------------------------------------------ live
+    def follow(self, sampler, *, block: bool = False, on_done=None) -> threading.Thread:
+        """Run ``sampler`` in a background thread, showing each step as it completes. The stop button (or
+        :meth:`stop`) ends it at a step boundary and keeps the partial run; :attr:`run` is set at the end and
+        ``on_done(run)`` (if given) is called, both in the sampling thread. ``block``: wait for the end."""
+        if self.running:
+            raise RuntimeError("a run is already in progress; stop() it first")
+        if self.pipe is None:
+            self.pipe = sampler.pipe
+        self.clear()
+        self.error_box.clear()
+        self.sampler = sampler
+        self.running = True
+        self.stop_button.disabled = False
+        self.run = None
+        self._failure = None
+
+        def work():
+            try:
+                run = sampler.run(callback=self.add_step)
+                self.run = run
+                if on_done is not None:
+                    on_done(run)
+            except Exception as exc:  # noqa: BLE001 - shown in the widget; re-raised by wait()
+                self._failure = exc
+                self.error_box.show(exc)
+            finally:
+                self.running = False
+                self.stop_button.disabled = True
+                self._report()
+
+        self._thread = threading.Thread(target=work, name="latent-lab-sampler", daemon=True)
+        self._thread.start()
+        if block:
+            self.wait()
+        return self._thread
+
+    def stop(self) -> None:
+        """End the live run at the next step boundary (the partial run is kept)."""
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    def wait(self, timeout: float | None = None):
+        """Wait for the live run to end; returns the run. An error raised while sampling is re-raised here
+        when ``raise_errors`` is set."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the run did not finish within {timeout} s")
+        if self._failure is not None and self.raise_errors:
+            raise self._failure
+        return self.run
