@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup demo test test-fast lab clean
+.PHONY: setup browser-deps demo test test-fast lab clean
 
 setup: $(STAMP)
 
@@ -25,14 +25,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,widgets]"
 	touch $(STAMP)
 
+# Debian's Chromium for the real-browser widget tests (apt-get; skipped when one is installed)
+browser-deps:
+	@scripts/install_chromium.sh
+
 demo: $(STAMP)
 	$(PY) -m lab demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q -W ignore::DeprecationWarning
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -W ignore::DeprecationWarning
+	$(PY) -m pytest -q -m "not slow and not browser" -W ignore::DeprecationWarning
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -35,3 +35,44 @@ def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import matplotlib"], capture_output=True, text=True, env=env,
                            cwd=tmp_path)
     assert probe.returncode != 0 and "blocked by test" in probe.stderr
+
+
+def test_analysis_imports_without_widgets(tmp_path):
+    """analysis sits between lab and widgets: it works with ipywidgets, ipycanvas and widgets blocked."""
+    for name in ("ipywidgets", "ipycanvas", "widgets"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('blocked by test: {name}')\n")
+    code = textwrap.dedent("""
+        import sys
+        import analysis, analysis.attention, analysis.controlnet, analysis.evaluate, analysis.report
+        bad = [m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'ipycanvas', 'widgets')]
+        assert not bad, bad
+        print('ok')
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_widgets_build_only_on_lab_and_analysis():
+    """widgets import lab and analysis (and the UI packages), never the other way round, and hold no
+    module-level widget instances (no comm is opened by importing them)."""
+    code = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter('ignore', DeprecationWarning)
+        import ipywidgets, ipycanvas, matplotlib  # ipycanvas opens its own canvas-manager widget on import
+        from ipywidgets.widgets.widget import _instances
+        before = set(_instances)
+        import widgets
+        assert set(_instances) == before, 'importing widgets created widget instances'
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("lab", "analysis"):
+        for f in (root / pkg).rglob("*.py"):
+            text = f.read_text()
+            assert "import widgets" not in text and "from widgets" not in text, f

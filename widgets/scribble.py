@@ -108,8 +108,8 @@ class ScribblePad(ErrorsMixin, W.VBox):
         self.canvas.on_mouse_out(self._up)
         self.canvas.on_touch_start(lambda touches: self._down(*touches[0]))
         self.canvas.on_touch_move(lambda touches: self._move(*touches[0]))
-        self.canvas.on_touch_end(lambda touches: self._up(0, 0))
-        self.canvas.on_touch_cancel(lambda touches: self._up(0, 0))
+        self.canvas.on_touch_end(lambda touches: self._finish())
+        self.canvas.on_touch_cancel(lambda touches: self._finish())
         self.canvas.on_client_ready(self.redraw)  # a new or reloaded view starts empty: redraw it
 
         super().__init__([css(), W.HBox([self._tool, self._undo, self._clear]),
@@ -245,6 +245,12 @@ class ScribblePad(ErrorsMixin, W.VBox):
 
     @shows_errors
     def _up(self, x, y):
+        if self._current is not None and self._model_xy(x, y) != self._current[-1]:
+            self._current.append(self._model_xy(x, y))  # where the button was released ends the stroke
+        self._finish()
+
+    @shows_errors
+    def _finish(self):
         if self._current is None:
             return
         pts, self._current = self._current, None

@@ -1,0 +1,325 @@
+"""The widgets' Python side, without a browser: state, callbacks, rasterisation, errors.
+
+(What the page shows and what the mouse does are tested in a real JupyterLab in test_browser.py.)
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analysis
+import lab
+import widgets
+from widgets import Stroke, rasterise
+from widgets._base import channel_tiles
+
+
+PROMPT = "a large red circle and a small blue square on a gray background"
+
+
+@pytest.fixture(scope="module")
+def run_with_everything(shapes_pipe):
+    pad = widgets.ScribblePad(64)
+    pad.add_stroke([(12, 12), (40, 12), (40, 40), (12, 40), (12, 12)])
+    return shapes_pipe.sampler(PROMPT, steps=6, guidance=5.0, seed=3, progress=False,
+                               control=lab.Control("scribble", pad.image),
+                               recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)]).run()
+
+
+# ---------------------------------------------------------------------------- rasterisation
+def test_rasterise_horizontal_stroke_sets_exactly_its_pixels():
+    img = rasterise([Stroke(((10, 20), (50, 20)), width=2.0)], (64, 64))
+    on = img.max(-1) > 0
+    ys, xs = np.nonzero(on)
+    assert set(np.unique(ys)) <= {19, 20, 21} and 20 in ys
+    assert xs.min() in (9, 10) and xs.max() in (50, 51)
+    assert (img[on] == 255).all(), "binary strokes, like the shapes world's scribbles"
+
+
+def test_rasterise_width_eraser_order_and_colour():
+    thin = rasterise([Stroke(((10, 32), (50, 32)), width=1.0)], (64, 64)).max(-1) > 0
+    thick = rasterise([Stroke(((10, 32), (50, 32)), width=5.0)], (64, 64)).max(-1) > 0
+    assert thick.sum() > 3 * thin.sum() and (thin <= thick).all()
+    red = Stroke(((5, 5), (30, 5)), width=3.0, color=(255, 0, 0))
+    blue = Stroke(((20, 0), (20, 20)), width=3.0, color=(0, 0, 255))
+    both = rasterise([red, blue], (64, 64))
+    assert tuple(both[5, 20]) == (0, 0, 255), "later strokes paint over earlier ones"
+    assert tuple(both[5, 8]) == (255, 0, 0)
+    erased = rasterise([red, Stroke(((5, 5), (30, 5)), width=5.0, erase=True)], (64, 64))
+    assert erased.max() == 0
+    dot = rasterise([Stroke(((32, 32),), width=3.0)], (64, 64))
+    assert dot[32, 32].max() == 255 and (dot.max(-1) > 0).sum() < 16
+
+
+def test_condition_does_not_depend_on_display_scale():
+    pts = [(3.2, 7.7), (30.1, 44.9), (60, 2)]
+    a, b = widgets.ScribblePad(64, scale=2), widgets.ScribblePad(64, scale=6)
+    a.add_stroke(pts, width=2.5)
+    b.add_stroke(pts, width=2.5)
+    assert np.array_equal(a.array, b.array)
+
+
+# ---------------------------------------------------------------------------- scribble pad
+def test_mouse_events_make_a_stroke_in_model_pixels():
+    pad = widgets.ScribblePad(64, scale=4)
+    seen = []
+    pad.observe(lambda ch: seen.append(ch["new"]), "version")
+    pad._down(42, 62)                  # canvas pixels: model (10, 15)
+    for x in range(50, 210, 16):
+        pad._move(x, 62)
+    pad._up(202, 62)
+    assert len(pad.strokes) == 1 and seen == [1]
+    xs, ys = np.array(pad.strokes[0].points).T
+    assert abs(xs[0] - 10) < 0.01 and abs(ys[0] - 15) < 0.01 and abs(xs.max() - 50) < 0.01
+    on = pad.array.max(-1) > 0
+    assert on[15, 11:50].all() and not on[30:].any()
+    assert pad.image.size == (64, 64) and pad.image.mode == "RGB"
+    pad._move(100, 100)                # moving without a pressed button draws nothing
+    assert len(pad.strokes) == 1
+
+
+def test_touch_events_draw_too():
+    pad = widgets.ScribblePad(64, scale=4)
+    pad.canvas._canvases[-1]._handle_frontend_event(None, {"event": "touch_start", "touches": [{"x": 40, "y": 40}]}, [])
+    pad.canvas._canvases[-1]._handle_frontend_event(None, {"event": "touch_move", "touches": [{"x": 120, "y": 40}]}, [])
+    pad.canvas._canvases[-1]._handle_frontend_event(None, {"event": "touch_end", "touches": []}, [])
+    assert len(pad.strokes) == 1 and len(pad.strokes[0].points) == 2
+
+
+def test_undo_redo_clear_and_eraser():
+    pad = widgets.ScribblePad(32, scale=2)
+    pad.add_stroke([(2, 2), (20, 2)])
+    pad.add_stroke([(2, 10), (20, 10)])
+    two = pad.array
+    assert pad.undo() is not None and len(pad.strokes) == 1
+    assert pad.redo() is not None and np.array_equal(pad.array, two)
+    pad.tool = "eraser"
+    pad.add_stroke([(2, 10), (20, 10)], width=4)
+    assert pad.strokes[-1].erase and pad.array[10].max() == 0 and pad.array[2].max() == 255
+    pad.clear()
+    assert pad.strokes == () and pad.array.max() == 0 and pad.undo() is None
+    assert pad.version == 6
+
+
+def test_background_as_guide_or_as_condition():
+    bg = np.zeros((32, 32, 3), np.uint8)
+    bg[:, 16:] = 200
+    guide = widgets.ScribblePad(32, background=bg)
+    assert guide.array.max() == 0, "a guide is not part of the condition"
+    cond = widgets.ScribblePad(32, background=Image.fromarray(bg), background_is_condition=True)
+    assert np.array_equal(cond.array, bg)
+    cond.add_stroke([(20, 5), (30, 5)], width=3, erase=True)
+    assert cond.array[5, 24].max() == 0 and cond.array[20, 24].max() == 200
+
+
+def test_bad_input_is_refused_and_loses_nothing():
+    pad = widgets.ScribblePad(32)
+    pad.add_stroke([(1, 1), (10, 10)])
+    before = pad.array
+    with pytest.raises(ValueError, match="resize it first"):
+        pad.set_background(np.zeros((16, 16, 3), np.uint8))
+    assert "resize it first" in pad.error_box.value and pad.error_box.layout.display is None
+    with pytest.raises(TypeError, match="uint8"):
+        pad.set_background(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="at least one point"):
+        pad.add_stroke([])
+    with pytest.raises(ValueError, match="finite"):
+        pad.add_stroke([(1, float("nan"))])
+    with pytest.raises(ValueError, match="colour"):
+        pad.add_stroke([(1, 1)], color="not-a-colour")
+    with pytest.raises(ValueError, match="positive"):
+        widgets.ScribblePad(0)
+    assert np.array_equal(pad.array, before) and len(pad.strokes) == 1
+
+
+def test_callback_errors_are_shown_not_raised_when_asked():
+    pad = widgets.ScribblePad(32, raise_errors=False)
+    assert pad.set_background(np.zeros((8, 8, 3), np.uint8)) is None
+    assert len(pad.errors) == 1 and "8x8" in pad.error_box.value
+
+
+def test_pad_condition_drives_the_controlnet(shapes_pipe):
+    pad = widgets.ScribblePad.for_pipeline(shapes_pipe)
+    pad.add_stroke([(16, 16), (48, 16), (48, 48), (16, 48), (16, 16)])
+    run = shapes_pipe.sampler("a large red square on a white background", steps=3, progress=False,
+                              control=lab.Control("scribble", pad.image)).run()
+    plain = shapes_pipe.sampler("a large red square on a white background", steps=3, progress=False).run()
+    assert not torch.equal(run.final_latents, plain.final_latents)
+
+
+# ---------------------------------------------------------------------------- trajectory viewer
+def test_trajectory_viewer_shows_every_step(run_with_everything):
+    run = run_with_everything
+    v = widgets.TrajectoryViewer(run)
+    n = len(run.steps)
+    assert v.n_frames == n and all(len(s.children) == n for s in v.stacks.values())
+    assert v.step == n - 1 and v.slider.max == n - 1 and v.play.max == n - 1
+    v.show(2)
+    assert v.step == 2 and all(s.selected_index == 2 for s in v.stacks.values())
+    v.show(-1)
+    assert v.step == n - 1
+    with pytest.raises(IndexError):
+        v.show(n)
+    x0 = Image.open(__import__("io").BytesIO(v.stacks["x0"].children[0].value))
+    image = Image.open(__import__("io").BytesIO(v.stacks["image"].children[0].value))
+    assert x0.size == (16, 16) and image.size == (64, 64)
+    assert len(v.frame_ms) == n and all(b > 0 for b in v.frame_bytes)
+    # frames differ from step to step (the trajectory moves)
+    assert v.stacks["x0"].children[0].value != v.stacks["x0"].children[-1].value
+
+
+def test_trajectory_viewer_needs_a_pipeline_for_image_panels(run_with_everything):
+    detached = lab.Run(run_with_everything.steps, settings=run_with_everything.settings)
+    with pytest.raises(ValueError, match="pass pipe="):
+        widgets.TrajectoryViewer(detached)
+    only_arrays = widgets.TrajectoryViewer(detached, panels=("latents", "noise"))
+    assert only_arrays.n_frames == len(detached.steps)
+    with pytest.raises(ValueError, match="unknown panels"):
+        widgets.TrajectoryViewer(detached, panels=("x1",))
+
+
+def test_channel_tiles_layout():
+    x = np.stack([np.full((4, 4), v, np.float32) for v in (-1.0, 0.0, 1.0, 0.5)])
+    t = channel_tiles(x)
+    assert t.shape == (9, 9) and t[0, 0] == 0 and t[0, 5] == 127 and t[5, 0] == 255
+
+
+def test_live_follow_and_stop_keep_the_partial_run(shapes_pipe):
+    v = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0",))
+    sampler = shapes_pipe.sampler(PROMPT, steps=40, progress=False)
+    v.observe(lambda ch: v.stop() if ch["new"] == 3 else None, "n_frames")
+    v.follow(sampler)
+    run = v.wait(timeout=120)
+    assert run.interrupted and 3 <= len(run.steps) < 40 and v.n_frames == len(run.steps)
+    assert not v.running and v.stop_button.disabled
+    full = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0",))
+    done = full.follow(shapes_pipe.sampler(PROMPT, steps=4, progress=False), block=True)
+    assert not done.is_alive() and full.run is not None and len(full.run.steps) == 4 and not full.run.interrupted
+    # partial steps equal the full run's first steps (a stop changes nothing before it)
+    again = shapes_pipe.sampler(PROMPT, steps=40, progress=False).run()
+    assert torch.equal(run.steps[-1].prev_latents, again.steps[len(run.steps) - 1].prev_latents)
+
+
+def test_live_errors_show_in_the_viewer_and_reraise_on_wait(shapes_pipe):
+    class Broken:
+        def attached(self, sampler):
+            raise RuntimeError("recorder exploded")
+
+    v = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0",))
+    v.follow(shapes_pipe.sampler(PROMPT, steps=3, progress=False, recorders=[Broken()]))
+    with pytest.raises(RuntimeError, match="exploded"):
+        v.wait(timeout=60)
+    assert "exploded" in v.error_box.value and not v.running
+    with pytest.raises(RuntimeError, match="already in progress"):
+        v.running = True
+        v.follow(shapes_pipe.sampler(PROMPT, steps=1, progress=False))
+
+
+# ---------------------------------------------------------------------------- attention explorer
+def test_explorer_word_layers_steps_and_click(run_with_everything):
+    run = run_with_everything
+    ex = widgets.AttentionExplorer(run)
+    assert ex.words == analysis.words(run) and ex.word == "large"
+    first, v0 = ex.overlay.copy(), ex.version
+    ex.show("blue")
+    assert ex.word == "blue" and ex.version > v0 and not np.array_equal(ex.overlay, first)
+    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(run, "blue", steps=slice(0, 5)).values)
+    ex.show(layers="res:16x16")
+    expect = analysis.word_heatmap(run, "blue", layers=ex._layer_sets["res:16x16"], steps=slice(0, 5))
+    np.testing.assert_allclose(ex.heatmap.values, expect.values)
+    assert ex.heatmap.attrs["layers"] == len(ex._layer_sets["res:16x16"])
+    ex.show(steps=(1, 2))
+    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(
+        run, "blue", layers=ex._layer_sets["res:16x16"], steps=slice(1, 2)).values)
+    ot = ex.click(40, 20)
+    assert ot.dims == ("step", "word") and ex.location == (20.0, 40.0) and ex.plot.value
+    np.testing.assert_allclose(ot.values, analysis.attention_at(run, 20, 40, layers=ex._layer_sets["res:16x16"]).values)
+    ex._clicked(128, 64)  # canvas pixels at size 256: image pixel (32, 16)
+    assert ex.location == (16.0, 32.0)
+
+
+def test_explorer_errors(run_with_everything, shapes_pipe):
+    ex = widgets.AttentionExplorer(run_with_everything)
+    with pytest.raises(KeyError, match="not in the prompt"):
+        ex.show("green")
+    assert "green" in ex.error_box.value and ex.word == "large"
+    with pytest.raises(ValueError, match="step window"):
+        ex.show(steps=(3, 99))
+    with pytest.raises(ValueError, match="outside"):
+        ex.click(100, 5)
+    plain = shapes_pipe.sampler(PROMPT, steps=2, progress=False).run()
+    with pytest.raises(ValueError, match="recorded no attention"):
+        widgets.AttentionExplorer(plain)
+
+
+# ---------------------------------------------------------------------------- residual viewer
+def test_residual_viewer(run_with_everything):
+    run = run_with_everything
+    rv = widgets.ResidualViewer(run)
+    m = rv.show(block=3, step=4)
+    np.testing.assert_allclose(m.values, run.residual_map("scribble", 3, 4))
+    assert rv.block.value == 3 and rv.step.value == 4 and rv.chart.value and rv.map.value
+    m2 = rv.show(block="mid_block_res_sample")
+    assert m2.shape == run.residual_map("scribble", "mid_block_res_sample", 4).shape
+    with pytest.raises(KeyError, match="no block"):
+        rv.show(block="nope")
+    with pytest.raises(KeyError, match="no ControlNet"):
+        rv.show(net="edges")
+    with pytest.raises(IndexError):
+        rv.show(step=99)
+
+
+def test_residual_viewer_without_maps(shapes_pipe, run_with_everything):
+    pad = widgets.ScribblePad(64)
+    pad.add_stroke([(5, 5), (50, 50)])
+    run = shapes_pipe.sampler(PROMPT, steps=2, progress=False, control=lab.Control("scribble", pad.image),
+                              recorders=[lab.ResidualRecorder()]).run()
+    rv = widgets.ResidualViewer(run)
+    assert rv.show() is None and "maps=True" in rv.caption.value
+    with pytest.raises(ValueError, match="no residuals"):
+        widgets.ResidualViewer(shapes_pipe.sampler(PROMPT, steps=1, progress=False).run())
+
+
+# ---------------------------------------------------------------------------- studio
+def test_studio_generate_equals_the_plain_call(shapes_pipe):
+    st = widgets.Studio(shapes_pipe, steps=5, seed=7, control="scribble")
+    st.pad.add_stroke([(10, 10), (54, 10), (54, 54), (10, 54), (10, 10)])
+    st.scale.value, st.window.value, st.mode.value = 0.8, (0.0, 0.6), "prompt"
+    run = st.generate(wait=True)
+    assert st.run is run and len(run.steps) == 5 and st.image.value
+    assert st.explorer is not None and st.residual_viewer is not None and st.viewer.n_frames == 5
+    kw = st.sampler_kwargs()
+    assert kw["control"].scale == 0.8 and kw["control"].end == 0.6 and kw["control"].mode == "prompt"
+    plain = shapes_pipe.sampler(**kw, progress=False).run()
+    assert torch.equal(plain.final_latents, run.final_latents), "the studio is a thin wrapper over lab"
+    assert "pipe.sampler(" in st.code.value and "seed=7" in st.code.value
+    st.control.value = "none"
+    assert "control" not in st.sampler_kwargs()
+
+
+def test_studio_errors_show_in_the_widget(shapes_pipe):
+    st = widgets.Studio(shapes_pipe, steps=2)
+    st.prompt.value = "   "
+    with pytest.raises(ValueError, match="prompt is empty"):
+        st.generate()
+    assert "prompt is empty" in st.error_box.value and st.run is None
+    quiet = widgets.Studio(shapes_pipe, steps=2, raise_errors=False)
+    quiet.prompt.value = ""
+    assert quiet.generate() is None and len(quiet.errors) == 1
+    with pytest.raises(KeyError, match="no ControlNet"):
+        widgets.Studio(shapes_pipe, control="depth")
+
+
+def test_studio_stop(shapes_pipe):
+    st = widgets.Studio(shapes_pipe, steps=60, panels=("x0",))
+    hit = threading.Event()
+    st.viewer.observe(lambda ch: (st.stop(), hit.set()) if ch["new"] == 2 else None, "n_frames")
+    st.generate()
+    assert st.generate_button.disabled or hit.is_set()
+    run = st.viewer.wait(timeout=120)
+    assert hit.is_set() and run.interrupted and len(run.steps) < 60
+    assert "stopped after" in st.image_caption.value and not st.generate_button.disabled
