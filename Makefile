@@ -42,4 +42,4 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache test-output

@@ -239,7 +239,11 @@ def test_explorer_word_layers_steps_and_click(run_with_everything):
     assert ot.dims == ("step", "word") and ex.location == (20.0, 40.0) and ex.plot.value
     np.testing.assert_allclose(ot.values, analysis.attention_at(run, 20, 40, layers=ex._layer_sets["res:16x16"]).values)
     ex._clicked(128, 64)  # canvas pixels at size 256: image pixel (32, 16)
-    assert ex.location == (16.0, 32.0)
+    assert ex.location == (16.0, 32.0) and "clicked (x=32, y=16)" in ex.caption.value
+    # several choices in one call apply together
+    both = widgets.AttentionExplorer(run).show("circle", layers="res:8x8", steps=(2, 4))
+    np.testing.assert_allclose(both.values, analysis.word_heatmap(
+        run, "circle", layers=ex._layer_sets["res:8x8"], steps=slice(2, 4)).values)
 
 
 def test_explorer_errors(run_with_everything, shapes_pipe):

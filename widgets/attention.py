@@ -70,9 +70,9 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
         self.plot = W.Image(format="png", layout=W.Layout(width="360px", display="none"))  # shown after a click
         self.plot.add_class("ll-attention-plot")
         self.caption = W.HTML()
-        self.word_buttons.observe(lambda ch: self.show(word=ch["new"]), "value")
-        self.filter.observe(lambda ch: self.show(), "value")
-        self.steps.observe(lambda ch: self.show(), "value")
+        self._quiet = False  # set while show() moves the controls itself
+        for control in (self.word_buttons, self.filter, self.steps):
+            control.observe(lambda ch: None if self._quiet else self.show(), "value")
         self.canvas.on_mouse_down(self._clicked)
         self.canvas.on_client_ready(lambda: self._draw())
 
@@ -98,33 +98,38 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
     def show(self, word: str | None = None, *, layers: str | None = None, steps: tuple[int, int] | None = None):
         """Draw the heat map of ``word`` with the layer choice (``"*"``, ``"res:16x16"`` or a layer name) and
         the step window ``(first, last)``; arguments left out keep the current choice."""
-        if word is not None and word != self.word_buttons.value:
-            if word not in self.words:
-                raise KeyError(f"word {word!r} is not in the prompt; its words: {self.words}")
-            self.word_buttons.value = word  # re-enters show() through the observer
-            return self.heatmap
-        if layers is not None and layers != self.filter.value:
-            if layers not in self._layer_sets:
-                raise KeyError(f"no layer choice {layers!r}; choices: {list(self._layer_sets)}")
-            self.filter.value = layers
-            return self.heatmap
-        if steps is not None and tuple(steps) != tuple(self.steps.value):
-            lo, hi = steps
-            if not 0 <= lo <= hi <= self.steps.max:
-                raise ValueError(f"step window must satisfy 0 <= first <= last <= {self.steps.max}, got {steps}")
-            self.steps.value = (lo, hi)
-            return self.heatmap
+        if word is not None and word not in self.words:
+            raise KeyError(f"word {word!r} is not in the prompt; its words: {self.words}")
+        if layers is not None and layers not in self._layer_sets:
+            raise KeyError(f"no layer choice {layers!r}; choices: {list(self._layer_sets)}")
+        if steps is not None and not 0 <= steps[0] <= steps[1] <= self.steps.max:
+            raise ValueError(f"step window must satisfy 0 <= first <= last <= {self.steps.max}, got {steps}")
+        self._quiet = True  # move the controls without each of them redrawing
+        try:
+            if word is not None:
+                self.word_buttons.value = word
+            if layers is not None:
+                self.filter.value = layers
+            if steps is not None:
+                self.steps.value = tuple(steps)
+        finally:
+            self._quiet = False
         w = self.word_buttons.value
         lo, hi = self.steps.value
         self.word = w
         self.heatmap = analysis.word_heatmap(self.run, w, layers=self._layer_sets[self.filter.value],
                                              steps=slice(lo, hi), size=(self.height, self.width), batch=self.batch)
         self._draw()
-        self.caption.value = (f"<b>{w}</b> · {self.heatmap.attrs['layers']} layer(s) · steps {lo}–{hi}"
-                              + (" · click the image for attention over time" if self.location is None else ""))
+        self._caption()
         if self.location is not None:
             self._plot_location()
         return self.heatmap
+
+    def _caption(self) -> None:
+        lo, hi = self.steps.value
+        where = (" · click the image for attention over time" if self.location is None else
+                 f" · clicked (x={self.location[1]:.0f}, y={self.location[0]:.0f})")
+        self.caption.value = f"<b>{self.word}</b> · {self.heatmap.attrs['layers']} layer(s) · steps {lo}–{hi}{where}"
 
     @shows_errors
     def click(self, x: float, y: float):
@@ -135,6 +140,7 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
                                                batch=self.batch)
         self._plot_location()
         self._draw()
+        self._caption()
         return self.over_time
 
     def _clicked(self, cx, cy):

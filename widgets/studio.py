@@ -68,9 +68,14 @@ class Studio(ErrorsMixin, W.VBox):
         self.results = W.VBox([])
         controls = W.VBox([self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance, self.scheduler,
                            self.control, self.mode, self.scale, self.window,
-                           W.HBox([self.generate_button, self.stop_button])])
-        top = W.HBox([controls, W.VBox([W.HTML("<b>condition</b>"), self.pad]),
-                      W.VBox([W.HTML("<b>result</b>"), self.image, self.image_caption])])
+                           W.HBox([self.generate_button, self.stop_button])], layout=W.Layout(min_width="370px"))
+        pad_w = self.pad.size[0] * self.pad.scale
+        # the three columns keep their width and wrap onto the next line in a narrow notebook
+        top = W.HBox([controls,
+                       W.VBox([W.HTML("<b>condition</b>"), self.pad], layout=W.Layout(min_width=f"{max(pad_w, 390)}px")),
+                       W.VBox([W.HTML("<b>result</b>"), self.image, self.image_caption],
+                              layout=W.Layout(min_width="270px"))],
+                      layout=W.Layout(flex_flow="row wrap"))
         super().__init__([css(), top, self.error_box, self.viewer, self.code, self.results])
         self.add_class("ll-studio")
 
