@@ -7,3 +7,4 @@ __all__ = ["attention_at", "attention_over_time", "entropy", "heatmap_iou", "ove
 from .controlnet import plot_residual_norms, residual_map, residual_norms  # noqa: E402
 
 __all__ += ["plot_residual_norms", "residual_map", "residual_norms"]
+from . import sweep  # noqa: E402  (reductions for lab.sweep, views of a sweep Dataset)

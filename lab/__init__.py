@@ -22,8 +22,10 @@ from .pipeline import Pipeline
 from .run import Run
 from .sampler import Sampler, StepState
 from .schedulers import SCHEDULERS
+from . import sweeps
+from .sweeps import sweep
 
 __all__ = [
     "Ablation", "AttentionRecorder", "ablate", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
-    "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "__version__",
+    "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "sweep", "sweeps", "__version__",
 ]

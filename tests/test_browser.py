@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ pipe = lab.load("shapes", controlnet="scribble")
 STATE = Path("state"); STATE.mkdir(exist_ok=True)
 def dump(name, **data):  # atomic: the test never reads half a file
     tmp = STATE / f"{name}.json.tmp"; tmp.write_text(json.dumps(data)); os.replace(tmp, STATE / f"{name}.json")
+dump("kernel", pid=os.getpid())
 """
 STUDIO = f"""
 studio = widgets.Studio(pipe, steps={STEPS}, guidance=5.0, seed=1,
@@ -159,19 +161,28 @@ def test_generate_shows_image_and_trajectory(session):
     assert result.std() > 5
 
 
-def test_trajectory_slider_changes_frame(session):
-    page = session["page"]
+def test_trajectory_slider_changes_frame_without_the_kernel(session):
+    page, root = session["page"], session["root"]
     panel = page.locator(".ll-panel-x0").first
     panel.scroll_into_view_if_needed()
     last = _shot(panel, "06_x0_last")
-    handle = page.locator(".ll-trajectory .noUi-handle").first
-    handle.focus()
-    handle.press("Home")  # step 0: pure noise's x0 estimate
-    label = page.locator(".ll-step-label").first
-    wait_for(lambda: label.inner_text().startswith("step 0 "), 15, "the slider to reach step 0")
-    first = wait_for(lambda: (lambda a: a if not np.array_equal(a, last) else None)(_shot(panel, "07_x0_first")),
-                     15, "the shown frame to change")
-    assert np.abs(first.astype(int) - last.astype(int)).mean() > 2
+    pid = _read(root, "kernel")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the kernel is frozen: it cannot take part in what follows
+    try:
+        handle = page.locator(".ll-trajectory .noUi-handle").first
+        handle.focus()
+        handle.press("Home")  # step 0: pure noise's x0 estimate
+        label = page.locator(".ll-step-label").first
+        wait_for(lambda: label.inner_text().startswith("step 0 "), 15, "the slider to reach step 0")
+        first = wait_for(lambda: (lambda a: a if not np.array_equal(a, last) else None)(_shot(panel, "07_x0_first")),
+                         15, "the shown frame to change")
+        assert np.abs(first.astype(int) - last.astype(int)).mean() > 2
+        for _ in range(STEPS - 1):
+            handle.press("ArrowRight")
+        wait_for(lambda: label.inner_text().startswith(f"step {STEPS - 1} "), 15, "the slider to reach the end")
+        assert np.array_equal(_shot(panel, "07b_x0_last_again"), last), "the last frame again, from the page's copy"
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_word_click_changes_overlay(session):

@@ -3,7 +3,8 @@
 Every step becomes a set of small PNG frames (the x0 preview, the VAE-decoded x0, the latent
 channels, the noise prediction) sent to the browser once, as ``ipywidgets.Image`` children of a
 ``Stack`` per panel. The play button, the step slider and every stack are linked in the browser
-(``jslink``), so playback and scrubbing need no kernel round trip.
+(``jsdlink``: play -> slider -> stacks), so playback and scrubbing need no kernel round trip. The links
+go one way only, so the page never writes a value back while the kernel moves the slider during a live run.
 
     viewer = TrajectoryViewer(run)                 # a finished run
     viewer = TrajectoryViewer(pipe=pipe)           # then viewer.follow(pipe.sampler(...)) runs it live
@@ -59,7 +60,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.play = W.Play(value=0, min=0, max=0, interval=interval, description="play")
         self.slider = W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=True,
                                   layout=W.Layout(width="420px"))
-        W.jslink((self.play, "value"), (self.slider, "value"))
+        W.jsdlink((self.play, "value"), (self.slider, "value"))
         self.stop_button = W.Button(description="stop", icon="stop", button_style="warning", disabled=True,
                                     tooltip="end the run at the next step boundary; the partial run is kept")
         self.stop_button.on_click(lambda _: self.stop())
@@ -68,7 +69,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.labels = W.Stack([self._placeholder()], selected_index=0)
         self.stacks = {p: W.Stack([self._placeholder()], selected_index=0) for p in self.panels}
         for st in [self.labels, *self.stacks.values()]:
-            W.jslink((self.slider, "value"), (st, "selected_index"))
+            W.jsdlink((self.slider, "value"), (st, "selected_index"))
         cells = [W.VBox([W.HTML(f"<b>{PANELS[p]}</b>"), self.stacks[p]],
                         layout=W.Layout(width=f"{self.size + 8}px")) for p in self.panels]
         for p, cell in zip(self.panels, cells):
@@ -115,12 +116,12 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
             self.labels.children = (*self.labels.children[:kept],
                                     W.HTML(f"step {state.index} · t = {state.timestep:g}{sigma}"))
             n = kept + 1
-            # always show the newest frame. Only the slider is set: the browser moves the play button and
-            # the stacks through jslink, so no second value races back from the page.
+            # always show the newest frame (the page follows the slider through the one-way links)
+            # max first, then value, as two messages: the page's slider clamps a value above its current max and
+            # writes the clamped value back, so the new max must be in place before the new value arrives
             self.play.max = n - 1
-            with self.slider.hold_sync():  # max and value in one message: the page never clamps a new value
-                self.slider.max = n - 1
-                self.slider.value = n - 1
+            self.slider.max = n - 1
+            self.slider.value = n - 1
             for st in [self.labels, *self.stacks.values()]:
                 st.selected_index = n - 1
             self.n_frames = n
@@ -160,7 +161,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
             raise IndexError(f"step {step} is out of range: the trajectory has {n} steps")
         step %= n
         self.slider.value = step
-        for st in [self.labels, *self.stacks.values()]:  # the browser does this through jslink; keep Python in step
+        for st in [self.labels, *self.stacks.values()]:  # the page does this through jsdlink; keep Python in step
             st.selected_index = step
 
     @property
