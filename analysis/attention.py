@@ -34,6 +34,13 @@ def _words(ds: xr.Dataset, batch: int) -> list[str]:
     return out
 
 
+def _item(da: xr.DataArray, batch: int) -> xr.DataArray:
+    """One image's attention: batch item ``batch``, and the conditional half when both halves were recorded
+    (``AttentionRecorder(half="both")``)."""
+    da = da.isel(batch=batch)
+    return da.sel(half="cond") if "half" in da.dims else da
+
+
 def _token_mask(ds: xr.Dataset, word, batch: int) -> np.ndarray:
     if isinstance(word, (int, np.integer)):
         return ds["word_index"].isel(batch=batch).values == int(word)
@@ -90,7 +97,7 @@ def word_heatmap(run, word, *, layers=None, steps=None, heads=None, size=None, b
         ds = node.to_dataset()
         if "cross" not in ds:
             continue
-        da = _select(ds["cross"].isel(batch=batch), layers=layers, steps=steps, heads=heads)
+        da = _select(_item(ds["cross"], batch), layers=layers, steps=steps, heads=heads)
         if da.sizes["layer"] == 0 or da.sizes["step"] == 0:
             continue
         tok = _token_mask(ds, word, batch)
@@ -125,7 +132,7 @@ def attention_over_time(run, word, *, batch: int = 0) -> xr.DataArray:
         if "cross" not in ds:
             continue
         tok = _token_mask(ds, word, batch)
-        da = ds["cross"].isel(batch=batch).isel(token=np.flatnonzero(tok)).sum("token")
+        da = _item(ds["cross"], batch).isel(token=np.flatnonzero(tok)).sum("token")
         out.append(da.mean(["head", "query_y", "query_x"]).drop_vars("timestep", errors="ignore"))
     res = xr.concat(out, dim="layer").transpose("step", "layer")
     res.name = f"attention mass of {word!r}"
@@ -154,7 +161,7 @@ def attention_at(run, y: float, x: float, *, layers=None, batch: int = 0) -> xr.
         ds = node.to_dataset()
         if "cross" not in ds:
             continue
-        da = _select(ds["cross"].isel(batch=batch), layers=layers)
+        da = _select(_item(ds["cross"], batch), layers=layers)
         if da.sizes["layer"] == 0:
             continue
         qy = int(y * da.sizes["query_y"] / height)
@@ -181,7 +188,7 @@ def entropy(run, *, batch: int = 0, kind: str = "cross") -> xr.DataArray:
         ds = node.to_dataset()
         if kind not in ds:
             continue
-        da = ds[kind].isel(batch=batch)
+        da = _item(ds[kind], batch)
         last = "token" if kind == "cross" else "key"
         p = da.clip(min=1e-12)
         h = -(p * np.log(p)).sum(last).mean(["head", "query_y", "query_x"])
@@ -221,7 +228,7 @@ def self_attention_components(run, layer: str, step: int, k: int = 3, *, batch: 
         hit = [n for n in names if n == layer or fnmatch.fnmatchcase(n, layer) or n == "unet." + layer]
         if not hit:
             continue
-        a = ds["self"].isel(batch=batch).sel({dim: hit[0]}).sel(step=step).mean("head")
+        a = _item(ds["self"], batch).sel({dim: hit[0]}).sel(step=step).mean("head")
         hh, ww = a.sizes["query_y"], a.sizes["query_x"]
         mat = a.values.reshape(hh * ww, -1)
         _, s, vt = np.linalg.svd(mat - mat.mean(0, keepdims=True), full_matrices=False)

@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,10 @@ class AttentionRecorder:
     or glob patterns (default: every cross-attention layer ``*attn2``; self-attention is ``*attn1``).
     ``steps``: ``None`` (all) or step indices. ``heads``: ``"mean"`` or ``"all"``. ``half``:
     ``"cond"``, ``"uncond"`` or ``"both"`` (with classifier-free guidance). ``dtype``: storage dtype.
-    ``max_bytes``: budget for the whole run; a larger request fails before sampling starts."""
+    ``max_bytes``: budget (in memory) for the whole run; a larger request fails before sampling starts.
+    ``spill``: a directory: the probabilities go to memory-mapped files there instead of memory (one per
+    layer, written step by step), ``run.attention`` reads them lazily (dask), and ``max_bytes`` does not
+    apply; the free disk space is checked before sampling. The files stay (the run reads them)."""
 
     kind: str = "cross"
     layers: object = None
@@ -137,6 +141,7 @@ class AttentionRecorder:
     max_bytes: int = 2 * 1024 ** 3
     edits: list = field(default_factory=list)
     record: bool = True
+    spill: object = None
 
     def __post_init__(self):
         if self.kind not in ("cross", "self", "both"):
@@ -171,7 +176,10 @@ class AttentionRecorder:
         self._prepare_meta(sampler)
         self.meta["query_sizes"] = self.query_sizes(sampler)
         if self.record:
-            self._check_budget(sampler)
+            if self.spill is not None:
+                self._open_spill(sampler)
+            else:
+                self._check_budget(sampler)
             sampler.recording_meta["attention"] = self.meta
         original = unet.attn_processors
         self.record_names = set(chosen) if self.record else set()
@@ -219,6 +227,40 @@ class AttentionRecorder:
         """Query count per recorded layer, from the UNet's structure (block depth -> downsampling)."""
         return query_sizes(sampler.pipe.unet, self.layer_names, self.meta["latent_hw"])
 
+    def _open_spill(self, sampler):
+        """One memory-mapped file per recorded layer, ``[steps, batch x halves, heads, Q, K]``, in a new folder
+        under ``spill``; refuses (before sampling) when the disk has not room for all of it."""
+        import shutil
+        import uuid
+
+        import numpy as np
+        if self.dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"spill= stores float16 or float32, not {self.dtype}")
+        need = self.estimate_bytes(sampler)
+        root = Path(self.spill)
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if need > free * 0.9:
+            raise RecordingBudgetError(f"spilling this recording needs {need / 2**20:.0f} MiB on disk but {root} has "
+                                       f"{free / 2**20:.0f} MiB free; record fewer layers/steps or spill elsewhere")
+        folder = root / f"attention-{uuid.uuid4().hex[:12]}"
+        folder.mkdir()
+        halves = 2 if (self.half == "both" and self.meta["cfg"]) else 1
+        mods = dict(sampler.pipe.unet.named_modules())
+        n_steps = self._steps_recorded(sampler)
+        dtype = "float16" if self.dtype == torch.float16 else "float32"
+        files, shapes, self._spill_maps = {}, {}, {}
+        for i, name in enumerate(self.layer_names):
+            q = self.meta["query_sizes"][name]
+            k = self.meta["tokens"]["n_tokens"] if name.endswith("attn2") else q
+            h = 1 if self.heads == "mean" else mods[name.removeprefix("unet.")].heads
+            shape = (n_steps, self.meta["batch"] * halves, h, q, k)
+            files[name] = f"layer{i:03d}.npy"
+            shapes[name] = shape
+            self._spill_maps[name] = np.lib.format.open_memmap(folder / files[name], mode="w+", dtype=dtype,
+                                                               shape=shape)
+        self.meta["spill"] = {"dir": str(folder), "files": files, "shapes": shapes, "dtype": dtype}
+
     def _check_budget(self, sampler):
         need = self.estimate_bytes(sampler)
         if need > self.max_bytes:
@@ -262,6 +304,11 @@ class AttentionRecorder:
         if self.heads == "mean":
             p = p.mean(1, keepdim=True)
         p = p.to(self.dtype)
+        if self.spill is not None:  # straight into this step's slot of the layer's file
+            slot = self._slot(i)
+            self._spill_maps[name][slot] = p.cpu().numpy()
+            self._buf[name] = Spilled(slot, self._spill_maps[name].filename)
+            return
         if p.device.type == "cuda":
             # one pinned host buffer per layer, allocated once per run; non-blocking copies into its slots
             key = (name, tuple(p.shape))
@@ -282,6 +329,19 @@ class AttentionRecorder:
     def collect(self, step: int) -> dict:
         out = {f"{n}": self._buf.pop(n) for n in list(self._buf)}
         return out
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """A step's record of a spilled layer: where it lies in the layer's file (``AttentionRecorder(spill=)``)."""
+
+    slot: int
+    path: str
+
+    def tensor(self) -> torch.Tensor:
+        """This step's probabilities ``[b, heads, Q, K]``, read from the file."""
+        import numpy as np
+        return torch.from_numpy(np.array(np.load(self.path, mmap_mode="r")[self.slot]))
 
 
 def query_sizes(unet, layer_names, latent_hw) -> dict[str, int]:
@@ -376,18 +436,23 @@ def attention_tree(steps, meta: dict):
         kind = "cross" if name.endswith("attn2") else "self"
         groups.setdefault((kind, hh, ww), []).append(name)
     tok = meta["tokens"]
+    spill = meta.get("spill")
     nodes: dict[str, dict] = {}
     for (kind, hh, ww), names in groups.items():
-        arrs = []
-        for s in recorded:
-            per_layer = [s.records[n].float().numpy() for n in names]  # each [b, heads, Q, K]
-            arrs.append(np.stack(per_layer, axis=1))  # [b, layer, heads, Q, K]
-        a = np.stack(arrs)  # [step, b, layer, heads, Q, K]
+        if spill is None:
+            arrs = []
+            for s in recorded:
+                per_layer = [s.records[n].float().numpy() for n in names]  # each [b, heads, Q, K]
+                arrs.append(np.stack(per_layer, axis=1))  # [b, layer, heads, Q, K]
+            a = np.stack(arrs)  # [step, b, layer, heads, Q, K]
+        else:
+            a = _spilled_stack(spill, names, recorded)  # the same, lazily from the files (dask)
         st, b, nl, nh, q, k = a.shape
         a = a.reshape(st, b, nl, nh, hh, ww, k)
         last = "token" if kind == "cross" else "key"
         node = nodes.setdefault(f"{hh}x{ww}", {})
         node[kind] = (("step", "batch", "layer", "head", "query_y", "query_x", last), a.astype(np.float32))
+        # (in memory: an array; spilled: a lazy dask array read from the files when used)
         node.setdefault("_layers", {})[kind] = names
         node["_heads"] = nh
     children = {}
@@ -403,12 +468,12 @@ def attention_tree(steps, meta: dict):
             ds[kind] = xr.DataArray(arr, dims=dims)
             ds = ds.assign_coords({layer_dim: layers[kind]})
         if meta["half"] == "both" and meta["cfg"]:  # [step, 2b, ...] -> [step, half, b, ...]
-            for kind in list(ds.data_vars):
-                da = ds[kind]
+            split = {}
+            for kind, da in ds.data_vars.items():  # all at once: cross and self must change batch together
                 b2 = da.sizes["batch"]
-                arr = da.values.reshape(da.shape[0], 2, b2 // 2, *da.shape[2:])
-                ds[kind] = xr.DataArray(arr, dims=("step", "half", "batch", *da.dims[2:]))
-            ds = ds.assign_coords(half=["uncond", "cond"])
+                split[kind] = (("step", "half", "batch", *da.dims[2:]),
+                               da.data.reshape(da.shape[0], 2, b2 // 2, *da.shape[2:]))
+            ds = xr.Dataset(split, coords=ds.coords).assign_coords(half=["uncond", "cond"])
         b = ds.sizes["batch"]
         per_prompt = max(1, b // len(prompts))
         rows = [prompts[min(i // per_prompt, len(prompts) - 1)] for i in range(b)]
@@ -426,3 +491,17 @@ def attention_tree(steps, meta: dict):
         ds.attrs.update(resolution=res, half=meta["half"], heads=meta["heads_mode"], n_heads=int(nh))
         children[res] = ds
     return xr.DataTree.from_dict({f"/{k}": v for k, v in sorted(children.items(), key=lambda kv: -int(kv[0].split("x")[0]))})
+
+
+def _spilled_stack(spill: dict, names: list[str], recorded) -> "dask.array.Array":  # noqa: F821
+    """``[step, b, layer, heads, Q, K]`` of ``names`` for the ``recorded`` steps, from the spilled files, lazily:
+    a dask array with one chunk per step and layer (nothing is read until it is used)."""
+    import dask.array as dsa
+    import numpy as np
+    folder = Path(spill["dir"])
+    per_layer = []
+    for n in names:
+        mm = np.load(folder / spill["files"][n], mmap_mode="r")  # [steps, b, heads, Q, K]
+        arr = dsa.from_array(mm, chunks=(1, *mm.shape[1:]), name=f"spill-{folder.name}-{n}")
+        per_layer.append(arr[[s.records[n].slot for s in recorded]])
+    return dsa.stack(per_layer, axis=2)

@@ -95,7 +95,8 @@ class ReplaceAttention(_Edit):
         i = meta["_step"]
         if i >= len(self.source.steps) or name not in self.source.steps[i].records:
             raise KeyError(f"the source run has no recording of {name} at step {i}")
-        src = self.source.steps[i].records[name].to(probs.device, probs.dtype)  # [b_src, heads', Q, K]
+        src = self.source.steps[i].records[name]
+        src = (src.tensor() if hasattr(src, "tensor") else src).to(probs.device, probs.dtype)  # [b_src, heads', Q, K]
         sel = self._cond(probs, meta)
         src_rows = self.source.recording_meta["attention"]["tokens"]["prompts"]
         tgt_rows = meta["tokens"]["prompts"]

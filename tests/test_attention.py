@@ -1,6 +1,7 @@
 """Attention recording: invariance, exact probabilities, the layer-name contract, scoping, budgets."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -200,3 +201,52 @@ def test_edits_through_a_fork(shapes_pipe):
     a, b = s.run(), f.run()
     assert torch.equal(a.steps[2].prev_latents, b.steps[2].prev_latents)
     assert (a.final_latents - b.final_latents).abs().max().item() > 1e-3
+
+
+def test_spill_to_disk_equals_memory_and_reads_lazily(shapes_pipe, tmp_path):
+    import analysis as an
+    prompt = "a large red circle and a small blue square on a gray background"
+    kw = dict(steps=4, guidance=5.0, seed=2, progress=False)
+    spec = dict(kind="both", heads="all", half="both")
+    mem = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder(**spec)]).run()
+    rec = lab.AttentionRecorder(**spec, spill=tmp_path / "spill", max_bytes=1)  # the memory budget does not apply
+    disk = shapes_pipe.sampler(prompt, **kw, recorders=[rec]).run()
+    torch.testing.assert_close(disk.final_latents, mem.final_latents, rtol=0, atol=0)
+    folder = next((tmp_path / "spill").iterdir())
+    files = sorted(folder.glob("layer*.npy"))
+    assert len(files) == len(rec.layer_names)
+    stored = sum(np.load(f, mmap_mode="r").nbytes for f in files)
+    assert stored == sum(int(np.prod(shape)) * 2 for shape in rec.meta["spill"]["shapes"].values())  # float16
+    for res, node in mem.attention.children.items():
+        for var in node.to_dataset().data_vars:
+            lazy = disk.attention[res][var]
+            assert type(lazy.data).__module__.startswith("dask"), "spilled attention is read lazily"
+            np.testing.assert_array_equal(lazy.values, node[var].values)
+            assert lazy.dims == node[var].dims
+    np.testing.assert_array_equal(an.word_heatmap(disk, "square").values, an.word_heatmap(mem, "square").values)
+    saved = lab.Run.load(disk.save(tmp_path / "run.zarr"))
+    np.testing.assert_array_equal(saved.attention["8x8"]["cross"].values, mem.attention["8x8"]["cross"].values)
+    # a spilled run works as the source of an attention edit too
+    target = "a large blue circle and a small blue square on a gray background"
+    src_disk = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder(spill=tmp_path / "s2")]).run()
+    src_mem = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder()]).run()
+    a = shapes_pipe.sampler(target, **kw, recorders=[lab.AttentionRecorder(
+        record=False, edits=[lab.ReplaceAttention(src_disk, steps=(0.0, 0.5))])]).run()
+    b = shapes_pipe.sampler(target, **kw, recorders=[lab.AttentionRecorder(
+        record=False, edits=[lab.ReplaceAttention(src_mem, steps=(0.0, 0.5))])]).run()
+    torch.testing.assert_close(a.final_latents, b.final_latents, rtol=0, atol=0)
+
+
+def test_spill_refuses_without_disk_room_before_sampling(shapes_pipe, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    sampler = shapes_pipe.sampler("a red circle", steps=3, progress=False,
+                                  recorders=[lab.AttentionRecorder(spill=tmp_path / "s")])
+    with pytest.raises(lab.RecordingBudgetError, match="on disk"):
+        sampler.run()
+    assert sampler.position == 0 and list((tmp_path / "s").iterdir()) == []
+    with pytest.raises(ValueError, match="float16 or float32"):
+        shapes_pipe.sampler("a red circle", steps=1, progress=False, recorders=[
+            lab.AttentionRecorder(spill=tmp_path / "b", dtype=torch.bfloat16)]).run()
