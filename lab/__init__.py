@@ -16,7 +16,7 @@ from .control import Control
 from .counterfactual import Ablation, ablate
 from .edits import ReplaceAttention, Reweight
 from .residuals import ResidualRecorder
-from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError
+from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError, SamplingOutOfMemory
 from .loading import DEFAULT_MODEL, load
 from .pipeline import Pipeline
 from .run import Run
@@ -27,5 +27,5 @@ from .sweeps import sweep
 
 __all__ = [
     "Ablation", "AttentionRecorder", "ablate", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
-    "Pipeline", "Run", "RunFileError", "SCHEDULERS", "Sampler", "StepState", "load", "sweep", "sweeps", "__version__",
+    "Pipeline", "Run", "RunFileError", "SamplingOutOfMemory", "SCHEDULERS", "Sampler", "StepState", "load", "sweep", "sweeps", "__version__",
 ]

@@ -1,6 +1,8 @@
 """Typed errors of latent-lab. Each message says what was tried and what to do."""
 from __future__ import annotations
 
+import torch
+
 
 class ModelNotAvailable(RuntimeError):
     """A model could not be loaded. ``tried`` lists the places looked at, in order."""
@@ -33,3 +35,17 @@ class NonFiniteError(FloatingPointError):
 
 class RunFileError(ValueError):
     """A path does not hold a readable latent-lab run (foreign, corrupted, or from a newer version)."""
+
+
+class SamplingOutOfMemory(torch.cuda.OutOfMemoryError):
+    """The device ran out of memory during a step. The step left no trace (the sampler is back before it,
+    the device's cached memory was released, recorders' processors were restored), so the sampler and the
+    pipeline stay usable: free memory and call ``step()``/``run()`` again. ``run`` is the partial run."""
+
+    def __init__(self, step: int, run=None, detail: str = ""):
+        self.step, self.run = step, run
+        super().__init__(
+            f"out of memory at step {step}{': ' + detail if detail else ''}. The sampler is back before step "
+            f"{step} and can go on once memory is freed. To need less: a smaller batch or image, "
+            "AttentionRecorder(heads='mean', layers=fewer, steps=fewer) or spill=DIR, float16/bfloat16, "
+            "or pipe.diffusers.enable_model_cpu_offload()")

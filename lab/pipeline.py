@@ -82,6 +82,19 @@ class Pipeline:
             net.to(self.device, self.dtype)
         return self
 
+    def compile(self, *, controlnets: bool = True, **kwargs) -> "Pipeline":
+        """``torch.compile`` the UNet (and the ControlNets) in place (``nn.Module.compile``: they stay the same
+        diffusers modules, so recorders, edits and residuals work as before). ``kwargs`` go to
+        ``torch.compile`` (``mode=``, ``backend=``, ``dynamic=``). The step loop does not recompile per step
+        (the timestep is a tensor; the recording processors trace into the same graph); a run with new
+        recorders recompiles once, as its attention processors are new objects, and after
+        ``torch._dynamo.config.cache_size_limit`` such runs dynamo falls back to eager."""
+        self.unet.compile(**kwargs)
+        if controlnets:
+            for net in self.controlnets.values():
+                net.compile(**kwargs)
+        return self
+
     def __repr__(self) -> str:
         nets = f", controlnets={sorted(self.controlnets)}" if self.controlnets else ""
         return (f"<lab.Pipeline {self.name!r} kind={self.kind} {self.default_size}px "

@@ -34,8 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .control import Control, condition_tensor, normalise_controls
-from .errors import NonFiniteError
+from .errors import NonFiniteError, SamplingOutOfMemory
 from .schedulers import make_scheduler, predict_x0, scheduler_name
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,13 @@ class Sampler:
         try:
             with self._recording():
                 state = self._step(i)
+        except _OOM as e:
+            self._restore(snap)
+            detail = str(e).splitlines()[0][:200] if str(e) else ""
+            del e  # drop the traceback's frames (and their tensors) before giving the cache back
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise SamplingOutOfMemory(i, run=self.to_run(), detail=detail) from None
         except BaseException:
             self._restore(snap)  # an interrupted step leaves no trace
             raise

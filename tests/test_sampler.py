@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from components import PROMPT, tiny_sd_components
@@ -209,3 +210,66 @@ def test_cpu_generator_is_the_default_and_portable(pipe):
     assert s.generator.device.type == "cpu"
     want = torch.randn(s.latents.shape, generator=torch.Generator().manual_seed(11))
     assert torch.equal(s.latents, want * s.scheduler.init_noise_sigma)
+
+
+def test_out_of_memory_leaves_the_sampler_usable(shapes_pipe):
+    """An OOM in a step (simulated on CPU: the UNet raises torch's OutOfMemoryError at step 2) is reported with
+    what to do, leaves no trace, keeps the partial run, restores the processors, and sampling can go on."""
+    import lab
+    prompt = "a large red circle on a gray background"
+    kw = dict(steps=5, guidance=5.0, seed=6, progress=False)
+    clean = shapes_pipe.sampler(prompt, **kw).run()
+    unet = shapes_pipe.unet
+    before = dict(unet.attn_processors)
+    forward = unet.forward
+    calls = {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*a, **k)
+
+    s = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder()])
+    unet.forward = failing
+    try:
+        with pytest.raises(lab.SamplingOutOfMemory, match="out of memory at step 2.*Tried to allocate") as info:
+            s.run()
+    finally:
+        unet.forward = forward
+    err = info.value
+    assert isinstance(err, torch.cuda.OutOfMemoryError) and err.step == 2 and len(err.run.steps) == 2
+    assert "spill=" in str(err) and s.position == 2
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+    run = s.run()
+    assert torch.equal(run.final_latents, clean.final_latents)
+    assert len(run.steps) == 5 and "16x16" in run.attention.children
+
+
+def test_compiled_unet_does_not_recompile_per_step():
+    """pipe.compile(): the UNet and ControlNet stay diffusers modules; recording and control work; the loop
+    compiles once (a counting torch.compile backend) and gives the eager results."""
+    import lab
+    from lab.shapes import world
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ex = world.make_example(5, 1, split="heldout")
+    kw = dict(steps=5, progress=False, control=lab.Control("scribble", ex["scribble"]))
+    eager = lab.load("shapes", controlnet="scribble").sampler(
+        ex["caption"], **kw, recorders=[lab.AttentionRecorder(), lab.ResidualRecorder()]).run()
+    torch._dynamo.reset()
+    pipe = lab.load("shapes", controlnet="scribble").compile(backend=backend, dynamic=False)
+    s = pipe.sampler(ex["caption"], **kw, recorders=[lab.AttentionRecorder(), lab.ResidualRecorder()])
+    after_each = [len(graphs) for _ in s]
+    assert after_each[0] >= 1 and len(set(after_each)) == 1, f"recompiled during the loop: {after_each}"
+    run = s.to_run()
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    torch.testing.assert_close(run.final_latents, eager.final_latents, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(run.attention["16x16"]["cross"].values, eager.attention["16x16"]["cross"].values,
+                               atol=1e-6)
+    np.testing.assert_allclose(run.residuals["norm"].values, eager.residuals["norm"].values, rtol=1e-6)
+    torch._dynamo.reset()
