@@ -10,14 +10,23 @@ from pathlib import Path
 BLOCKED = ("ipywidgets", "ipycanvas", "matplotlib", "analysis", "widgets")
 
 
-def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
-    # shadow each blocked package with one whose import fails, ahead of everything on sys.path
-    for name in BLOCKED:
+def _run_with_blocked(tmp_path, blocked, code):
+    """Run ``code`` in a fresh interpreter where each of ``blocked`` is shadowed, ahead of everything on
+    sys.path, by a package whose import fails. Returns (completed process, environment)."""
+    for name in blocked:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('blocked by test: {name}')\n")
-    code = textwrap.dedent("""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    return out, env
+
+
+def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
+    out, env = _run_with_blocked(tmp_path, BLOCKED, """
         import sys
-        import lab, lab.cli, lab.shapes.world, lab.shapes.train, lab.shapes.tokenizer
+        import lab, lab.cli, lab.shapes.world, lab.shapes.train, lab.shapes.tokenizer, lab.sweeps
         pipe = lab.load('shapes')
         run = pipe.sampler('a red circle', steps=2, progress=False).run()
         run.to_xarray(); run.preview(0)
@@ -25,10 +34,6 @@ def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
         assert not bad, bad
         print('ok')
     """ % (BLOCKED,))
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
     # the blocker works: importing a blocked package in that environment fails
@@ -39,21 +44,14 @@ def test_lab_imports_with_ui_and_plotting_blocked(tmp_path):
 
 def test_analysis_imports_without_widgets(tmp_path):
     """analysis sits between lab and widgets: it works with ipywidgets, ipycanvas and widgets blocked."""
-    for name in ("ipywidgets", "ipycanvas", "widgets"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('blocked by test: {name}')\n")
-    code = textwrap.dedent("""
+    out, _ = _run_with_blocked(tmp_path, ("ipywidgets", "ipycanvas", "widgets"), """
         import sys
-        import analysis, analysis.attention, analysis.controlnet, analysis.evaluate, analysis.report
+        import analysis, analysis.attention, analysis.controlnet, analysis.evaluate, analysis.report, analysis.sweep
         bad = [m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'ipycanvas', 'widgets')]
         assert not bad, bad
         print('ok')
     """)
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_widgets_build_only_on_lab_and_analysis():
