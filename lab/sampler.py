@@ -39,6 +39,7 @@ from .schedulers import make_scheduler, predict_x0, scheduler_name
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_NONFINITE_HINT = "try float32, a lower guidance, or another scheduler"
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,20 @@ class Sampler:
     ``eta`` (DDIM), ``control`` (see :func:`lab.control.normalise_controls`), ``image``/``mask_image``/
     ``strength`` (inpainting models), ``prompt_2``/``negative_prompt_2`` (SDXL), ``recorders``
     (objects with ``attached(sampler)`` context managers and ``collect()``), ``progress`` (tqdm bar
-    in :meth:`run`), ``check_finite`` (raise :class:`NonFiniteError` where NaN/inf first appears).
+    in :meth:`run`), ``check_finite`` (raise :class:`NonFiniteError` where NaN/inf first appears: ``"step"``
+    checks after every step; ``"end"`` keeps a device-side flag per step and checks them once, at the end of
+    :meth:`run` or of iteration, or on :meth:`check_finite_now` — no device sync in the loop; ``True``: "step"
+    on CPU, "end" on CUDA; ``False``: no check).
     """
 
     def __init__(self, pipe, prompt="", negative_prompt=None, *, steps: int = 30, guidance: float = 7.5,
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
                  width: int | None = None, batch: int = 1, eta: float = 0.0, control=None, image=None,
                  mask_image=None, strength: float = 1.0, prompt_2=None, negative_prompt_2=None,
-                 recorders=(), progress: bool = True, check_finite: bool = True):
+                 recorders=(), progress: bool = True, check_finite: bool | str = True):
         # ---- validation: everything before any model work
+        if check_finite not in (True, False, "step", "end"):
+            raise ValueError(f"check_finite must be True, False, 'step' or 'end', got {check_finite!r}")
         _check_number("steps", steps, minimum=1, integer=True)
         _check_number("guidance", guidance, minimum=0)
         _check_number("batch", batch, minimum=1, integer=True)
@@ -163,6 +169,9 @@ class Sampler:
         self.pipe = pipe
         self.progress = progress
         self.check_finite = check_finite
+        self._finite_mode = (("step" if pipe.device.type == "cpu" else "end") if check_finite is True
+                             else (check_finite or None))
+        self._finite_flags: dict[int, torch.Tensor] = {}  # step -> device bool, "end" mode
         self.recorders = list(recorders)
         self.settings = dict(prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2,
                              negative_prompt_2=negative_prompt_2, steps=steps, guidance=float(guidance),
@@ -267,6 +276,9 @@ class Sampler:
             self.extra_step_kwargs = dp.prepare_extra_step_kwargs(self.generator, s["eta"])
         self.timesteps = timesteps
         self._t_values = [float(x) for x in timesteps.cpu()]  # host copies: no device sync per step
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        self._sigma_values = ([float(x) for x in sigmas.cpu()] if sigmas is not None and type(self.scheduler).__name__
+                              not in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler") else None)
         self._latents = latents
         self._control_images = {}
         self._control_cache = {}
@@ -439,10 +451,8 @@ class Sampler:
         cfg = self.cond["cfg"]
         model_input = torch.cat([x] * 2) if cfg else x
         model_input = sched.scale_model_input(model_input, t)
-        sigmas = getattr(sched, "sigmas", None)
-        sigma = float(sigmas[i].cpu() if sigmas.device.type != "cpu" else sigmas[i]) if (
-            sigmas is not None and type(sched).__name__ not in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
-            and i < len(sigmas)) else float("nan")
+        sv = self._sigma_values
+        sigma = sv[i] if sv is not None and i < len(sv) else float("nan")
         if self.concat is not None:
             model_input = torch.cat([model_input, *self.concat], dim=1)
         down, mid = self._control_residuals(i, t, model_input, x)
@@ -462,21 +472,30 @@ class Sampler:
             x0 = predict_x0(sched, guided, t, x)
         for rec in self.recorders:
             records.update(rec.collect(i))
-        if self.check_finite and (self.device.type == "cpu" or i % 10 == 9 or i == self.num_steps - 1):
+        if self._finite_mode == "step":
             if not bool(torch.isfinite(prev).all()):
                 bad = "noise_pred (UNet output)" if not bool(torch.isfinite(guided).all()) else "latents"
-                first = self._first_nonfinite(i)
-                raise NonFiniteError(bad, first, run=self.to_run(),
-                                     hint="try float32, a lower guidance, or another scheduler")
+                raise NonFiniteError(bad, i, run=self.to_run(), hint=_NONFINITE_HINT)
+        elif self._finite_mode == "end":
+            self._finite_flags[i] = torch.isfinite(prev).all()  # stays on the device: no sync here
         tval = self._t_values[i]
         return StepState(i, tval, sigma, x, prev, x0, cond, uncond, guided, MappingProxyType(records))
 
-    def _first_nonfinite(self, i: int) -> int:
-        # on CUDA finiteness is checked every 10 steps; find the first bad step among those kept
-        for st in self.history:
-            if not bool(torch.isfinite(st.prev_latents).all()):
-                return st.index
-        return i
+    def check_finite_now(self) -> None:
+        """Check the per-step finiteness flags kept so far (``check_finite="end"``) with one device sync. On
+        NaN/inf the sampler is rewound to just before the first bad step and :class:`NonFiniteError` raised."""
+        if not self._finite_flags:
+            return
+        idx = sorted(self._finite_flags)
+        ok = torch.stack([self._finite_flags[i] for i in idx]).cpu()  # the one sync
+        if bool(ok.all()):
+            self._finite_flags.clear()
+            return
+        first = idx[int((~ok).nonzero()[0, 0])]
+        st = self.history[first]
+        bad = "noise_pred (UNet output)" if not bool(torch.isfinite(st.noise_pred).all()) else "latents"
+        self.rewind(first)
+        raise NonFiniteError(bad, first, run=self.to_run(), hint=_NONFINITE_HINT)
 
     @contextlib.contextmanager
     def _recording(self):
@@ -496,6 +515,7 @@ class Sampler:
     def __iter__(self):
         while not self.done and not self._stop.is_set():
             yield self.step()
+        self.check_finite_now()
 
     def stop(self) -> None:
         """Ask :meth:`run` (possibly in another thread) to stop at the next step boundary."""
@@ -522,6 +542,7 @@ class Sampler:
                     bar.update(1)
                     if callback is not None:
                         callback(state)
+                self.check_finite_now()
         except KeyboardInterrupt:
             self.interrupted = True
             warnings.warn(f"interrupted: returning the partial run ({self._i} of {self.num_steps} steps)", stacklevel=2)
@@ -564,6 +585,7 @@ class Sampler:
         self.history = self.history[:k]
         self._snaps = self._snaps[:k + 1]
         self._plan = [(s, c) for s, c in self._plan if s <= k]
+        self._finite_flags = {j: f for j, f in self._finite_flags.items() if j < k}
         self._i = k
         self.interrupted = False
         return self
@@ -582,6 +604,7 @@ class Sampler:
         new._snaps = self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]
         new._pending = []
+        new._finite_flags = {j: f for j, f in self._finite_flags.items() if j < k}
         new.recording_meta = dict(self.recording_meta)
         new._attached = False
         new.interrupted = False

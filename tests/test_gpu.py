@@ -49,3 +49,29 @@ def test_equivalence_on_cuda(name):
     want = ref(PROMPT, num_inference_steps=8, guidance_scale=5.0, output_type="latent",
                generator=torch.Generator().manual_seed(1)).images
     assert (run.final_latents - want).abs().max().item() < 1e-4
+
+
+def test_no_device_sync_in_the_step_loop():
+    """The issue's "zero syncs in the step loop": with check_finite="end" (the CUDA default), attention copied
+    into pinned buffers and residual norms kept on the device, torch's sync debug mode must not fire during
+    steps 1..8 of a ControlNet run with recording (step 0 allocates the pinned buffers; the check at the end
+    is the run's one sync). Written without a GPU at hand: not yet run."""
+    from lab.shapes import world
+    pipe = lab.load("shapes", controlnet="scribble", device="cuda", dtype=torch.float16)
+    ex = world.make_example(5, 1, split="heldout")
+    s = pipe.sampler(ex["caption"], steps=10, guidance=5.0, seed=0, progress=False,
+                     control=lab.Control("scribble", ex["scribble"]),
+                     recorders=[lab.AttentionRecorder(), lab.ResidualRecorder()])
+    assert s._finite_mode == "end"
+
+    def watch(state):
+        if state.index == 0:
+            torch.cuda.set_sync_debug_mode("error")
+        elif state.index == 8:
+            torch.cuda.set_sync_debug_mode(0)
+
+    try:
+        run = s.run(callback=watch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(run.steps) == 10 and torch.isfinite(run.final_latents).all()

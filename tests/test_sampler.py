@@ -169,6 +169,38 @@ def test_nan_is_detected_at_its_step(pipe, monkeypatch):
     assert len(err.value.run) == 2
 
 
+@pytest.mark.parametrize("mode", ["step", "end"])
+def test_nonfinite_detection_modes(pipe, monkeypatch, mode):
+    """"step" raises at the bad step; "end" (the CUDA default: no sync in the loop) keeps device flags and
+    raises once at the end of the run, rewound to just before the first bad step. Both say the same."""
+    real_forward = pipe.unet.forward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real_forward(*a, **k)
+        return (out[0] * float("nan"),) if calls["n"] == 3 and isinstance(out, tuple) else out
+
+    monkeypatch.setattr(pipe.unet, "forward", poisoned)
+    s = pipe.sampler(PROMPT, steps=6, guidance=2.0, seed=0, height=32, width=32, progress=False, check_finite=mode)
+    with pytest.raises(lab.NonFiniteError, match="noise_pred") as err:
+        s.run()
+    assert err.value.step == 2 and len(err.value.run) == 2 and s.position == 2
+    assert calls["n"] == (3 if mode == "step" else 6), "'end' ran on without syncing"
+    with pytest.raises(ValueError, match="check_finite"):
+        pipe.sampler(PROMPT, steps=1, check_finite="always")
+
+
+def test_end_mode_checks_manual_steps_and_iteration(pipe):
+    s = pipe.sampler(PROMPT, steps=3, guidance=2.0, seed=0, height=32, width=32, progress=False, check_finite="end")
+    s.step()
+    assert len(s._finite_flags) == 1
+    s.check_finite_now()  # all finite: nothing raised, flags consumed
+    assert not s._finite_flags
+    states = list(s)
+    assert len(states) == 2 and s.done and not s._finite_flags
+
+
 def test_long_prompt_truncation_is_reported(pipe):
     long = " ".join(["a large red circle"] * 12) + " and a purple triangle"
     with pytest.warns(UserWarning, match="dropped") as rec:
