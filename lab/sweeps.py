@@ -176,6 +176,9 @@ def _check_grid(grid: dict, fixed: dict, record: Reduce) -> dict[str, list]:
     if control_axes and fixed.get("control") is None:
         raise ValueError(f"grid axes {control_axes} change a ControlNet, but fixed= has no control: "
                          "pass fixed={'control': lab.Control(net, image)}")
+    if control_axes and not isinstance(fixed["control"], Control):
+        raise TypeError(f"grid axes {control_axes} change one ControlNet: fixed['control'] must be one lab.Control, "
+                        f"not {type(fixed['control']).__name__}")
     if "control_start" in out or "control_end" in out:
         c = fixed["control"] if isinstance(fixed["control"], Control) else None
         starts = out.get("control_start", [c.start if c else 0.0])
@@ -212,8 +215,15 @@ def _cell_kwargs(axes: dict[str, list], index: tuple[int, ...], fixed: dict) -> 
 def _fingerprint(model: str, axes: dict, fixed: dict, record: Reduce) -> str:
     def enc(v):
         if isinstance(v, Control):
-            digest = hashlib.sha1(np.ascontiguousarray(np.asarray(v.image)).tobytes()).hexdigest()[:12]
-            return {"net": v.net, "scale": v.scale, "start": v.start, "end": v.end, "mode": v.mode, "image": digest}
+            return {"net": v.net, "image": enc(v.image), "scale": v.scale, "start": v.start, "end": v.end,
+                    "mode": v.mode, "weights": enc(v.weights), "halves": v.halves}
+        if isinstance(v, dict):
+            return {str(k): enc(x) for k, x in sorted(v.items())}
+        if isinstance(v, (list, tuple)):
+            return [enc(x) for x in v]
+        if hasattr(v, "shape") or hasattr(v, "tobytes"):  # images and arrays: their bytes, not their repr
+            arr = np.ascontiguousarray(np.asarray(v.cpu() if hasattr(v, "cpu") else v))
+            return f"{arr.dtype}{arr.shape}:" + hashlib.sha1(arr.tobytes()).hexdigest()[:16]
         return repr(v)
     blob = json.dumps({"model": model, "axes": {k: [repr(x) for x in v] for k, v in axes.items()},
                        "fixed": {k: enc(v) for k, v in sorted(fixed.items())}, "record": record.name},

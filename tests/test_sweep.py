@@ -58,6 +58,9 @@ def test_incompatible_settings_are_refused(tmp_path, shapes_pipe):
     with pytest.raises(KeyError, match="no ControlNet named 'depth'"):
         lab.sweep(shapes_pipe, grid={"prompt": PROMPTS}, fixed={"control": lab.Control("depth", control.image)},
                   record=NEVER, store=store, progress=False)
+    with pytest.raises(TypeError, match="must be one lab.Control"):
+        lab.sweep(shapes_pipe, grid={"prompt": PROMPTS, "control_scale": [0.5]}, fixed={"control": {"scribble": control.image}},
+                  record=NEVER, store=store, progress=False)
     with pytest.raises(ValueError, match="store= is required"):
         lab.sweep(shapes_pipe, grid={"prompt": PROMPTS}, record=NEVER, progress=False)
     with pytest.raises(TypeError, match="name or path"):
@@ -107,6 +110,19 @@ def test_in_process_sweep_interrupt_and_resume(tmp_path, shapes_pipe):
     lab.sweep(shapes_pipe, grid=grid, fixed={"steps": 3}, store=store, progress=False, report=again,
               record=Reduce(NEVER.fn, {"image": ("y", "x", "rgb")}, name="image"))
     assert again.ran == [] and again.skipped == 8
+
+
+def test_fingerprint_tells_condition_images_apart():
+    from lab.sweeps import _fingerprint
+    a, b = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    b[30, 30] = 255  # one pixel: a repr of the array would not show it
+    axes, rec = {"prompt": PROMPTS}, lab.sweeps.image()
+    assert _fingerprint("shapes", axes, {"control": {"scribble": a}}, rec) != \
+        _fingerprint("shapes", axes, {"control": {"scribble": b}}, rec)
+    assert _fingerprint("shapes", axes, {"control": lab.Control("scribble", a)}, rec) != \
+        _fingerprint("shapes", axes, {"control": lab.Control("scribble", b)}, rec)
+    assert _fingerprint("shapes", axes, {"control": lab.Control("scribble", a)}, rec) == \
+        _fingerprint("shapes", axes, {"control": lab.Control("scribble", a.copy())}, rec)
 
 
 def test_store_is_never_overwritten_by_another_sweep(tmp_path, shapes_pipe):
