@@ -47,8 +47,7 @@ class ResidualViewer(ErrorsMixin, W.VBox):
         super().__init__([css(), W.HBox([self.net, self.block]), self.step,
                           W.HBox([self.chart, W.VBox([self.map, self.caption])]), self.error_box])
         self.add_class("ll-residual-viewer")
-        self._draw_chart()
-        self.show()
+        self.show()  # draws the chart and the map
 
     def _block_options(self, net: str):
         d = self.norms.sel(net=net)
