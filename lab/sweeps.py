@@ -332,7 +332,10 @@ def sweep(model="shapes", grid: dict | None = None, *, record: Reduce | None = N
     ``steps``, ``control=lab.Control(...)``); ``record``: a :class:`Reduce` (default :func:`image`);
     ``store``: the zarr directory (created, or resumed when it holds this same sweep); ``client``: a
     ``dask.distributed.Client`` to run the cells on; ``callback(index, seconds)``: called here as each
-    cell is stored; ``report``: a :class:`SweepReport` to fill in. Everything is checked before any run."""
+    cell is stored; ``report``: a :class:`SweepReport` to fill in. Everything is checked before any run. A
+    cell that raises does not stop the others: the sweep ends with a ``RuntimeError`` naming the failed
+    cells (``report.failed``), whose ``done`` stays false, so running the sweep again retries just them.
+    Ctrl-C stops it; the cells stored so far stay."""
     from .pipeline import Pipeline
     record = record if record is not None else image()
     fixed = dict(fixed or {})
@@ -394,7 +397,12 @@ def sweep(model="shapes", grid: dict | None = None, *, record: Reduce | None = N
                 from .loading import load
                 pipe = load(model_name, controlnet=controlnet)
             for index in pending:
-                arrays, seconds = run_cell(pipe, _cell_kwargs(axes, index, fixed), record)
+                try:
+                    arrays, seconds = run_cell(pipe, _cell_kwargs(axes, index, fixed), record)
+                except Exception as e:  # noqa: BLE001 - like a failed task on a cluster: reported at the end
+                    report.failed[index] = e
+                    bar.update(1)
+                    continue
                 if not Path(store).exists():
                     _init_store(store, axes, arrays, attrs)
                 _write_cell(store, axes, index, arrays, seconds)

@@ -125,6 +125,23 @@ def test_fingerprint_tells_condition_images_apart():
         _fingerprint("shapes", axes, {"control": lab.Control("scribble", a.copy())}, rec)
 
 
+def test_a_failing_cell_is_reported_and_the_others_are_kept(tmp_path, shapes_pipe):
+    def picky(run):
+        if "blue" in run.settings["prompt"] and run.settings["seed"] == 1:
+            raise ValueError("no blue today")
+        return lab.sweeps.image().fn(run)
+
+    grid, store = {"prompt": PROMPTS, "seed": [0, 1]}, tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="1 of 4 cells failed.*no blue today"):
+        lab.sweep(shapes_pipe, grid=grid, fixed={"steps": 2}, store=store, progress=False,
+                  record=Reduce(picky, {"image": ("y", "x", "rgb")}, name="image"))
+    done = xr.open_zarr(store, mask_and_scale=False)["done"]
+    assert int(done.sum()) == 3 and not bool(done.sel(prompt=PROMPTS[1], seed=1))
+    report = SweepReport("", 0)
+    lab.sweep(shapes_pipe, grid=grid, fixed={"steps": 2}, store=store, progress=False, report=report)
+    assert report.ran == [(1, 1)] and report.skipped == 3
+
+
 def test_store_is_never_overwritten_by_another_sweep(tmp_path, shapes_pipe):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
