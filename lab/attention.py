@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import fnmatch
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,29 +159,20 @@ class AttentionRecorder:
         self._sampler = None
         self.layer_names: list[str] = []
         self.meta: dict = {}
+        self._prepared_for = None  # weakref to the sampler the layers, meta and spill files were made for
 
     # ----------------------------------------------------------------- scope
     @contextlib.contextmanager
     def attached(self, sampler):
-        pipe = sampler.pipe
-        unet = pipe.unet
+        unet = sampler.pipe.unet
         names = attention_layer_names(unet)
-        chosen = select_layers(names, self.layers)
-        if self.kind == "cross":
-            chosen = [n for n in chosen if not n.endswith("attn1")]
-        elif self.kind == "self":
-            chosen = [n for n in chosen if not n.endswith("attn2")]
-        if not chosen:
-            raise KeyError(f"no {self.kind}-attention layers among {self.layers!r}")
-        self.layer_names = chosen
-        self._prepare_meta(sampler)
-        self.meta["query_sizes"] = self.query_sizes(sampler)
+        if self._prepared_for is None or self._prepared_for() is not sampler:
+            # once per sampler, not per step (a sampler stepped by hand attaches its recorders every step)
+            self._prepare(sampler, names)
+            self._prepared_for = weakref.ref(sampler)
         if self.record:
-            if self.spill is not None:
-                self._open_spill(sampler)
-            else:
-                self._check_budget(sampler)
             sampler.recording_meta["attention"] = self.meta
+        chosen = self.layer_names
         original = unet.attn_processors
         self.record_names = set(chosen) if self.record else set()
         edited = {n for n in names if any(fnmatch.fnmatchcase(n, e.layers) for e in self.edits)}
@@ -196,6 +188,24 @@ class AttentionRecorder:
         finally:
             unet.set_attn_processor(original)
             self._sampler = None
+
+    def _prepare(self, sampler, names) -> None:
+        """Resolve the layers, describe them (:attr:`meta`), and check the budget or open the spill files."""
+        chosen = select_layers(names, self.layers)
+        if self.kind == "cross":
+            chosen = [n for n in chosen if not n.endswith("attn1")]
+        elif self.kind == "self":
+            chosen = [n for n in chosen if not n.endswith("attn2")]
+        if not chosen:
+            raise KeyError(f"no {self.kind}-attention layers among {self.layers!r}")
+        self.layer_names = chosen
+        self._prepare_meta(sampler)
+        self.meta["query_sizes"] = self.query_sizes(sampler)
+        if self.record:
+            if self.spill is not None:
+                self._open_spill(sampler)
+            else:
+                self._check_budget(sampler)
 
     def _prepare_meta(self, sampler):
         _, _, h, w = sampler.latents.shape
@@ -249,17 +259,17 @@ class AttentionRecorder:
         mods = dict(sampler.pipe.unet.named_modules())
         n_steps = self._steps_recorded(sampler)
         dtype = "float16" if self.dtype == torch.float16 else "float32"
-        files, shapes, self._spill_maps = {}, {}, {}
+        shapes = {}
+        self._spill_maps, self._spill_used = {}, {}
         for i, name in enumerate(self.layer_names):
             q = self.meta["query_sizes"][name]
             k = self.meta["tokens"]["n_tokens"] if name.endswith("attn2") else q
             h = 1 if self.heads == "mean" else mods[name.removeprefix("unet.")].heads
-            shape = (n_steps, self.meta["batch"] * halves, h, q, k)
-            files[name] = f"layer{i:03d}.npy"
-            shapes[name] = shape
-            self._spill_maps[name] = np.lib.format.open_memmap(folder / files[name], mode="w+", dtype=dtype,
-                                                               shape=shape)
-        self.meta["spill"] = {"dir": str(folder), "files": files, "shapes": shapes, "dtype": dtype}
+            shapes[name] = (n_steps, self.meta["batch"] * halves, h, q, k)
+            self._spill_maps[name] = np.lib.format.open_memmap(folder / f"layer{i:03d}.npy", mode="w+", dtype=dtype,
+                                                               shape=shapes[name])
+            self._spill_used[name] = 0
+        self.meta["spill"] = {"dir": str(folder), "shapes": shapes, "dtype": dtype}
 
     def _check_budget(self, sampler):
         need = self.estimate_bytes(sampler)
@@ -304,10 +314,8 @@ class AttentionRecorder:
         if self.heads == "mean":
             p = p.mean(1, keepdim=True)
         p = p.to(self.dtype)
-        if self.spill is not None:  # straight into this step's slot of the layer's file
-            slot = self._slot(i)
-            self._spill_maps[name][slot] = p.cpu().numpy()
-            self._buf[name] = Spilled(slot, self._spill_maps[name].filename)
+        if self.spill is not None:  # straight into the layer's file
+            self._buf[name] = self._spill_write(name, p.cpu().numpy())
             return
         if p.device.type == "cuda":
             # one pinned host buffer per layer, allocated once per run; non-blocking copies into its slots
@@ -322,6 +330,21 @@ class AttentionRecorder:
         else:
             p = p.clone()
         self._buf[name] = p
+
+    def _spill_write(self, name: str, arr) -> "Spilled":
+        """Write one step's probabilities into the next free slot of the layer's file. Slots are never
+        reused: a rewound and re-stepped sampler gets new ones (a fork may still read the old), and a full
+        file (more steps recorded than the run has, after rewinds) is followed by a new one."""
+        import numpy as np
+        mm, used = self._spill_maps[name], self._spill_used[name]
+        if used == len(mm):
+            path = Path(mm.filename)
+            mm = self._spill_maps[name] = np.lib.format.open_memmap(
+                path.with_name(f"{path.stem}+.npy"), mode="w+", dtype=mm.dtype, shape=mm.shape)
+            used = 0
+        mm[used] = arr
+        self._spill_used[name] = used + 1
+        return Spilled(used, mm.filename)
 
     def _slot(self, i: int) -> int:
         return i if self.steps is None else sorted(s for s in self.steps).index(i)
@@ -446,7 +469,7 @@ def attention_tree(steps, meta: dict):
                 arrs.append(np.stack(per_layer, axis=1))  # [b, layer, heads, Q, K]
             a = np.stack(arrs)  # [step, b, layer, heads, Q, K]
         else:
-            a = _spilled_stack(spill, names, recorded)  # the same, lazily from the files (dask)
+            a = _spilled_stack(names, recorded)  # the same, lazily from the files (dask)
         st, b, nl, nh, q, k = a.shape
         a = a.reshape(st, b, nl, nh, hh, ww, k)
         last = "token" if kind == "cross" else "key"
@@ -493,15 +516,16 @@ def attention_tree(steps, meta: dict):
     return xr.DataTree.from_dict({f"/{k}": v for k, v in sorted(children.items(), key=lambda kv: -int(kv[0].split("x")[0]))})
 
 
-def _spilled_stack(spill: dict, names: list[str], recorded) -> "dask.array.Array":  # noqa: F821
-    """``[step, b, layer, heads, Q, K]`` of ``names`` for the ``recorded`` steps, from the spilled files, lazily:
-    a dask array with one chunk per step and layer (nothing is read until it is used)."""
+def _spilled_stack(names: list[str], recorded) -> "dask.array.Array":  # noqa: F821
+    """``[step, b, layer, heads, Q, K]`` of ``names`` for the ``recorded`` steps, lazily from the spilled files
+    (each step's record says which file and slot it was written to): a dask array, nothing read until used."""
     import dask.array as dsa
     import numpy as np
-    folder = Path(spill["dir"])
-    per_layer = []
-    for n in names:
-        mm = np.load(folder / spill["files"][n], mmap_mode="r")  # [steps, b, heads, Q, K]
-        arr = dsa.from_array(mm, chunks=(1, *mm.shape[1:]), name=f"spill-{folder.name}-{n}")
-        per_layer.append(arr[[s.records[n].slot for s in recorded]])
-    return dsa.stack(per_layer, axis=2)
+    files: dict[str, "dask.array.Array"] = {}  # noqa: F821
+
+    def part(rec: Spilled):
+        if rec.path not in files:
+            mm = np.load(rec.path, mmap_mode="r")  # [slots, b, heads, Q, K]
+            files[rec.path] = dsa.from_array(mm, chunks=(1, *mm.shape[1:]), name=f"spill-{rec.path}")
+        return files[rec.path][rec.slot]
+    return dsa.stack([dsa.stack([part(s.records[n]) for s in recorded]) for n in names], axis=2)

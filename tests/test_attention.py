@@ -250,3 +250,26 @@ def test_spill_refuses_without_disk_room_before_sampling(shapes_pipe, tmp_path, 
     with pytest.raises(ValueError, match="float16 or float32"):
         shapes_pipe.sampler("a red circle", steps=1, progress=False, recorders=[
             lab.AttentionRecorder(spill=tmp_path / "b", dtype=torch.bfloat16)]).run()
+
+
+def test_spill_when_stepping_by_hand_rewinding_and_forking(shapes_pipe, tmp_path):
+    """A sampler stepped by hand attaches its recorders every step: one spill folder all the same. Rewound
+    steps get new slots (the file grows into a second one), so a fork made before the rewind still reads
+    its own steps, and every run equals the same recording in memory."""
+    prompt = "a large red circle on a gray background"
+    kw = dict(steps=4, guidance=5.0, seed=2, progress=False)
+    mem = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder()]).run()
+    s = shapes_pipe.sampler(prompt, **kw, recorders=[lab.AttentionRecorder(spill=tmp_path)])
+    for _ in range(3):
+        s.step()
+    fork = s.fork(at=2)
+    s.rewind(1)
+    for _ in s:
+        pass
+    assert len(list(tmp_path.iterdir())) == 1, "one folder per sampler, not one per step"
+    assert list(next(tmp_path.iterdir()).glob("*+.npy")), "re-stepped steps went to new slots"
+    run = s.to_run()
+    np.testing.assert_array_equal(run.attention["16x16"]["cross"].values, mem.attention["16x16"]["cross"].values)
+    fork_run = fork.to_run()
+    np.testing.assert_array_equal(fork_run.attention["16x16"]["cross"].values,
+                                  mem.attention["16x16"]["cross"].values[:2])
