@@ -40,16 +40,16 @@ def noun_iou(threshold: float = 0.4) -> "lab.sweeps.Reduce":  # noqa: F821
     nouns = list(world.SHAPES)
 
     def fn(run):
-        image = np.asarray(run.image)
-        _, dets, _ = evaluator.detect(image)
         caption = run.settings["prompt"]
+        verdict = evaluator.evaluate(np.asarray(run.image), caption)  # one detection pass for both results
+        dets = verdict["objects"]
         want, _ = evaluator.parse_caption(caption)
         ious = np.full(len(nouns), np.nan, np.float32)
         for i, noun in enumerate(nouns):
             hits = [d.mask for d in dets if d.shape == noun]
             if any(s == noun for _, _, s in want) and hits:
                 ious[i] = heatmap_iou(word_heatmap(run, noun), np.logical_or.reduce(hits), threshold)
-        correct = bool(evaluator.evaluate(image, caption)["shape_ok"])  # colours and shapes right (fidelity)
+        correct = bool(verdict["shape_ok"])  # colours and shapes right (what fidelity counts)
         return {"noun_iou": xr.DataArray(ious, dims=("noun",), coords={"noun": nouns}),
                 "correct": xr.DataArray(np.array(correct), dims=())}
     return lab.sweeps.Reduce(fn, {"noun_iou": ("noun",), "correct": ()}, recorders=lambda: [lab.AttentionRecorder()],

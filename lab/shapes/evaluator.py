@@ -113,7 +113,8 @@ def evaluate(image: np.ndarray, caption: str) -> dict:
     """Check ``image`` against ``caption``. Keys: ``n_expected``, ``n_detected``, ``background_ok``,
     ``colour_ok`` (the detected colours equal the caption's, as multisets), ``shape_ok`` (likewise for
     (colour, shape) pairs), ``all_ok`` ((size, colour, shape) triples equal and nothing extra),
-    ``detections`` (list of (size, colour, shape)), ``foreground`` (mask)."""
+    ``detections`` (list of (size, colour, shape)), ``objects`` (the :class:`Detection` objects, with masks),
+    ``foreground`` (mask)."""
     want, bg = parse_caption(caption)
     background, dets, fg = detect(image)
     got = [d.key for d in dets]
@@ -125,6 +126,7 @@ def evaluate(image: np.ndarray, caption: str) -> dict:
         "shape_ok": Counter((c, s) for _, c, s in want) == Counter((c, s) for _, c, s in got),
         "all_ok": Counter(want) == Counter(got),
         "detections": got,
+        "objects": dets,
         "foreground": fg,
     }
 
