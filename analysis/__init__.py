@@ -8,3 +8,5 @@ from .controlnet import plot_residual_norms, residual_map, residual_norms  # noq
 
 __all__ += ["plot_residual_norms", "residual_map", "residual_norms"]
 from . import sweep  # noqa: E402  (reductions for lab.sweep, views of a sweep Dataset)
+
+__all__ += ["sweep"]

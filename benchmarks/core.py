@@ -10,13 +10,14 @@ Sampling: the shapes model, one 64x64 image, 50 DDIM steps with CFG, median of 3
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _report import emit  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -85,9 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     res = {"torch_threads": torch.get_num_threads(), "equivalence_max_abs_diff": equivalence(),
            "preview_ms": preview_ms(), "shapes_sample_seconds_50_steps": sample_seconds()}
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,15 @@ cross_attention <= 1.10, and cross_attention below vanilla_processor. ControlNet
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 import lab
+
+from _report import emit  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 
 class VanillaRecordingProcessor(AttnProcessor):
@@ -150,9 +150,7 @@ def main() -> None:
     sd15 = random_pipeline("sd15", width=4, max_depth=1, layers=4, device=args.device)
     res["sd15_random_width4_256px"] = measure(sd15, prompt="a red circle", steps=10, size=256,
                                               repeats=max(3, args.repeats // 2), device=args.device)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ verdict (``lab.sweeps.image() + analysis.sweep.noun_iou()``). Both stores are co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _report import emit  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 
 def main(argv=None):
@@ -81,10 +82,7 @@ def main(argv=None):
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, args.json)
     return res
 
 

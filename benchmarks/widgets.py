@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from _report import emit  # benchmarks/ is on sys.path when a benchmark runs as a script
 from jupyter_client.manager import start_new_kernel
 
 KERNEL_CODE = r"""
@@ -104,10 +105,7 @@ def main(argv=None):
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {sys.version.split()[0]}",
         "seconds": round(time.time() - t0, 1),
     }
-    print(json.dumps(res, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, args.json)
     return res
 
 
