@@ -124,15 +124,14 @@ class Studio(ErrorsMixin, W.VBox):
 
     def _finished(self, run) -> None:
         """In the sampling thread, when the run ends: the image, the explorer and the residual viewer."""
-        shown = run.image
         if run.interrupted and run.steps:  # x_t of a stopped run is still noisy: show the model's x0 estimate
             shown = run.decode(-1)[0]
-            self.image.value = png(shown)
             self.image_caption.value = (f"stopped after {len(run.steps)} of {run.settings['num_steps']} steps: "
                                         "the x0 estimate")
         else:
-            self.image.value = png(run.image)
+            shown = run.image
             self.image_caption.value = f"{len(run.steps)} steps, seed {run.settings['seed']}"
+        self.image.value = png(shown)
         views = []
         if run.steps:
             views.append(AttentionExplorer(run, image=shown, raise_errors=self.raise_errors))
