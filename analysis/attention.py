@@ -201,15 +201,15 @@ def entropy(run, *, batch: int = 0, kind: str = "cross") -> xr.DataArray:
 
 
 def heatmap_iou(heatmap, mask, threshold: float = 0.4) -> float:
-    """IoU between ``heatmap >= threshold`` (heat map scaled to max 1, DAAM's 0.4 by default) and a
-    boolean ``mask`` of the same shape."""
+    """IoU between a thresholded heat map and a boolean ``mask`` of the same shape, the way DAAM scores
+    its maps: the map is min-max normalised to [0, 1] and the region is ``heatmap > threshold`` (DAAM's
+    0.4 by default). A flat map (max == min) selects nothing."""
     h = np.asarray(heatmap, dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
     if h.shape != m.shape:
         raise ValueError(f"heat map {h.shape} and mask {m.shape} differ in shape; pass size= to word_heatmap")
-    if h.max() > 0:
-        h = h / h.max()
-    pred = h >= threshold
+    lo, hi = float(h.min()), float(h.max())
+    pred = (h - lo) / (hi - lo) > threshold if hi > lo else np.zeros(h.shape, bool)
     union = np.logical_or(pred, m).sum()
     return float(np.logical_and(pred, m).sum() / union) if union else 1.0
 

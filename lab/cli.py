@@ -99,7 +99,8 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from .shapes import train
     rows = train.train(args.stage, args.out, preset=args.preset, device=args.device,
-                       export_to=args.export, init=args.init)
+                       export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
+                       seconds=args.seconds)
     for r in rows:
         print(r)
     return 0
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="zero", choices=["zero", "gaussian"],
                    help="ControlNet zero-convolution initialisation (gaussian: the ablation)")
     t.add_argument("--export", default=None, help="write the fp16 diffusers directory here when done")
+    t.add_argument("--base", default=None,
+                   help="start from this pipeline directory (e.g. lab/models/shapes): its VAE, text encoder "
+                        "and UNet; --stage unet then fine-tunes them")
+    t.add_argument("--grounding", type=float, default=None,
+                   help="weight of the token grounding loss on cross-attention (default: the preset's)")
+    t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")
     t.set_defaults(func=_train)
     return p
 

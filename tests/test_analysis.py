@@ -53,6 +53,10 @@ def test_heatmap_iou_by_hand():
     h = np.array([[1.0, 0.5], [0.3, 0.0]])
     m = np.array([[True, False], [True, False]])
     assert an.heatmap_iou(h, m, threshold=0.4) == pytest.approx(1 / 3)
+    # min-max normalised as DAAM does: an offset map is not "hot" everywhere
+    offset = np.array([[1.0, 0.9], [0.8, 0.7]])  # -> [[1, 2/3], [1/3, 0]]
+    assert an.heatmap_iou(offset, np.array([[True, True], [False, False]])) == pytest.approx(1.0)
+    assert an.heatmap_iou(np.full((2, 2), 0.5), m) == 0.0  # a flat map finds nothing
     with pytest.raises(ValueError, match="shape"):
         an.heatmap_iou(h, np.zeros((3, 3), bool))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab.loading import BUNDLED
 from lab.shapes import evaluator, train, world
 
 
@@ -15,8 +16,9 @@ def test_dataset_is_deterministic_and_chunk_independent():
     b = world.generate(12, seed=5, chunk=5)
     c = world.generate(12, seed=6)
     assert a["caption"] == b["caption"]
-    for k in ("image", "scribble", "segmentation", "edges", "mask_union"):
+    for k in ("image", "scribble", "segmentation", "edges", "mask_union", "object_masks"):
         assert np.array_equal(a[k], b[k]), k
+    assert np.array_equal(a["object_masks"].any(1), a["mask_union"])
     assert a["caption"] != c["caption"]
     assert a["image"].shape == (12, 64, 64, 3) and a["image"].dtype == np.uint8
 
@@ -152,3 +154,81 @@ def test_training_smoke_every_stage(tmp_path):
     # and the ablation variant
     g = train.train("controlnet-scribble", tmp_path / "work", preset="smoke", init="gaussian", progress=False)
     assert g[0]["stage"] == "controlnet-scribble-gaussian"
+
+
+def test_word_groups_follow_the_grammar():
+    assert world.word_groups("a large red circle on a gray background") == [-1, 0, 0, 0, -1, -1, 2, 2]
+    two = "a small blue square and a large green triangle on a white background"
+    assert world.word_groups(two) == [-1, 0, 0, 0, -1, -1, 1, 1, 1, -1, -1, 2, 2, 2][:len(two.split())]
+    ex = world.make_example(0, 3, n_objects=2)
+    words = ex["caption"].split()
+    for k, obj in enumerate(ex["scene"].objects):  # each object's words name that object, in caption order
+        assert [w for w, g in zip(words, world.word_groups(ex["caption"])) if g == k] == [obj.size, obj.colour, obj.shape]
+
+
+def test_grounding_loss_measures_attention_outside_the_region():
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1  # object 0: the top-left quarter
+    masks[0, 2] = 1 - masks[0, 0]  # background
+    groups = torch.tensor([[-1, 0, 2, -1]])
+    inside = torch.zeros(1, 1, 256, 4)
+    inside[0, 0, :, :] = 1e-6
+    inside.view(1, 1, 16, 16, 4)[0, 0, :8, :8, 1] = 1  # token 1 only attended from its object
+    inside.view(1, 1, 16, 16, 4)[0, 0, 8:, :, 2] = 1  # token 2 from the background
+    assert float(train.grounding_loss([inside], masks, groups)) < 1e-4
+    uniform = torch.full((1, 2, 256, 4), 0.25)  # every query attends equally: share = region's area
+    expected = ((1 - 0.25) ** 2 + (1 - 0.75) ** 2) / 2
+    assert float(train.grounding_loss([uniform], masks, groups)) == pytest.approx(expected, rel=1e-5)
+    # several resolutions average; the 8x8 map is compared with the area-averaged mask
+    small = torch.full((1, 1, 64, 4), 0.25)
+    assert float(train.grounding_loss([uniform, small], masks, groups)) == pytest.approx(expected, rel=1e-5)
+    # nothing named (a dropped caption): no loss
+    assert float(train.grounding_loss([uniform], masks, torch.full((1, 4), -1))) == 0.0
+
+
+def test_probs_processor_matches_sdpa_and_passes_gradients():
+    from diffusers import UNet2DConditionModel
+
+    from lab.shapes import configs
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**configs.UNET)
+    z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 32, 128, requires_grad=True)
+    ref = unet(z, t, encoder_hidden_states=ctx).sample
+    store: list = []
+    unet.set_attn_processor({n: (train._ProbsAttnProcessor(store) if n.endswith("attn2.processor") else p)
+                             for n, p in unet.attn_processors.items()})
+    out = unet(z, t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(out, ref, atol=1e-5)
+    # down 16x16, 8x8; mid 4x4; up 8x8 twice, 16x16 twice (the decoder has layers_per_block + 1)
+    assert [p.shape[2] for p in store] == [256, 64, 16, 64, 64, 256, 256]
+    assert all(p.shape[:2] == (2, 4) and p.shape[3] == 32 for p in store)
+    assert torch.allclose(store[0].sum(-1), torch.ones(2, 4, 256), atol=1e-5)
+    masks = torch.rand(2, 3, 16, 16)
+    groups = torch.randint(-1, 3, (2, 32))
+    train.grounding_loss(store, masks, groups).backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.grad.abs().sum() > 0
+
+
+def test_training_smoke_fine_tunes_from_a_base_with_grounding(tmp_path):
+    rows = train.train("unet", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"], grounding=0.05,
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "unet.jsonl").read_text().splitlines()]
+    assert all(0 < r["grounding"] < 1 and r["loss"] == pytest.approx(r["mse"] + 0.05 * r["grounding"], rel=1e-4)
+               for r in log)
+    # a fine-tune starts from the base: its first loss is the converged model's, not a fresh UNet's (~1)
+    assert log[0]["mse"] < 0.2
+    # the export takes what the work directory lacks (VAE, tokenizer, ControlNets) from the base
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert type(sd.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]
+                ).__name__ == "AttnProcessor2_0"
+    ControlNetModel.from_pretrained(tmp_path / "model", subfolder="controlnet-scribble")
+    # a ControlNet stage on that base starts from the base's ControlNet (trained zero convolutions), not a
+    # fresh copy whose zero convolutions are still ~0 after three small steps
+    train.train("controlnet-edges", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"], progress=False)
+    tuned = ControlNetModel.from_pretrained(tmp_path / "work" / "controlnet-edges")
+    shipped = ControlNetModel.from_pretrained(BUNDLED["shapes"], subfolder="controlnet-edges")
+    w, w0 = tuned.controlnet_down_blocks[0].weight, shipped.controlnet_down_blocks[0].weight.float()
+    assert w0.abs().mean() > 1e-3 and float((w - w0).norm() / w0.norm()) < 0.5  # a fresh one: 1.0

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class Preset:
     ckpt_every: float = 120.0
     max_steps: int | None = None  # for smoke tests
     log_every: int = 25
+    grounding: float = 0.0  # weight of the token grounding loss on cross-attention (0: plain L_LDM)
 
 
 PRESETS = {
@@ -124,8 +125,9 @@ class Trainer:
 
     def __init__(self, out: str | Path, preset: str | Preset = "cpu", device: str | None = None, seed: int = 0,
                  progress: bool = True, base: str | Path | None = None):
-        """``base``: a pipeline directory (e.g. the bundled model) whose ``vae``, ``unet`` and
-        ``text_encoder`` later stages start from, instead of this trainer's own earlier stages."""
+        """``base``: a pipeline directory (e.g. the bundled model) to start from: later stages use its
+        components where this trainer has not trained its own (``out/unet`` wins over ``base/unet``), the
+        ``unet`` stage fine-tunes its UNet and text encoder, a ControlNet stage its ControlNet of that kind."""
         self.out = Path(out)
         self.base = Path(base) if base is not None else self.out
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
@@ -148,9 +150,14 @@ class Trainer:
             self._data = {
                 "caption": d["caption"],
                 **{k: torch.from_numpy(d[k]).to(self.device) for k in ("image", *world.CONDITION_KINDS)},
+                "group_masks": _group_masks(torch.from_numpy(d["object_masks"])).to(self.device),
             }
             print(f"[data] {self.preset.n_train} scenes in {time.time() - t0:.1f}s", flush=True)
         return self._data
+
+    def _component(self, name: str) -> Path:
+        """Where a trained component comes from: this run's own, else the base's."""
+        return self.out / name if (self.out / name / "config.json").exists() else self.base / name
 
     def tokenizer(self):
         from transformers import CLIPTokenizer
@@ -192,7 +199,8 @@ class Trainer:
             if step % self.preset.log_every == 0 or step <= 3:
                 lv = float(loss.detach())
                 running = lv if running is None else 0.9 * running + 0.1 * lv
-                log(step=step, t=round(elapsed, 2), loss=lv, lr=opt.param_groups[0]["lr"], **extra)
+                log(step=step, t=round(elapsed, 2), loss=lv, lr=opt.param_groups[0]["lr"],
+                    **{k: float(v) for k, v in extra.items()})
                 bar.set_postfix(loss=f"{running:.4f}", step=step)
             now = time.time()
             bar.update(int(now - t_start) - bar.n)
@@ -275,18 +283,53 @@ class Trainer:
                              pad_token_id=tok.pad_token_id, **configs.TEXT_ENCODER)
         return CLIPTextModel(cfg)
 
+    def _token_groups(self, captions) -> torch.Tensor:
+        """``[n, MAX_TOKENS]`` int8: per token of each caption what it names (:func:`world.word_groups`:
+        object index, ``MAX_OBJECTS`` for the background, -1 for none and for special tokens)."""
+        tok = self.tokenizer()
+        n_tokens: dict[str, int] = {}
+        out = torch.full((len(captions), configs.MAX_TOKENS), -1, dtype=torch.int8)
+        for i, caption in enumerate(captions):
+            pos = 1  # after <|startoftext|>
+            for word, group in zip(caption.split(), world.word_groups(caption)):
+                if word not in n_tokens:
+                    n_tokens[word] = len(tok(word, add_special_tokens=False).input_ids)
+                end = min(pos + n_tokens[word], configs.MAX_TOKENS - 1)
+                out[i, pos:end] = group
+                pos = end
+        return out.to(self.device)
+
     def train_unet(self):
+        """Stage 2: the UNet and the text encoder, jointly, with L_LDM (plus the token grounding loss when
+        the preset's ``grounding`` > 0). With a ``base`` pipeline directory they start from its weights
+        (fine-tuning); otherwise from scratch on this trainer's VAE."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
         p = self.preset
-        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(self._component("vae"), dtype=torch.float32).to(self.device).eval()
+        vae.requires_grad_(False)
         scale = vae.config.scaling_factor
         mean, std = self._latent_stats(vae)
         del vae
         ids = self._token_ids(self.data["caption"])
         empty = self._token_ids([""])[0]
         torch.manual_seed(self.seed + 2)
-        unet = UNet2DConditionModel(**configs.UNET).to(self.device)
-        text = self._text_encoder().to(self.device)
+        if self.base != self.out and (self.base / "unet").exists():
+            unet = UNet2DConditionModel.from_pretrained(self.base / "unet", dtype=torch.float32).to(self.device)
+            text = CLIPTextModel.from_pretrained(self.base / "text_encoder", dtype=torch.float32).to(self.device)
+            print(f"[unet] fine-tuning from {self.base}", flush=True)
+        else:
+            unet = UNet2DConditionModel(**configs.UNET).to(self.device)
+            text = self._text_encoder().to(self.device)
+        unet.train()
+        text.train()
+        grounding = p.grounding > 0
+        if grounding:
+            groups = self._token_groups(self.data["caption"])
+            group_masks = self.data["group_masks"]
+            probs: list[torch.Tensor] = []
+            unet.set_attn_processor({name: (_ProbsAttnProcessor(probs) if name.endswith("attn2.processor")
+                                            else proc) for name, proc in unet.attn_processors.items()})
         ema_unet = copy.deepcopy(unet).requires_grad_(False)
         ema_text = copy.deepcopy(text).requires_grad_(False)
         sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
@@ -307,7 +350,13 @@ class Trainer:
                 cond = text(tok).last_hidden_state
                 pred = unet(zt, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), eps)  # L_LDM
-            return loss, {}
+            if not grounding:
+                return loss, {}
+            token_group = groups[idx].long()
+            token_group[drop] = -1  # a dropped caption names nothing
+            ground = grounding_loss(probs, group_masks[idx].float(), token_group)
+            probs.clear()
+            return loss + p.grounding * ground, {"mse": loss.detach(), "grounding": ground.detach()}
 
         params = list(unet.parameters()) + list(text.parameters())
 
@@ -323,6 +372,9 @@ class Trainer:
 
         summary = self._loop_with_ema("unet", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
                                       [(ema_unet, unet), (ema_text, text)])
+        if grounding:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            ema_unet.set_attn_processor(AttnProcessor2_0())
         ema_unet.save_pretrained(self.out / "unet")
         ema_text.save_pretrained(self.out / "text_encoder")
         self._save_scheduler()
@@ -359,18 +411,26 @@ class Trainer:
             raise KeyError(f"unknown condition kind {kind!r}; expected one of {world.CONDITION_KINDS}")
         p = self.preset
         stage = f"controlnet-{kind}" + ("" if init == "zero" else f"-{init}")
-        vae = AutoencoderKL.from_pretrained(self.base / "vae", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(self._component("vae"), dtype=torch.float32).to(self.device).eval()
+        vae.requires_grad_(False)
         scale = vae.config.scaling_factor
         mean, std = self._latent_stats(vae)
         del vae
-        unet = UNet2DConditionModel.from_pretrained(self.base / "unet", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
-        text = CLIPTextModel.from_pretrained(self.base / "text_encoder", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
+        text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device)
+        unet.eval().requires_grad_(False)
+        text.eval().requires_grad_(False)
         ids = self._token_ids(self.data["caption"])
         empty = self._token_ids([""])[0]
         torch.manual_seed(self.seed + 4)
-        net = ControlNetModel.from_unet(unet, **configs.CONTROLNET).to(self.device).train()
-        if init == "gaussian":
-            gaussian_init_zero_convs(net)
+        start = self.base / stage
+        if self.base != self.out and start.exists():  # fine-tune the base's ControlNet (e.g. on a new UNet)
+            net = ControlNetModel.from_pretrained(start, dtype=torch.float32).to(self.device).train()
+            print(f"[{stage}] fine-tuning from {start}", flush=True)
+        else:
+            net = ControlNetModel.from_unet(unet, **configs.CONTROLNET).to(self.device).train()
+            if init == "gaussian":
+                gaussian_init_zero_convs(net)
         cond_u8 = self.data[kind]
         sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
         abar = sched.alphas_cumprod.to(self.device)
@@ -403,7 +463,62 @@ class Trainer:
     # ---------------------------------------------------------------- export
     def export(self, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
         """Write the diffusers pipeline directory (fp16 safetensors) with ``controlnet-KIND`` subfolders."""
-        return export_pipeline(self.out, dest, kinds)
+        return export_pipeline(self.out, dest, kinds, base=self.base)
+
+
+def _group_masks(object_masks: torch.Tensor) -> torch.Tensor:
+    """``[n, MAX_OBJECTS, H, W]`` bool -> ``[n, MAX_OBJECTS + 1, 16, 16]`` float16: each object's mask and the
+    background's, area-averaged to the latent grid."""
+    out = []
+    for i in range(0, len(object_masks), 4096):
+        obj = F.adaptive_avg_pool2d(object_masks[i:i + 4096].float(), configs.LATENT_SIZE)
+        out.append(torch.cat([obj, (1 - obj.sum(1, keepdim=True)).clamp(min=0)], 1).half())
+    return torch.cat(out)
+
+
+class _ProbsAttnProcessor:
+    """Cross-attention written out (``softmax(QK^T / sqrt(d)) V``) so that the probabilities stay in the
+    autograd graph for the grounding loss; each call appends them, ``[batch, heads, queries, tokens]``,
+    to ``store``. Training only: sampling uses diffusers' SDPA processors."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        residual = hidden_states
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        p = attn.get_attention_scores(q, k, None)  # [b * heads, n, tokens]
+        self.store.append(p.view(b, attn.heads, n, -1))
+        out = attn.batch_to_head_dim(torch.bmm(p, v))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024) on the shapes world's masks: for every token that
+    names something (an object's size, colour or shape word; the background's words), the share of its
+    cross-attention map that falls outside its region, squared, averaged over tokens and layers:
+    ``(1 - sum_hw(A_i * M_i) / sum_hw(A_i))^2``.
+
+    ``probs``: per layer ``[batch, heads, h * w, tokens]``; ``masks``: ``[batch, groups, H, W]`` soft region
+    masks (objects, then background); ``token_group``: ``[batch, tokens]`` index into ``groups`` or -1."""
+    valid = token_group >= 0
+    if not bool(valid.any()):
+        return masks.new_zeros(())
+    losses = []
+    for p in probs:
+        a = p.float().mean(1)  # [b, hw, tokens]
+        side = math.isqrt(a.shape[1])
+        m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # [b, groups, hw]
+        target = torch.gather(m, 1, token_group.clamp(min=0)[..., None].expand(-1, -1, m.shape[2]))  # [b, t, hw]
+        share = (a.transpose(1, 2) * target).sum(-1) / a.sum(1).clamp(min=1e-8)  # [b, tokens]
+        losses.append(((1 - share) ** 2)[valid].mean())
+    return torch.stack(losses).mean()
 
 
 def gaussian_init_zero_convs(net, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -416,28 +531,36 @@ def gaussian_init_zero_convs(net, std: float = 0.02, generator: torch.Generator 
             conv.bias.zero_()
 
 
-def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
+def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KINDS,
+                    base: str | Path | None = None) -> Path:
+    """Write ``dest`` (fp16 safetensors, a diffusers pipeline directory with ``controlnet-KIND`` subfolders)
+    from the components trained in ``work``; components ``work`` lacks come from ``base``."""
     import shutil
 
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer
     work, dest = Path(work), Path(dest)
+    base = Path(base) if base is not None else work
+
+    def src(name: str) -> Path:
+        return work / name if (work / name).exists() else base / name
+
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(work / "unet"),
-        scheduler=DDIMScheduler.from_pretrained(work / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(src("vae")),
+        text_encoder=CLIPTextModel.from_pretrained(src("text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(src("tokenizer")),
+        unet=UNet2DConditionModel.from_pretrained(src("unet")),
+        scheduler=DDIMScheduler.from_pretrained(src("scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     for kind in kinds:
-        src = work / f"controlnet-{kind}"
-        if src.exists():
-            ControlNetModel.from_pretrained(src).to(torch.float16).save_pretrained(
+        net_dir = src(f"controlnet-{kind}")
+        if net_dir.exists():
+            ControlNetModel.from_pretrained(net_dir, dtype=torch.float32).to(torch.float16).save_pretrained(
                 tmp / f"controlnet-{kind}", safe_serialization=True)
     write_preview_map(tmp)
     # transformers loads a model in the dtype its config names; diffusers models load in fp32. Name fp32
@@ -467,13 +590,22 @@ def write_preview_map(pipeline_dir: Path, n: int = 256) -> float:
 
 
 def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,
-          export_to: str | Path | None = None, init: str = "zero", progress: bool = True) -> list[dict]:
-    """Run one stage (``vae``, ``unet``, ``controlnet-KIND``) or all of them in order."""
+          export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
+          base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None) -> list[dict]:
+    """Run one stage (``vae``, ``unet``, ``controlnet-KIND``) or all of them in order. ``base``: a pipeline
+    directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
+    ``grounding``: the token grounding loss weight (default: the preset's); ``seconds``: each stage's
+    wall-clock budget (default: the preset's)."""
     stages = STAGES if stage in (None, "all") else (stage,)
     for s in stages:
         if s not in STAGES:
             raise KeyError(f"unknown stage {s!r}; expected one of {STAGES}")
-    tr = Trainer(out, preset, device, progress=progress)
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if grounding is not None:
+        p = replace(p, grounding=grounding)
+    if seconds is not None:
+        p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds)
+    tr = Trainer(out, p, device, progress=progress, base=base)
     out_rows = []
     for s in stages:
         if s == "vae":

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 64  # image side in pixels
+MAX_OBJECTS = 2  # objects per scene: one or two
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -103,7 +104,7 @@ def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: i
     """Draw one scene. ``split="train"`` never yields a held-out two-object combination;
     ``split="heldout"`` yields only held-out ones when it draws two objects."""
     while True:
-        n = int(rng.integers(1, 3)) if n_objects is None else n_objects
+        n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
         background = str(rng.choice(list(BACKGROUNDS)))
         objects: list[ShapeObject] = []
         for _ in range(n):
@@ -122,6 +123,20 @@ def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: i
         if n == 2 and ((split == "train" and held) or (split == "heldout" and not held)):
             continue
         return Scene(tuple(objects), background, Scene.make_caption(objects, background))
+
+
+def word_groups(caption: str) -> list[int]:
+    """What each word of a caption names: the index of its object (in caption order) for the size, colour
+    and shape words, ``MAX_OBJECTS`` for the background's colour and "background", -1 for "a", "and", "on".
+    ``"a large red circle on a gray background"`` -> ``[-1, 0, 0, 0, -1, -1, 2, 2]``."""
+    out, group = [], 0
+    for word in caption.split():
+        if word == "and":
+            group += 1
+        elif word == "on":
+            group = MAX_OBJECTS
+        out.append(-1 if word in ("a", "and", "on") else group)
+    return out
 
 
 def _apart(a: ShapeObject, b: ShapeObject, gap: float = 3.0) -> bool:
@@ -237,18 +252,22 @@ def make_example(seed: int, index: int, *, split: str = "train", n_objects: int 
 
 def _chunk(args):
     seed, start, stop, split = args
-    out = {k: [] for k in ("image", "caption", "scribble", "segmentation", "edges", "mask_union")}
+    out = {k: [] for k in ("image", "caption", "scribble", "segmentation", "edges", "mask_union", "object_masks")}
     for i in range(start, stop):
         ex = make_example(seed, i, split=split)
         for k in ("image", "caption", "scribble", "segmentation", "edges"):
             out[k].append(ex[k])
         out["mask_union"].append(ex["masks"].any(0))
+        masks = np.zeros((MAX_OBJECTS, SIZE, SIZE), bool)
+        masks[:len(ex["masks"])] = ex["masks"]
+        out["object_masks"].append(masks)
     return out
 
 
 def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048) -> dict:
     """``n`` examples as stacked arrays: ``image``/``scribble``/``segmentation``/``edges``
-    ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool`` and ``caption`` (list of str).
+    ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool``, ``object_masks`` ``[n, 2, H, W] bool`` (in
+    caption order; all False for a missing second object) and ``caption`` (list of str).
     The result does not depend on ``workers`` or ``chunk``."""
     jobs = [(seed, a, min(a + chunk, n), split) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
