@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the bundled shapes model (resumable)")
     t.add_argument("model", choices=["shapes"])
     t.add_argument("--stage", default="all",
-                   help="vae | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all")
+                   help="vae | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
+                        "or several, comma-separated")
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])
     t.add_argument("--device", default=None)

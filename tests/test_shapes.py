@@ -227,7 +227,11 @@ def test_training_smoke_fine_tunes_from_a_base_with_grounding(tmp_path):
     ControlNetModel.from_pretrained(tmp_path / "model", subfolder="controlnet-scribble")
     # a ControlNet stage on that base starts from the base's ControlNet (trained zero convolutions), not a
     # fresh copy whose zero convolutions are still ~0 after three small steps
-    train.train("controlnet-edges", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"], progress=False)
+    rows = train.train("controlnet-edges,controlnet-scribble", tmp_path / "work", preset="smoke",
+                       base=BUNDLED["shapes"], progress=False)
+    assert [r["stage"] for r in rows] == ["controlnet-edges", "controlnet-scribble"]
+    with pytest.raises(KeyError, match="unknown stage"):
+        train.train("controlnet-edges,controlnet-sketch", tmp_path / "work", preset="smoke", progress=False)
     tuned = ControlNetModel.from_pretrained(tmp_path / "work" / "controlnet-edges")
     shipped = ControlNetModel.from_pretrained(BUNDLED["shapes"], subfolder="controlnet-edges")
     w, w0 = tuned.controlnet_down_blocks[0].weight, shipped.controlnet_down_blocks[0].weight.float()
