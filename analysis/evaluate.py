@@ -5,8 +5,9 @@ the oracle (:mod:`lab.shapes.evaluator`) finds the objects in each generated ima
 of the caption (circle, square, triangle) whose object the oracle found (matched by colour and shape),
 the noun's :func:`analysis.word_heatmap` (all layers, all steps), min-max normalised and thresholded at
 0.4 as DAAM does (:func:`analysis.heatmap_iou`), is compared with that object's mask. ``noun_miou`` is
-the mean IoU over those (caption, noun) pairs; ``coverage`` the fraction of nouns whose object was found. The same for colour words (``colour_miou``), and a
-reference: the IoU a map would get that lights up every object (``all_objects_miou``).
+the mean IoU over those (caption, noun) pairs; ``coverage`` the fraction of nouns whose object was found.
+The same for colour words (``colour_miou``), and a reference: the IoU a map would get that lights up
+every object (``all_objects_miou``).
 """
 from __future__ import annotations
 

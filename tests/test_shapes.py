@@ -163,7 +163,8 @@ def test_word_groups_follow_the_grammar():
     ex = world.make_example(0, 3, n_objects=2)
     words = ex["caption"].split()
     for k, obj in enumerate(ex["scene"].objects):  # each object's words name that object, in caption order
-        assert [w for w, g in zip(words, world.word_groups(ex["caption"])) if g == k] == [obj.size, obj.colour, obj.shape]
+        named = [w for w, g in zip(words, world.word_groups(ex["caption"])) if g == k]
+        assert named == [obj.size, obj.colour, obj.shape]
 
 
 def test_grounding_loss_measures_attention_outside_the_region():
