@@ -223,7 +223,10 @@ def test_spill_to_disk_equals_memory_and_reads_lazily(shapes_pipe, tmp_path):
             assert type(lazy.data).__module__.startswith("dask"), "spilled attention is read lazily"
             np.testing.assert_array_equal(lazy.values, node[var].values)
             assert lazy.dims == node[var].dims
-    np.testing.assert_array_equal(an.word_heatmap(disk, "square").values, an.word_heatmap(mem, "square").values)
+    # the records are bit-equal (above); a heat map reduces the lazy (dask) layers in another order than
+    # the in-memory ones, so float32 sums may differ in the last bits
+    np.testing.assert_allclose(an.word_heatmap(disk, "square").values, an.word_heatmap(mem, "square").values,
+                               rtol=1e-4, atol=1e-9)
     saved = lab.Run.load(disk.save(tmp_path / "run.zarr"))
     np.testing.assert_array_equal(saved.attention["8x8"]["cross"].values, mem.attention["8x8"]["cross"].values)
     # a spilled run works as the source of an attention edit too
