@@ -166,12 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])
     t.add_argument("--device", default=None)
-    t.add_argument("--init", default="zero", choices=["zero", "gaussian"],
-                   help="ControlNet zero-convolution initialisation (gaussian: the ablation)")
+    t.add_argument("--init", default="zero", choices=["zero", "gaussian", "base"],
+                   help="ControlNet start: a copy of the UNet's encoder with zero convolutions (zero), the same "
+                        "with Gaussian ones (gaussian: the ablation), or the --base model's ControlNet (base)")
     t.add_argument("--export", default=None, help="write the fp16 diffusers directory here when done")
     t.add_argument("--base", default=None,
                    help="start from this pipeline directory (e.g. lab/models/shapes): its VAE, text encoder "
-                        "and UNet; --stage unet then fine-tunes them")
+                        "and UNet; --stage unet then fine-tunes them, --init base its ControlNets")
     t.add_argument("--grounding", type=float, default=None,
                    help="weight of the token grounding loss on cross-attention (default: the preset's)")
     t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")

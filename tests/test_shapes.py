@@ -226,14 +226,22 @@ def test_training_smoke_fine_tunes_from_a_base_with_grounding(tmp_path):
     assert type(sd.unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]
                 ).__name__ == "AttnProcessor2_0"
     ControlNetModel.from_pretrained(tmp_path / "model", subfolder="controlnet-scribble")
-    # a ControlNet stage on that base starts from the base's ControlNet (trained zero convolutions), not a
-    # fresh copy whose zero convolutions are still ~0 after three small steps
+    # init="base": a ControlNet stage starts from the base's ControlNet (trained zero convolutions), not a
+    # fresh copy whose zero convolutions are still ~0 after three small steps (the default, as notebook 04 needs)
     rows = train.train("controlnet-edges,controlnet-scribble", tmp_path / "work", preset="smoke",
-                       base=BUNDLED["shapes"], progress=False)
+                       base=BUNDLED["shapes"], init="base", progress=False)
     assert [r["stage"] for r in rows] == ["controlnet-edges", "controlnet-scribble"]
-    with pytest.raises(KeyError, match="unknown stage"):
-        train.train("controlnet-edges,controlnet-sketch", tmp_path / "work", preset="smoke", progress=False)
     tuned = ControlNetModel.from_pretrained(tmp_path / "work" / "controlnet-edges")
     shipped = ControlNetModel.from_pretrained(BUNDLED["shapes"], subfolder="controlnet-edges")
     w, w0 = tuned.controlnet_down_blocks[0].weight.detach(), shipped.controlnet_down_blocks[0].weight.detach().float()
-    assert w0.abs().mean() > 1e-3 and float((w - w0).norm() / w0.norm()) < 0.5  # a fresh one: 1.0
+    assert w0.abs().mean() > 1e-3 and float((w - w0).norm() / w0.norm()) < 0.5  # a fresh one: ~1.0
+    fresh = train.train("controlnet-edges", tmp_path / "fresh", preset="smoke", base=BUNDLED["shapes"],
+                        progress=False)[0]
+    w1 = ControlNetModel.from_pretrained(tmp_path / "fresh" / "controlnet-edges").controlnet_down_blocks[0].weight
+    assert fresh["stage"] == "controlnet-edges" and float(w1.detach().norm() / w0.norm()) < 0.5
+    with pytest.raises(ValueError, match="unknown init"):
+        train.train("controlnet-edges", tmp_path / "work", preset="smoke", init="ones", progress=False)
+    with pytest.raises(FileNotFoundError, match="needs a ControlNet"):
+        train.train("controlnet-edges", tmp_path / "nothing", preset="smoke", init="base", progress=False)
+    with pytest.raises(KeyError, match="unknown stage"):
+        train.train("controlnet-edges,controlnet-sketch", tmp_path / "work", preset="smoke", progress=False)

@@ -133,7 +133,8 @@ class Trainer:
                  progress: bool = True, base: str | Path | None = None):
         """``base``: a pipeline directory (e.g. the bundled model) to start from: later stages use its
         components where this trainer has not trained its own (``out/unet`` wins over ``base/unet``), the
-        ``unet`` stage fine-tunes its UNet and text encoder, a ControlNet stage its ControlNet of that kind."""
+        ``unet`` stage fine-tunes its UNet and text encoder, a ControlNet stage with ``init="base"`` its
+        ControlNet of that kind."""
         self.out = Path(out)
         self.base = Path(base) if base is not None else self.out
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
@@ -141,6 +142,7 @@ class Trainer:
         self.seed = seed
         self.progress = progress
         self._data = None
+        self._stats: dict[str, tuple] = {}  # VAE dir -> (scaling factor, posterior means, stds)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -270,12 +272,11 @@ class Trainer:
         """The VAE posterior's mean and std of every training image, encoded once per VAE and kept for the
         later stages of this trainer (on 2 CPU cores encoding 30k scenes takes minutes)."""
         key = str(Path(vae_dir).resolve())
-        cache = self.__dict__.setdefault("_stats", {})
-        if key not in cache:
+        if key not in self._stats:
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(self.device).eval()
-            cache[key] = (vae.config.scaling_factor, *self._encode_stats(vae.requires_grad_(False)))
-        return cache[key]
+            self._stats[key] = (vae.config.scaling_factor, *self._encode_stats(vae.requires_grad_(False)))
+        return self._stats[key]
 
     def _encode_stats(self, vae):
         with torch.no_grad():
@@ -423,7 +424,12 @@ class Trainer:
         if kind not in world.CONDITION_KINDS:
             raise KeyError(f"unknown condition kind {kind!r}; expected one of {world.CONDITION_KINDS}")
         p = self.preset
-        stage = f"controlnet-{kind}" + ("" if init == "zero" else f"-{init}")
+        if init not in ("zero", "gaussian", "base"):
+            raise ValueError(f"unknown init {init!r}; expected 'zero', 'gaussian' or 'base'")
+        stage = f"controlnet-{kind}" + ("-gaussian" if init == "gaussian" else "")
+        start = self.base / f"controlnet-{kind}"
+        if init == "base" and not (start / "config.json").exists():
+            raise FileNotFoundError(f"init='base' needs a ControlNet to start from; {start} has none (pass base=)")
         scale, mean, std = self._latent_stats(self._component("vae"))
         unet = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
         text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device)
@@ -432,8 +438,7 @@ class Trainer:
         ids = self._token_ids(self.data["caption"])
         empty = self._token_ids([""])[0]
         torch.manual_seed(self.seed + 4)
-        start = self.base / stage
-        if self.base != self.out and start.exists():  # fine-tune the base's ControlNet (e.g. on a new UNet)
+        if init == "base":  # go on training the base's ControlNet of this kind (e.g. on a fine-tuned UNet)
             net = ControlNetModel.from_pretrained(start, dtype=torch.float32).to(self.device).train()
             print(f"[{stage}] fine-tuning from {start}", flush=True)
         else:
