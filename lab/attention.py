@@ -411,33 +411,36 @@ def recording_bytes(unet, height: int, width: int, *, steps: int, n_tokens: int 
                         batch=batch, halves=halves, dtype=dtype, steps=steps)
 
 
+def token_words(tok, ids) -> dict:
+    """How ``tok`` split a prompt into token ``ids``: ``tokens`` (strings), ``word_index`` (the word of the
+    prompt each token belongs to; -1 for special and padding tokens) and ``words`` (that word's text)."""
+    toks = tok.convert_ids_to_tokens(list(ids))
+    words, word_idx, w, current = [], [], 0, ""
+    for t in toks:
+        if t in (tok.bos_token, tok.eos_token, tok.pad_token):
+            word_idx.append(-1)
+            words.append("")
+            continue
+        word_idx.append(w)
+        current += t.removesuffix("</w>")
+        words.append(None)
+        if t.endswith("</w>"):
+            for j in range(len(words)):
+                if words[j] is None:
+                    words[j] = current
+            current, w = "", w + 1
+    words = [x if x is not None else current for x in words]
+    return {"tokens": [t.removesuffix("</w>") for t in toks], "word_index": word_idx, "words": words}
+
+
 def token_table(sampler) -> dict:
     """Token strings and word indices of the (first) prompt of a sampler, as the text encoder saw it."""
     tok = sampler.pipe.tokenizer
     prompt = sampler.settings["prompt"]
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = tok.model_max_length
-    rows = []
-    for p in prompts:
-        ids = tok(p, padding="max_length", max_length=n, truncation=True).input_ids
-        toks = tok.convert_ids_to_tokens(ids)
-        words, word_idx, w, current = [], [], 0, ""
-        for t in toks:
-            if t in (tok.bos_token, tok.eos_token, tok.pad_token):
-                word_idx.append(-1)
-                words.append("")
-                continue
-            word_idx.append(w)
-            current += t.removesuffix("</w>")
-            words.append(None)
-            if t.endswith("</w>"):
-                for j in range(len(words)):
-                    if words[j] is None:
-                        words[j] = current
-                current, w = "", w + 1
-        words = [x if x is not None else current for x in words]
-        rows.append({"tokens": [t.removesuffix("</w>") for t in toks], "word_index": word_idx, "words": words})
-    return {"n_tokens": n, "prompts": rows}
+    ids = tok(prompts, padding="max_length", max_length=n, truncation=True).input_ids
+    return {"n_tokens": n, "prompts": [token_words(tok, row) for row in ids]}
 
 
 def attention_tree(steps, meta: dict):

@@ -301,20 +301,19 @@ class Trainer:
                              pad_token_id=tok.pad_token_id, **configs.TEXT_ENCODER)
         return CLIPTextModel(cfg)
 
-    def _token_groups(self, captions) -> torch.Tensor:
-        """``[n, MAX_TOKENS]`` int8: per token of each caption what it names (:func:`world.word_groups`:
-        object index, ``MAX_OBJECTS`` for the background, -1 for none and for special tokens)."""
+    def _token_groups(self, captions, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, MAX_TOKENS]`` int8: per token (``ids``, from :meth:`_token_ids`) of each caption what it names
+        (:func:`world.word_groups`: object index, ``MAX_OBJECTS`` for the background, -1 for none and for
+        special tokens)."""
+        from ..attention import token_words
         tok = self.tokenizer()
-        n_tokens: dict[str, int] = {}
+        ids = ids.tolist()
         out = torch.full((len(captions), configs.MAX_TOKENS), -1, dtype=torch.int8)
         for i, caption in enumerate(captions):
-            pos = 1  # after <|startoftext|>
-            for word, group in zip(caption.split(), world.word_groups(caption)):
-                if word not in n_tokens:
-                    n_tokens[word] = len(tok(word, add_special_tokens=False).input_ids)
-                end = min(pos + n_tokens[word], configs.MAX_TOKENS - 1)
-                out[i, pos:end] = group
-                pos = end
+            groups = world.word_groups(caption)
+            for j, w in enumerate(token_words(tok, ids[i])["word_index"]):
+                if w >= 0:
+                    out[i, j] = groups[w]
         return out.to(self.device)
 
     def train_unet(self):
@@ -339,7 +338,7 @@ class Trainer:
         text.train()
         grounding = p.grounding > 0
         if grounding:
-            groups = self._token_groups(self.data["caption"])
+            groups = self._token_groups(self.data["caption"], ids)
             group_masks = self.data["group_masks"]
             probs: list[torch.Tensor] = []
             unet.set_attn_processor({name: (_ProbsAttnProcessor(probs) if name.endswith("attn2.processor")
