@@ -100,7 +100,7 @@ def _train(args) -> int:
     from .shapes import train
     rows = train.train(args.stage, args.out, preset=args.preset, device=args.device,
                        export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
-                       seconds=args.seconds)
+                       seconds=args.seconds, pixel=args.pixel)
     for r in rows:
         print(r)
     return 0
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and UNet; --stage unet then fine-tunes them, --init base its ControlNets")
     t.add_argument("--grounding", type=float, default=None,
                    help="weight of the token grounding loss on cross-attention (default: the preset's)")
+    t.add_argument("--pixel", type=float, default=None,
+                   help="weight of the pixel grounding loss (each word's map should cover its region; default: the preset's)")
     t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")
     t.set_defaults(func=_train)
     return p

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# training runs in the tests keep their VAE encodings in a throw-away folder, not in ~/.cache
+os.environ.setdefault("LATENT_LAB_CACHE", os.path.join(tempfile.mkdtemp(prefix="latent-lab-cache-"), "cache"))
 
 import socket  # noqa: E402
 

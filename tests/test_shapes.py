@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +190,57 @@ def test_grounding_loss_measures_attention_outside_the_region():
     assert float(train.grounding_loss([uniform], masks, torch.full((1, 4), -1))) == 0.0
 
 
+def test_pixel_grounding_loss_asks_maps_to_cover_their_region():
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1  # object 0: the top-left quarter
+    masks[0, 2] = 1 - masks[0, 0]
+    groups = torch.tensor([[-1, 0, 2, -1]])
+    cover = torch.zeros(1, 1, 256, 4)
+    cover.view(1, 1, 16, 16, 4)[0, 0, :8, :8, 1] = 1  # token 1: all of its object, nothing else
+    cover.view(1, 1, 16, 16, 4)[0, 0, 8:, :, 2] = 1
+    cover.view(1, 1, 16, 16, 4)[0, 0, :8, 8:, 2] = 1  # token 2: all of the background
+    cover[..., 0] = 1 - cover[..., 1:].sum(-1)
+    assert float(train.pixel_grounding_loss([cover], masks, groups)) < 1e-4
+    # a peak in the object's centre satisfies the token loss but not the pixel loss
+    peak = torch.zeros(1, 1, 256, 4)
+    peak[..., 0] = 1
+    peak.view(1, 1, 16, 16, 4)[0, 0, 4, 4] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    peak.view(1, 1, 16, 16, 4)[0, 0, 12, 12] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    assert float(train.grounding_loss([peak], masks, groups)) < 1e-4
+    assert float(train.pixel_grounding_loss([peak], masks, groups)) > 5
+    # uniform attention 1/4 by hand: BCE = area * -log(1/4) + (1 - area) * -log(3/4), per token
+    uniform = torch.full((1, 2, 256, 4), 0.25)
+    bce = [a * -math.log(0.25) + (1 - a) * -math.log(0.75) for a in (0.25, 0.75)]
+    assert float(train.pixel_grounding_loss([uniform], masks, groups)) == pytest.approx(sum(bce) / 2, rel=1e-5)
+    assert float(train.pixel_grounding_loss([uniform], masks, torch.full((1, 4), -1))) == 0.0
+
+
+def test_encoding_cache_serves_the_same_latents_and_follows_the_vae(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENT_LAB_CACHE", str(tmp_path / "cache"))
+    vae_dir = Path(BUNDLED["shapes"]) / "vae"
+    first = train.Trainer(tmp_path / "a", "smoke", base=BUNDLED["shapes"], progress=False)
+    scale, mean, std = first._latent_stats(vae_dir)
+    path = train._encoding_cache(vae_dir, 64, 0, torch.device("cpu"))
+    assert path.exists() and path.parent.parent == tmp_path / "cache"
+    second = train.Trainer(tmp_path / "b", "smoke", base=BUNDLED["shapes"], progress=False)
+    second._encode_stats = None  # a second command must not encode again
+    _, mean2, std2 = second._latent_stats(vae_dir)
+    assert torch.equal(mean, mean2) and torch.equal(std, std2)
+    # a copy of the VAE saved elsewhere is the same VAE; another VAE, set or seed: another entry
+    other = tmp_path / "vae"
+    shutil.copytree(vae_dir, other)
+    config = json.loads((vae_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    assert train._encoding_cache(other, 64, 0, torch.device("cpu")) == path
+    (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 1.0}))
+    keys = {path, train._encoding_cache(other, 64, 0, torch.device("cpu")),
+            train._encoding_cache(vae_dir, 65, 0, torch.device("cpu")),
+            train._encoding_cache(vae_dir, 64, 1, torch.device("cpu"))}
+    assert len(keys) == 4
+    monkeypatch.setenv("LATENT_LAB_CACHE", "off")
+    assert train._encoding_cache(vae_dir, 64, 0, torch.device("cpu")) is None
+
+
 def test_probs_processor_matches_sdpa_and_passes_gradients():
     from diffusers import UNet2DConditionModel
 
@@ -213,11 +267,11 @@ def test_probs_processor_matches_sdpa_and_passes_gradients():
 
 def test_training_smoke_fine_tunes_from_a_base_with_grounding(tmp_path):
     rows = train.train("unet", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"], grounding=0.05,
-                       export_to=tmp_path / "model", progress=False)
+                       pixel=0.01, export_to=tmp_path / "model", progress=False)
     assert rows[0]["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "unet.jsonl").read_text().splitlines()]
-    assert all(0 < r["grounding"] < 1 and r["loss"] == pytest.approx(r["mse"] + 0.05 * r["grounding"], rel=1e-4)
-               for r in log)
+    assert all(0 < r["grounding"] < 1 and 0 < r["pixel"] < 5 for r in log)
+    assert all(r["loss"] == pytest.approx(r["mse"] + 0.05 * r["grounding"] + 0.01 * r["pixel"], rel=1e-4) for r in log)
     # a fine-tune starts from the base: its first loss is the converged model's, not a fresh UNet's (~1)
     assert log[0]["mse"] < 0.2
     # the export takes what the work directory lacks (VAE, tokenizer, ControlNets) from the base

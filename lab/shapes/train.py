@@ -12,7 +12,10 @@ that names an object (its size, colour, shape) or the background should draw its
 that region of the scene's mask. A small model trained on L_LDM alone learns near-uniform attention
 over the 32 token slots (a global bag of attributes: colours leak between two objects and heat maps
 do not find the objects); the grounding term makes attention route words to places, which is what
-binds "red" to the circle and what the attention lab shows.
+binds "red" to the circle and what the attention lab shows. The token loss only asks that a word's
+attention stay inside its region, so a peak at the object's centre satisfies it; ``pixel`` > 0 adds
+TokenCompose's pixel loss (:func:`pixel_grounding_loss`), which asks each word's map to cover its whole
+region, so that heat maps take the object's extent.
 Stage 3 (``controlnet-KIND``): a ``ControlNetModel`` copied from the trained UNet's encoder, joined
 by zero convolutions; the UNet and text encoder are frozen, 50% of prompts are dropped (as in the
 ControlNet paper). ``init="gaussian"`` re-initialises the zero convolutions N(0, 0.02) for the
@@ -25,6 +28,7 @@ saves a checkpoint every ``ckpt_every`` seconds and resumes from it; losses go t
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -60,17 +64,20 @@ class Preset:
     max_steps: int | None = None  # for smoke tests
     log_every: int = 25
     grounding: float = 0.0  # weight of the token grounding loss on cross-attention (0: plain L_LDM)
+    pixel: float = 0.0  # weight of the pixel grounding loss (BCE of each token's map vs its region)
 
 
 PRESETS = {
     # 2 CPU cores: ~2 hours for everything (see README "Retraining the shapes model").
     "cpu": Preset(n_train=30_000, workers=2, vae_seconds=1500, unet_seconds=4200, controlnet_seconds=500,
-                  vae_batch=32, unet_batch=64, controlnet_batch=64, grounding=0.05),
+                  vae_batch=32, unet_batch=64, controlnet_batch=64, grounding=0.05, pixel=0.01),
     # one H100/H200: about 8 minutes for everything.
     "gpu": Preset(n_train=120_000, workers=16, vae_seconds=95, unet_seconds=250, controlnet_seconds=42,
-                  vae_batch=256, unet_batch=512, controlnet_batch=512, ckpt_every=60, grounding=0.05),
+                  vae_batch=256, unet_batch=512, controlnet_batch=512, ckpt_every=60, grounding=0.05,
+                  pixel=0.01),
     # a few steps of every stage, to keep the training code tested.
-    "smoke": Preset(n_train=64, workers=1, vae_seconds=60, unet_seconds=60, controlnet_seconds=60,
+    # The step count decides, not the clock (a loaded test machine must not cut a run short).
+    "smoke": Preset(n_train=64, workers=1, vae_seconds=900, unet_seconds=900, controlnet_seconds=900,
                     vae_batch=8, unet_batch=8, controlnet_batch=8, max_steps=3, ckpt_every=0.0),
 }
 
@@ -113,6 +120,24 @@ def _save_ckpt(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device) -> Path | None:
+    """Where the VAE encoding of a training set is kept between commands: ``$LATENT_LAB_CACHE`` (default
+    ``~/.cache/latent-lab``; ``LATENT_LAB_CACHE=off`` disables it), named by a hash of the VAE's weights,
+    of the world's generator source, the set's size and seed and the device type, so a changed VAE or world is never
+    served a stale encoding."""
+    root = os.environ.get("LATENT_LAB_CACHE", str(Path.home() / ".cache" / "latent-lab"))
+    if root.lower() in ("off", "0", "none", ""):
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(vae_dir).glob("*.safetensors")) + [Path(world.__file__)]:
+        h.update(f.read_bytes())
+    config = json.loads((Path(vae_dir) / "config.json").read_text())
+    config.pop("_name_or_path", None)  # where it was saved from: a copy of a VAE is the same VAE
+    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(f"{n_train}-{seed}-{device.type}".encode())
+    return Path(root) / "encodings" / f"{h.hexdigest()[:20]}.pt"
 
 
 @torch.no_grad()
@@ -270,12 +295,24 @@ class Trainer:
     # ---------------------------------------------------------------- stage 2
     def _latent_stats(self, vae_dir: Path):
         """The VAE posterior's mean and std of every training image, encoded once per VAE and kept for the
-        later stages of this trainer (on 2 CPU cores encoding 30k scenes takes minutes)."""
+        later stages of this trainer, and on disk (:func:`_encoding_cache`) for later commands: on 2 CPU
+        cores encoding 30k scenes takes minutes."""
         key = str(Path(vae_dir).resolve())
         if key not in self._stats:
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(self.device).eval()
-            self._stats[key] = (vae.config.scaling_factor, *self._encode_stats(vae.requires_grad_(False)))
+            cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device)
+            if cache is not None and cache.exists():
+                ck = torch.load(cache, map_location=self.device)
+                mean, std = ck["mean"], ck["std"]
+                print(f"[encode] {len(mean)} scenes from {cache}", flush=True)
+            else:
+                t0 = time.time()
+                mean, std = self._encode_stats(vae.requires_grad_(False))
+                print(f"[encode] {len(mean)} scenes in {time.time() - t0:.1f}s", flush=True)
+                if cache is not None:
+                    _save_ckpt(cache, {"mean": mean.cpu(), "std": std.cpu()})
+            self._stats[key] = (vae.config.scaling_factor, mean, std)
         return self._stats[key]
 
     def _encode_stats(self, vae):
@@ -336,7 +373,7 @@ class Trainer:
             text = self._text_encoder().to(self.device)
         unet.train()
         text.train()
-        grounding = p.grounding > 0
+        grounding = p.grounding > 0 or p.pixel > 0
         if grounding:
             groups = self._token_groups(self.data["caption"], ids)
             group_masks = self.data["group_masks"]
@@ -367,9 +404,14 @@ class Trainer:
                 return loss, {}
             token_group = groups[idx].long()
             token_group[drop] = -1  # a dropped caption names nothing
-            ground = grounding_loss(probs, group_masks[idx].float(), token_group)
+            masks = group_masks[idx].float()
+            ground = grounding_loss(probs, masks, token_group)
+            total, extra = loss + p.grounding * ground, {"mse": loss.detach(), "grounding": ground.detach()}
+            if p.pixel > 0:
+                pix = pixel_grounding_loss(probs, masks, token_group)
+                total, extra["pixel"] = total + p.pixel * pix, pix.detach()
             probs.clear()
-            return loss + p.grounding * ground, {"mse": loss.detach(), "grounding": ground.detach()}
+            return total, extra
 
         params = list(unet.parameters()) + list(text.parameters())
 
@@ -534,6 +576,28 @@ def grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: 
     return torch.stack(losses).mean()
 
 
+def pixel_grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's pixel loss: for every token that names something, the binary cross-entropy between
+    its cross-attention map (the softmax probability of that token at each query pixel, mean over heads)
+    and its region's mask at that layer's resolution (area-averaged, so soft at the edges), averaged over
+    pixels, tokens and layers. Where :func:`grounding_loss` is satisfied by a peak anywhere inside the
+    region, this term asks the map to cover all of it and to be low outside.
+
+    Arguments as for :func:`grounding_loss`."""
+    valid = token_group >= 0
+    if not bool(valid.any()):
+        return masks.new_zeros(())
+    losses = []
+    for p in probs:
+        a = p.float().mean(1).transpose(1, 2)  # [b, tokens, hw]
+        side = math.isqrt(a.shape[2])
+        m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # [b, groups, hw]
+        target = torch.gather(m, 1, token_group.clamp(min=0)[..., None].expand(-1, -1, m.shape[2]))  # [b, t, hw]
+        bce = F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), target.clamp(0, 1), reduction="none").mean(-1)
+        losses.append(bce[valid].mean())
+    return torch.stack(losses).mean()
+
+
 def gaussian_init_zero_convs(net, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Re-initialise a ControlNet's zero convolutions (and its hint embedding's last conv) N(0, std^2):
     the ablation to the seed's zero initialisation."""
@@ -604,11 +668,12 @@ def write_preview_map(pipeline_dir: Path, n: int = 256) -> float:
 
 def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,
           export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
-          base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None) -> list[dict]:
+          base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None,
+          pixel: float | None = None) -> list[dict]:
     """Run one stage (``vae``, ``unet``, ``controlnet-KIND``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
     directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
-    ``grounding``: the token grounding loss weight (default: the preset's); ``seconds``: each stage's
+    ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's); ``seconds``: each stage's
     wall-clock budget (default: the preset's)."""
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
@@ -617,6 +682,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
         p = replace(p, grounding=grounding)
+    if pixel is not None:
+        p = replace(p, pixel=pixel)
     if seconds is not None:
         p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds)
     tr = Trainer(out, p, device, progress=progress, base=base)
