@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -96,12 +97,21 @@ class JupyterLab:
     def wait_kernel_ready(self, timeout: float = 90) -> dict:
         """Wait until a kernel is started, idle and connected to a browser tab."""
         deadline = time.time() + timeout
+        last = None
         while time.time() < deadline:
-            ks = self.api("kernels")
+            try:
+                ks = self.api("kernels")
+            except urllib.error.HTTPError as e:
+                # jupyter_server answers 500 to a kernel listing that lands while a kernel is still starting
+                # (its ``last_activity`` is not set yet: "expected a datetime, not the NoneType None"); poll on
+                if e.code != 500:
+                    raise
+                ks, last = [], e
             if ks and ks[0]["connections"] >= 1 and ks[0]["execution_state"] == "idle":
                 return ks[0]
             time.sleep(0.3)
-        raise TimeoutError(f"no idle connected kernel after {timeout} s: {self.api('kernels')}")
+        raise TimeoutError(f"no idle connected kernel after {timeout} s (last error: {last}): {self.api('kernels')}"
+                           f"\n{self.log()[-3000:]}")
 
 
 def write_notebook(path: Path, cells: list[str]) -> Path:
