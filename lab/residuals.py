@@ -52,7 +52,8 @@ class ResidualRecorder:
         if not sampler.controls:
             raise ValueError("ResidualRecorder needs a sampler with control=...")
         meta = {"nets": [c.net for c in sampler.controls], "cfg": sampler.cond["cfg"], "batch": sampler.batch_size,
-                "half": self.half, "heights": {}, "names": {}}
+                "half": self.half, "heights": {}, "names": {},
+                "steps": None if self.steps is None else sorted(int(i) for i in self.steps)}
         for c in sampler.controls:
             heights = sampler._control_heights(c)
             meta["heights"][c.net] = heights
@@ -87,25 +88,29 @@ class ResidualRecorder:
 
 def residual_dataset(steps, meta: dict):
     """``norm[step, net, block, batch]`` with coords ``block_name`` (net-independent path) and
-    ``resolution`` per block; steps without records are left out."""
+    ``resolution`` per block. Every recorded step is a row (all steps, or the recorder's ``steps``), so the
+    step axis lines up with the run's; a net outside its ``start``/``end`` window at a step added nothing
+    and reads NaN there."""
     import numpy as np
     import xarray as xr
     nets = meta["nets"]
     first = meta["names"][nets[0]]
     n_blocks = len(first)
+    chosen = meta.get("steps")
+    width = meta["batch"] * (2 if meta["half"] == "both" and meta["cfg"] else 1)
+    if not any(meta["names"][n][0] in s.records for s in steps for n in nets):
+        raise ValueError("this run recorded no ControlNet residuals (pass recorders=[lab.ResidualRecorder()])")
     rows, idx = [], []
     for s in steps:
-        if first[0] not in s.records and not any(meta["names"][n][0] in s.records for n in nets):
+        if chosen is not None and s.index not in chosen:
             continue
         per_net = []
         for n in nets:
             names = meta["names"][n]
             per_net.append([s.records[nm].norm.cpu().numpy() if nm in s.records else
-                            np.full(meta["batch"], np.nan, np.float32) for nm in names])
+                            np.full(width, np.nan, np.float32) for nm in names])
         rows.append(np.asarray(per_net, dtype=np.float32))  # [net, block, batch]
         idx.append(s)
-    if not rows:
-        raise ValueError("this run recorded no ControlNet residuals (pass recorders=[lab.ResidualRecorder()])")
     arr = np.stack(rows)
     heights = meta["heights"][nets[0]]
     block_paths = [nm.split("].", 1)[1] for nm in first]

@@ -103,6 +103,29 @@ def test_residuals_per_net_sum_to_what_the_unet_receives(setup, monkeypatch):
                       float(rec0["controlnet[a].down_block_res_samples.0"].tensor[1].norm()), rtol=1e-5)
 
 
+def test_residual_steps_line_up_with_the_run_and_windows_read_nan(setup):
+    _, pipe, _, _, img_a, img_b = setup
+    # "a" only in the second half of the steps, "b" only in the first 30% (diffusers' rule: step i of n is
+    # kept when i/n >= start and (i+1)/n <= end, so of 6 steps only step 0); both CFG halves
+    run = pipe.sampler(PROMPT, control=[lab.Control("a", img_a, start=0.5), lab.Control("b", img_b, end=0.3)],
+                       recorders=[lab.ResidualRecorder(half="both")], **KW).run()
+    norm = run.residuals["norm"]
+    assert list(norm["step"].values) == list(range(KW["steps"])) and norm.sizes["batch"] == 2
+    active = {n: [f"controlnet[{n}].mid_block_res_sample" in s.records for s in run.steps] for n in ("a", "b")}
+    assert active["a"] == [False] * 3 + [True] * 3 and active["b"] == [True] + [False] * 5
+    for n in ("a", "b"):
+        on = np.array(active[n])
+        assert np.isnan(norm.sel(net=n).values[~on]).all() and (norm.sel(net=n).values[on] > 0).all()
+    # steps 1 and 2 have no net at all: rows of NaN, not missing rows
+    assert np.isnan(norm.isel(step=[1, 2]).values).all()
+    # a recorder's own step choice is what the rows are
+    some = pipe.sampler(PROMPT, control=lab.Control("a", img_a, start=0.5),
+                        recorders=[lab.ResidualRecorder(steps=[1, 4])], **KW).run()
+    assert list(some.residuals["step"].values) == [1, 4]
+    assert np.isnan(some.residuals["norm"].sel(step=1).values).all()
+    assert not np.isnan(some.residuals["norm"].sel(step=4).values).any()
+
+
 def test_recording_residuals_does_not_change_the_output(setup):
     _, pipe, _, _, img_a, _ = setup
     plain = pipe.sampler(PROMPT, control=lab.Control("a", img_a), **KW).run()

@@ -288,6 +288,19 @@ def test_residual_viewer_without_maps(shapes_pipe, run_with_everything):
         widgets.ResidualViewer(shapes_pipe.sampler(PROMPT, steps=1, progress=False).run())
 
 
+def test_residual_viewer_steps_outside_the_control_window(shapes_pipe):
+    pad = widgets.ScribblePad(64)
+    pad.add_stroke([(5, 5), (50, 50)])
+    run = shapes_pipe.sampler(PROMPT, steps=6, progress=False, control=lab.Control("scribble", pad.image, start=0.5),
+                              recorders=[lab.ResidualRecorder(maps=True)]).run()
+    rv = widgets.ResidualViewer(run)  # step 0 has no residual: the viewer still finds the maps of later steps
+    assert rv.has_maps and rv.step.max == 5
+    assert rv.show(step=1) is None and "added nothing" in rv.caption.value and rv.map.value == b""
+    m = rv.show(block=2, step=4)  # the slider position is the run's step
+    np.testing.assert_allclose(m.values, run.residual_map("scribble", 2, 4))
+    assert rv.map.value
+
+
 # ---------------------------------------------------------------------------- studio
 def test_studio_generate_equals_the_plain_call(shapes_pipe):
     st = widgets.Studio(shapes_pipe, steps=5, seed=7, control="scribble")

@@ -30,7 +30,7 @@ class ResidualViewer(ErrorsMixin, W.VBox):
         self.norms = analysis.residual_norms(run, batch=batch)  # clear error when none were recorded
         self.run, self.batch, self.size = run, int(batch), int(size)
         self.nets = [str(n) for n in self.norms["net"].values]
-        self.has_maps = any(getattr(r, "map", None) is not None for r in run.steps[0].records.values()) if run.steps else False
+        self.has_maps = any(getattr(r, "map", None) is not None for s in run.steps for r in s.records.values())
         n_steps = self.norms.sizes["step"]
         self.net = W.Dropdown(options=self.nets, value=self.nets[0], description="net", layout=W.Layout(width="240px"))
         self.block = W.Dropdown(options=self._block_options(self.nets[0]), description="block",
@@ -87,12 +87,18 @@ class ResidualViewer(ErrorsMixin, W.VBox):
             self._quiet = False
         net, b, i = self.net.value, self.block.value, self.step.value
         value = float(self.norms.sel(net=net).isel(block=b, step=i))
+        run_step = int(self.norms["step"][i])  # the slider walks the recorded steps; the run counts all
         self._draw_chart()
+        if np.isnan(value):
+            self.map.value = b""
+            self.caption.value = f"step {run_step}: {net} added nothing (outside its start/end window)"
+            self.version += 1
+            return None
         if not self.has_maps:
             self.caption.value = f"norm {value:.3g} · record with <code>lab.ResidualRecorder(maps=True)</code> for maps"
             self.version += 1
             return None
-        m = analysis.residual_map(self.run, net, b, i, batch=self.batch)
+        m = analysis.residual_map(self.run, net, b, run_step, batch=self.batch)
         img = Image.fromarray(colourise(m.values, "magma"))
         self.map.value = png(img)
         h, w = m.shape
