@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grounding", type=float, default=None,
                    help="weight of the token grounding loss on cross-attention (default: the preset's)")
     t.add_argument("--pixel", type=float, default=None,
-                   help="weight of the pixel grounding loss (each word's map should cover its region; default: the preset's)")
+                   help="weight of the pixel grounding loss (each word's map should cover its region; "
+                        "default: the preset's)")
     t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")
     t.set_defaults(func=_train)
     return p

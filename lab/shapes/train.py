@@ -124,9 +124,9 @@ def _save_ckpt(path: Path, obj) -> None:
 
 def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device) -> Path | None:
     """Where the VAE encoding of a training set is kept between commands: ``$LATENT_LAB_CACHE`` (default
-    ``~/.cache/latent-lab``; ``LATENT_LAB_CACHE=off`` disables it), named by a hash of the VAE's weights,
-    of the world's generator source, the set's size and seed and the device type, so a changed VAE or world is never
-    served a stale encoding."""
+    ``~/.cache/latent-lab``; ``LATENT_LAB_CACHE=off`` disables it), named by a hash of the VAE's weights
+    and config, of the world's generator source, the set's size and seed and the device type, so a changed
+    VAE or world is never served a stale encoding."""
     root = os.environ.get("LATENT_LAB_CACHE", str(Path.home() / ".cache" / "latent-lab"))
     if root.lower() in ("off", "0", "none", ""):
         return None
@@ -673,8 +673,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     """Run one stage (``vae``, ``unet``, ``controlnet-KIND``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
     directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
-    ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's); ``seconds``: each stage's
-    wall-clock budget (default: the preset's)."""
+    ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's);
+    ``seconds``: each stage's wall-clock budget (default: the preset's)."""
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
         if s not in STAGES:
