@@ -97,9 +97,10 @@ def residual_dataset(steps, meta: dict):
     first = meta["names"][nets[0]]
     n_blocks = len(first)
     chosen = meta.get("steps")
-    width = meta["batch"] * (2 if meta["half"] == "both" and meta["cfg"] else 1)
-    if not any(meta["names"][n][0] in s.records for s in steps for n in nets):
+    some = next((s.records[nm] for s in steps for n in nets for nm in meta["names"][n][:1] if nm in s.records), None)
+    if some is None:
         raise ValueError("this run recorded no ControlNet residuals (pass recorders=[lab.ResidualRecorder()])")
+    width = some.norm.shape[0]  # the recorded half's batch
     rows, idx = [], []
     for s in steps:
         if chosen is not None and s.index not in chosen:

@@ -97,7 +97,7 @@ class JupyterLab:
     def wait_kernel_ready(self, timeout: float = 90) -> dict:
         """Wait until a kernel is started, idle and connected to a browser tab."""
         deadline = time.time() + timeout
-        last = None
+        last, ks = None, []
         while time.time() < deadline:
             try:
                 ks = self.api("kernels")
@@ -110,7 +110,7 @@ class JupyterLab:
             if ks and ks[0]["connections"] >= 1 and ks[0]["execution_state"] == "idle":
                 return ks[0]
             time.sleep(0.3)
-        raise TimeoutError(f"no idle connected kernel after {timeout} s (last error: {last}): {self.api('kernels')}"
+        raise TimeoutError(f"no idle connected kernel after {timeout} s (last error: {last}): {ks}"
                            f"\n{self.log()[-3000:]}")
 
 

@@ -300,7 +300,7 @@ class Trainer:
         key = str(Path(vae_dir).resolve())
         if key not in self._stats:
             from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(self.device).eval()
+            scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
             cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device)
             if cache is not None and cache.exists():
                 ck = torch.load(cache, map_location=self.device)
@@ -308,11 +308,12 @@ class Trainer:
                 print(f"[encode] {len(mean)} scenes from {cache}", flush=True)
             else:
                 t0 = time.time()
+                vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(self.device).eval()
                 mean, std = self._encode_stats(vae.requires_grad_(False))
                 print(f"[encode] {len(mean)} scenes in {time.time() - t0:.1f}s", flush=True)
                 if cache is not None:
                     _save_ckpt(cache, {"mean": mean.cpu(), "std": std.cpu()})
-            self._stats[key] = (vae.config.scaling_factor, mean, std)
+            self._stats[key] = (scale, mean, std)
         return self._stats[key]
 
     def _encode_stats(self, vae):
@@ -404,14 +405,12 @@ class Trainer:
                 return loss, {}
             token_group = groups[idx].long()
             token_group[drop] = -1  # a dropped caption names nothing
-            masks = group_masks[idx].float()
-            ground = grounding_loss(probs, masks, token_group)
-            total, extra = loss + p.grounding * ground, {"mse": loss.detach(), "grounding": ground.detach()}
-            if p.pixel > 0:
-                pix = pixel_grounding_loss(probs, masks, token_group)
-                total, extra["pixel"] = total + p.pixel * pix, pix.detach()
+            ground, pix = grounding_losses(probs, group_masks[idx].float(), token_group)
             probs.clear()
-            return total, extra
+            extra = {"mse": loss.detach(), "grounding": ground.detach()}
+            if p.pixel > 0:
+                extra["pixel"] = pix.detach()
+            return loss + p.grounding * ground + p.pixel * pix, extra
 
         params = list(unet.parameters()) + list(text.parameters())
 
@@ -554,6 +553,31 @@ class _ProbsAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _grounded_maps(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor):
+    """Per layer, each token's head-mean map and its region's mask at that layer's grid (area-averaged):
+    ``(a, target)``, both ``[b, tokens, hw]``."""
+    for p in probs:
+        a = p.float().mean(1).transpose(1, 2)  # [b, tokens, hw]
+        m = F.adaptive_avg_pool2d(masks, math.isqrt(a.shape[2])).flatten(2)  # [b, groups, hw]
+        yield a, torch.gather(m, 1, token_group.clamp(min=0)[..., None].expand(-1, -1, m.shape[2]))
+
+
+def grounding_losses(probs: list[torch.Tensor], masks: torch.Tensor,
+                     token_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both TokenCompose terms from one pass over the layers: ``(token, pixel)``, as
+    :func:`grounding_loss` and :func:`pixel_grounding_loss` define them."""
+    valid = token_group >= 0
+    if not bool(valid.any()):
+        return masks.new_zeros(()), masks.new_zeros(())
+    token, pixel = [], []
+    for a, target in _grounded_maps(probs, masks, token_group):
+        share = (a * target).sum(-1) / a.sum(-1).clamp(min=1e-8)  # [b, tokens]
+        token.append(((1 - share) ** 2)[valid].mean())
+        bce = F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), target.clamp(0, 1), reduction="none").mean(-1)
+        pixel.append(bce[valid].mean())
+    return torch.stack(token).mean(), torch.stack(pixel).mean()
+
+
 def grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token loss (Wang et al., CVPR 2024) on the shapes world's masks: for every token that
     names something (an object's size, colour or shape word; the background's words), the share of its
@@ -562,18 +586,7 @@ def grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: 
 
     ``probs``: per layer ``[batch, heads, h * w, tokens]``; ``masks``: ``[batch, groups, H, W]`` soft region
     masks (objects, then background); ``token_group``: ``[batch, tokens]`` index into ``groups`` or -1."""
-    valid = token_group >= 0
-    if not bool(valid.any()):
-        return masks.new_zeros(())
-    losses = []
-    for p in probs:
-        a = p.float().mean(1)  # [b, hw, tokens]
-        side = math.isqrt(a.shape[1])
-        m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # [b, groups, hw]
-        target = torch.gather(m, 1, token_group.clamp(min=0)[..., None].expand(-1, -1, m.shape[2]))  # [b, t, hw]
-        share = (a.transpose(1, 2) * target).sum(-1) / a.sum(1).clamp(min=1e-8)  # [b, tokens]
-        losses.append(((1 - share) ** 2)[valid].mean())
-    return torch.stack(losses).mean()
+    return grounding_losses(probs, masks, token_group)[0]
 
 
 def pixel_grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor) -> torch.Tensor:
@@ -584,18 +597,7 @@ def pixel_grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, token_g
     region, this term asks the map to cover all of it and to be low outside.
 
     Arguments as for :func:`grounding_loss`."""
-    valid = token_group >= 0
-    if not bool(valid.any()):
-        return masks.new_zeros(())
-    losses = []
-    for p in probs:
-        a = p.float().mean(1).transpose(1, 2)  # [b, tokens, hw]
-        side = math.isqrt(a.shape[2])
-        m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # [b, groups, hw]
-        target = torch.gather(m, 1, token_group.clamp(min=0)[..., None].expand(-1, -1, m.shape[2]))  # [b, t, hw]
-        bce = F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), target.clamp(0, 1), reduction="none").mean(-1)
-        losses.append(bce[valid].mean())
-    return torch.stack(losses).mean()
+    return grounding_losses(probs, masks, token_group)[1]
 
 
 def gaussian_init_zero_convs(net, std: float = 0.02, generator: torch.Generator | None = None) -> None:
