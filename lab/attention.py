@@ -182,7 +182,6 @@ class AttentionRecorder:
             procs[key] = RecordingAttnProcessor(name, self) if (name in self.record_names or name in edited) else proc
         unet.set_attn_processor(procs)
         self._sampler = sampler
-        self._pinned = {}
         try:
             yield self
         finally:
@@ -199,6 +198,7 @@ class AttentionRecorder:
         if not chosen:
             raise KeyError(f"no {self.kind}-attention layers among {self.layers!r}")
         self.layer_names = chosen
+        self._pinned = {}  # (layer, shape, dtype) -> (pinned buffer of all recorded steps, slots written)
         self._prepare_meta(sampler)
         self.meta["query_sizes"] = self.query_sizes(sampler)
         if self.record:
@@ -316,20 +316,22 @@ class AttentionRecorder:
         p = p.to(self.dtype)
         if self.spill is not None:  # straight into the layer's file
             self._buf[name] = self._spill_write(name, p.cpu().numpy())
-            return
-        if p.device.type == "cuda":
-            # one pinned host buffer per layer, allocated once per run; non-blocking copies into its slots
-            key = (name, tuple(p.shape))
-            pool = self._pinned.get(key)
-            if pool is None:
-                pool = self._pinned[key] = torch.empty((self._steps_recorded(self._sampler), *p.shape),
-                                                       dtype=p.dtype, pin_memory=True)
-            slot = pool[self._slot(i)]
-            slot.copy_(p, non_blocking=True)
-            p = slot
-        else:
-            p = p.clone()
-        self._buf[name] = p
+        else:  # on the device until the step ends (traceable: no graph break in a compiled UNet)
+            self._buf[name] = p
+
+    def _pinned_slot(self, name: str, p: torch.Tensor, i: int) -> torch.Tensor:
+        """Step ``i``'s slot in the layer's pinned host buffer (one buffer of all recorded steps, allocated on
+        the first step, so later steps allocate nothing). A slot is written once: a step taken again after a
+        rewind gets a new buffer, as the dropped step's records may still be read (a fork, an earlier Run)."""
+        key = (name, tuple(p.shape), p.dtype)
+        slot = self._slot(i)
+        pool, used = self._pinned.get(key, (None, None))
+        if pool is None or slot in used:
+            pool, used = torch.empty((self._steps_recorded(self._sampler), *p.shape), dtype=p.dtype,
+                                     pin_memory=True), set()
+            self._pinned[key] = (pool, used)
+        used.add(slot)
+        return pool[slot]
 
     def _spill_write(self, name: str, arr) -> "Spilled":
         """Write one step's probabilities into the next free slot of the layer's file. Slots are never
@@ -350,7 +352,13 @@ class AttentionRecorder:
         return i if self.steps is None else sorted(s for s in self.steps).index(i)
 
     def collect(self, step: int) -> dict:
-        out = {f"{n}": self._buf.pop(n) for n in list(self._buf)}
+        """This step's records: host tensors (on CUDA, slots of each layer's pinned buffer that the sampler's
+        side stream fills after the step, :mod:`lab.transfer`) or :class:`Spilled` file slots."""
+        out, self._buf = self._buf, {}
+        host = self._sampler._host
+        for name, p in out.items():
+            if isinstance(p, torch.Tensor):
+                out[name] = host.to_host(p, out=self._pinned_slot(name, p, step) if host.cuda and p.is_cuda else None)
         return out
 
 

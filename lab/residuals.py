@@ -73,12 +73,14 @@ class ResidualRecorder:
         sel = {"cond": slice(b, 2 * b) if cfg else slice(0, b), "uncond": slice(0, b) if cfg else slice(0, 0),
                "both": slice(None)}[self.half]
         names = residual_names(net, len(down))
+        host = self._sampler._host
         for name, r in zip(names, [*down, mid]):
             r = r[sel].float()
-            # norms stay on the device (no sync in the loop); maps and tensors are opt-in copies
+            # norms stay on the device (read once, after the loop); maps and tensors are opt-in host copies,
+            # made on the sampler's side stream on CUDA (no sync in the loop)
             rec = ResidualRecord(norm=r.flatten(1).norm(dim=1),
-                                 map=r.norm(dim=1).cpu() if self.maps else None,
-                                 tensor=r.cpu() if self.full else None)
+                                 map=host.to_host(r.norm(dim=1)) if self.maps else None,
+                                 tensor=host.to_host(r) if self.full else None)
             self._buf[name] = rec
 
     def collect(self, step: int) -> dict:

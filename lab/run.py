@@ -18,7 +18,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ import xarray as xr
 
 from .errors import RunFileError
 from .sampler import StepState
+from .transfer import Records
 
 FORMAT = 1
 TENSORS = ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond", "noise_pred_uncond")
@@ -202,7 +202,7 @@ class Run:
             get = lambda n: torch.from_numpy(np.ascontiguousarray(ds[n].values[j])) if n in ds else None  # noqa: E731
             steps.append(StepState(int(idx), float(ds["timestep"].values[j]), float(ds["sigma"].values[j]),
                                    get("latents"), get("prev_latents"), get("pred_x0"), get("noise_pred_cond"),
-                                   get("noise_pred_uncond"), get("noise_pred"), MappingProxyType({})))
+                                   get("noise_pred_uncond"), get("noise_pred"), Records()))
         settings = json.loads(ds.attrs["config"])
         final = torch.from_numpy(ds["final_latents"].values.copy()) if "final_latents" in ds else None
         return cls(steps, settings=settings, pipe=pipe, final_latents=final,

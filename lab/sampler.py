@@ -26,7 +26,6 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from .control import Control, condition_tensor, normalise_controls
 from .errors import NonFiniteError, SamplingOutOfMemory
 from .schedulers import make_scheduler, predict_x0, scheduler_name
+from .transfer import HostCopies, Records
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -60,7 +60,7 @@ class StepState:
     noise_pred_cond: torch.Tensor
     noise_pred_uncond: torch.Tensor | None
     noise_pred: torch.Tensor
-    records: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    records: Mapping[str, Any] = field(default_factory=Records)
 
     @property
     def prev_sample(self) -> torch.Tensor:
@@ -191,6 +191,7 @@ class Sampler:
         self.scheduler = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         self.truncated: dict[str, str] = {}
         self.recording_meta: dict = {}
+        self._host = HostCopies(self.device)  # recorders' device -> host copies (side stream on CUDA)
         self._attached = False
         self.interrupted = False
         self._stop = threading.Event()
@@ -275,7 +276,10 @@ class Sampler:
                 self.scheduler.set_begin_index(0)
             self.extra_step_kwargs = dp.prepare_extra_step_kwargs(self.generator, s["eta"])
         self.timesteps = timesteps
-        self._t_values = [float(x) for x in timesteps.cpu()]  # host copies: no device sync per step
+        # host copies: the scheduler gets host timesteps (its tables live on the CPU, and a device timestep
+        # there is a sync: DDIM's `alphas_cumprod[t]`, `if prev_t >= 0`); the UNet and ControlNets get the device ones
+        self._t_host = timesteps.cpu()
+        self._t_values = [float(x) for x in self._t_host]
         sigmas = getattr(self.scheduler, "sigmas", None)
         self._sigma_values = ([float(x) for x in sigmas.cpu()] if sigmas is not None and type(self.scheduler).__name__
                               not in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler") else None)
@@ -387,7 +391,7 @@ class Sampler:
             image = self._control_images[c.net]
             added = self.cond["added_cond_kwargs"]  # SDXL: pooled text embeddings and time ids
             if c.cond_only and cfg:  # guess mode: the net sees the conditional half only
-                inp = self.scheduler.scale_model_input(x, t)
+                inp = self.scheduler.scale_model_input(x, self._t_host[i])
                 emb = self.cond["prompt_embeds"].chunk(2)[1]
                 image = image.chunk(2)[1]
                 added = {k: v.chunk(2)[1] for k, v in added.items()} if added else None
@@ -430,6 +434,7 @@ class Sampler:
             with self._recording():
                 state = self._step(i)
         except _OOM as e:
+            self._host.discard()
             self._restore(snap)
             detail = str(e).splitlines()[0][:200] if str(e) else ""
             del e  # drop the traceback's frames (and their tensors) before giving the cache back
@@ -437,6 +442,7 @@ class Sampler:
                 torch.cuda.empty_cache()
             raise SamplingOutOfMemory(i, run=self.to_run(), detail=detail) from None
         except BaseException:
+            self._host.discard()
             self._restore(snap)  # an interrupted step leaves no trace
             raise
         self.history.append(state)
@@ -446,11 +452,11 @@ class Sampler:
 
     def _step(self, i: int) -> StepState:
         sched, unet = self.scheduler, self.pipe.unet
-        t = self.timesteps[i]
+        t, th = self.timesteps[i], self._t_host[i]  # the UNet's (device) and the scheduler's (host) timestep
         x = self._latents
         cfg = self.cond["cfg"]
         model_input = torch.cat([x] * 2) if cfg else x
-        model_input = sched.scale_model_input(model_input, t)
+        model_input = sched.scale_model_input(model_input, th)
         sv = self._sigma_values
         sigma = sv[i] if sv is not None and i < len(sv) else float("nan")
         if self.concat is not None:
@@ -465,11 +471,11 @@ class Sampler:
             guided = uncond + self.settings["guidance"] * (cond - uncond)
         else:
             uncond, cond, guided = None, out, out
-        res = sched.step(guided, t, x, **self.extra_step_kwargs, return_dict=True)
+        res = sched.step(guided, th, x, **self.extra_step_kwargs, return_dict=True)
         prev = res.prev_sample
         x0 = getattr(res, "pred_original_sample", None)
         if x0 is None:
-            x0 = predict_x0(sched, guided, t, x)
+            x0 = predict_x0(sched, guided, th, x)
         for rec in self.recorders:
             records.update(rec.collect(i))
         if self._finite_mode == "step":
@@ -479,7 +485,8 @@ class Sampler:
         elif self._finite_mode == "end":
             self._finite_flags[i] = torch.isfinite(prev).all()  # stays on the device: no sync here
         tval = self._t_values[i]
-        return StepState(i, tval, sigma, x, prev, x0, cond, uncond, guided, MappingProxyType(records))
+        # the recorders' host copies start now, on a side stream; reading a record waits for them
+        return StepState(i, tval, sigma, x, prev, x0, cond, uncond, guided, Records(records, self._host.flush()))
 
     def check_finite_now(self) -> None:
         """Check the per-step finiteness flags kept so far (``check_finite="end"``) with one device sync. On
@@ -607,6 +614,7 @@ class Sampler:
         new._finite_flags = {j: f for j, f in self._finite_flags.items() if j < k}
         new.recording_meta = dict(self.recording_meta)
         new._attached = False
+        new._host = HostCopies(self.device)
         new.interrupted = False
         new._i = k
         snap = self._snaps[k] if k < len(self._snaps) else self._snapshot()

@@ -60,7 +60,7 @@ def predict_x0(scheduler: SchedulerMixin, model_output: torch.Tensor, t, sample:
     v_prediction:  x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
     sample:        x0 = model output
     """
-    a = alpha_bar(scheduler, t).to(sample.device, torch.float32)
+    a = alpha_bar(scheduler, t).to(torch.float32)  # a 0-dim host tensor is a scalar to a device op: no copy
     kind = scheduler.config.prediction_type
     x, out = sample.float(), model_output.float()
     if kind == "epsilon":

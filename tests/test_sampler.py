@@ -305,3 +305,43 @@ def test_compiled_unet_does_not_recompile_per_step():
                                atol=1e-6)
     np.testing.assert_allclose(run.residuals["norm"].values, eager.residuals["norm"].values, rtol=1e-6)
     torch._dynamo.reset()
+
+
+def test_records_wait_for_their_copies_on_first_read_only():
+    """lab.transfer.Records: names, len and `in` never wait; the first read of a value waits for the step's copy
+    event once (a stand-in event here; on CUDA a torch.cuda.Event); copies and pickles carry finished values."""
+    import copy
+    import pickle
+
+    from lab.transfer import HostCopies, Records
+
+    class Event:
+        waits = 0
+
+        def synchronize(self):
+            Event.waits += 1
+
+    r = Records({"a": torch.ones(2), "b": torch.zeros(3)}, Event())
+    assert len(r) == 2 and "a" in r and "c" not in r and sorted(r) == ["a", "b"]
+    assert Event.waits == 0 and "copies in flight" in repr(r)
+    assert torch.equal(r["a"], torch.ones(2)) and Event.waits == 1
+    assert r.get("b").shape == (3,) and dict(r).keys() == {"a", "b"} and Event.waits == 1
+    late = Records({"x": torch.ones(1)}, Event())
+    again = pickle.loads(pickle.dumps(late))
+    assert Event.waits == 2 and torch.equal(again["x"], torch.ones(1)) and isinstance(copy.deepcopy(again), Records)
+    host = HostCopies("cpu")  # on CPU a copy is made at once and nothing is in flight
+    src = torch.arange(4.0)
+    out = host.to_host(src)
+    src += 1
+    assert torch.equal(out, torch.arange(4.0)) and host.flush() is None
+
+
+def test_step_records_are_a_records_mapping(shapes_pipe):
+    import lab
+    from lab.transfer import Records
+    s = shapes_pipe.sampler("a large red circle on a gray background", steps=3, guidance=5.0, seed=0,
+                            progress=False, recorders=[lab.AttentionRecorder()])
+    st = s.step()
+    assert isinstance(st.records, Records) and len(st.records) == 7
+    with pytest.raises(TypeError):
+        st.records["x"] = 1
