@@ -355,7 +355,7 @@ class AttentionRecorder:
         """This step's records: host tensors (on CUDA, slots of each layer's pinned buffer that the sampler's
         side stream fills after the step, :mod:`lab.transfer`) or :class:`Spilled` file slots."""
         out, self._buf = self._buf, {}
-        host = self._sampler._host
+        host = self._sampler._host if out else None
         for name, p in out.items():
             if isinstance(p, torch.Tensor):
                 out[name] = host.to_host(p, out=self._pinned_slot(name, p, step) if host.cuda and p.is_cuda else None)
