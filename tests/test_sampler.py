@@ -345,3 +345,58 @@ def test_step_records_are_a_records_mapping(shapes_pipe):
     assert isinstance(st.records, Records) and len(st.records) == 7
     with pytest.raises(TypeError):
         st.records["x"] = 1
+
+
+def test_records_are_only_read_through_their_copy_event(shapes_pipe):
+    """The CUDA copy path emulated on CPU: host copies that complete only when their step's event is waited
+    for (until then the host tensors hold NaN). A sampler whose recorders go through it must give exactly the
+    records of a plain CPU run, so nothing reads a record before its copies are done, and every tensor handed
+    to the copier is flushed with its step."""
+    import lab
+    from lab.shapes import world
+    from lab.transfer import HostCopies
+
+    class Deferred(HostCopies):
+        def __init__(self):
+            super().__init__("cpu")
+            self.events = 0
+
+        def to_host(self, src, out=None):
+            out = torch.full_like(src, float("nan")) if out is None else out
+            self._queue.append((src.detach().clone(), out))
+            return out
+
+        def flush(self):
+            queue, self._queue = self._queue, []
+            if not queue:
+                return None
+            self.events += 1
+
+            class Done:
+                def synchronize(self):
+                    for s, d in queue:
+                        d.copy_(s)
+            return Done()
+
+    ex = world.make_example(5, 1, split="heldout")
+
+    def sampler():
+        return shapes_pipe.sampler(ex["caption"], steps=4, guidance=5.0, seed=0, progress=False,
+                                   control=lab.Control("scribble", ex["scribble"]),
+                                   recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True, full=True)])
+
+    want = sampler().run()
+    s = sampler()
+    s._host = Deferred()
+    first = s.step()
+    assert "copies in flight" in repr(first.records)
+    run = s.run()
+    assert s._host.events == 4 and not s._host._queue
+    np.testing.assert_array_equal(run.attention["16x16"]["cross"].values, want.attention["16x16"]["cross"].values)
+    for st, ref in zip(run.steps, want.steps):
+        for name, r in ref.records.items():
+            got = st.records[name]
+            if isinstance(r, torch.Tensor):
+                assert torch.equal(got, r), name
+            else:
+                assert torch.equal(got.map, r.map) and torch.equal(got.tensor, r.tensor), name
