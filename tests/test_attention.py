@@ -276,3 +276,22 @@ def test_spill_when_stepping_by_hand_rewinding_and_forking(shapes_pipe, tmp_path
     fork_run = fork.to_run()
     np.testing.assert_array_equal(fork_run.attention["16x16"]["cross"].values,
                                   mem.attention["16x16"]["cross"].values[:2])
+
+
+def test_layers_not_recorded_keep_sdpa_while_recording(tiny_pipe):
+    """Issue 8: SDPA is kept on the layers not recorded. While a run records the cross-attention layers, every
+    self-attention layer keeps diffusers' AttnProcessor2_0 (F.scaled_dot_product_attention) and only the
+    recorded layers carry the recording processor; afterwards all are as before."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from lab.attention import RecordingAttnProcessor
+    before = dict(tiny_pipe.unet.attn_processors)
+    assert all(type(p) is AttnProcessor2_0 for p in before.values())
+    during = []
+    tiny_pipe.sampler(PROMPT, steps=2, guidance=5.0, seed=0, progress=False,
+                      recorders=[lab.AttentionRecorder()]).run(
+        callback=lambda st: during.append(dict(tiny_pipe.unet.attn_processors)))
+    kinds = {k: type(v) for k, v in during[0].items()}
+    assert {k for k, v in kinds.items() if v is RecordingAttnProcessor} == {k for k in kinds if "attn2" in k}
+    assert all(v is AttnProcessor2_0 for k, v in kinds.items() if "attn1" in k)
+    assert tiny_pipe.unet.attn_processors == before
