@@ -149,6 +149,20 @@ def _plain_pipeline(pipe, controlnet=None):
     return plain
 
 
+def _results(fns: dict, *, plain: str, ratios: dict, steps: int, size: int, repeats: int, pipe, device: str) -> dict:
+    """Time the variants; ``ratio_<name>`` = time of variant ``ratios[name]`` over ``plain``; on CUDA each
+    variant's peak memory (``gpu_peak_mb``) and its excess over plain (``extra_gpu_mb``)."""
+    t = _time_all(fns, repeats, device)
+    res = {"seconds": t, "it_per_s": {k: steps / v for k, v in t.items()},
+           **{f"ratio_{name}": t[k] / t[plain] for name, k in ratios.items()},
+           "steps": steps, "size": size, "repeats": repeats, "dtype": str(pipe.dtype).removeprefix("torch.")}
+    peaks = _gpu_peaks(fns, device)
+    if peaks:
+        res["gpu_peak_mb"] = peaks
+        res["extra_gpu_mb"] = {k: v - peaks[plain] for k, v in peaks.items() if k != plain}
+    return res
+
+
 def measure(pipe, *, prompt: str, steps: int, size: int, repeats: int, device: str) -> dict:
     plain_pipe = _plain_pipeline(pipe)
     kw = dict(num_inference_steps=steps, guidance_scale=5.0, height=size, width=size, output_type="latent")
@@ -175,18 +189,12 @@ def measure(pipe, *, prompt: str, steps: int, size: int, repeats: int, device: s
            "vanilla_processor": vanilla}
     if repeats == 0:  # memory of the default record only (e.g. the CUDA configuration on a CPU)
         ours(pipe, prompt, steps=2, guidance=5.0, height=size, width=size)()  # warm-up: allocator, kernels
-        return {**_host_record(lab_run()), "steps": steps, "size": size, "dtype": str(pipe.dtype).removeprefix("torch.")}
-    t = _time_all(fns, repeats, device)
-    res = {"seconds": t, "it_per_s": {k: steps / v for k, v in t.items()},
-           "ratio_record_off": t["record_off"] / t["plain"], "ratio_latents": t["record_off"] / t["plain"],
-           "ratio_cross_attention": t["cross_attention"] / t["plain"],
-           "ratio_vanilla_processor": t["vanilla_processor"] / t["plain"],
-           "it_per_s_fraction_default_record": t["plain"] / t["record_off"],
-           "steps": steps, "size": size, "repeats": repeats, "dtype": str(pipe.dtype).removeprefix("torch.")}
-    peaks = _gpu_peaks(fns, device)
-    if peaks:
-        res["gpu_peak_mb"] = peaks
-        res["extra_gpu_mb"] = {k: peaks[k] - peaks["plain"] for k in ("record_off", "cross_attention")}
+        return {**_host_record(lab_run()), "steps": steps, "size": size,
+                "dtype": str(pipe.dtype).removeprefix("torch.")}
+    res = _results(fns, plain="plain", steps=steps, size=size, repeats=repeats, pipe=pipe, device=device,
+                   ratios={"record_off": "record_off", "latents": "record_off", "cross_attention": "cross_attention",
+                           "vanilla_processor": "vanilla_processor"})
+    res["it_per_s_fraction_default_record"] = res["seconds"]["plain"] / res["seconds"]["record_off"]
     res.update(_host_record(lab_run()))
     res["nonfinite_runs"] = ours.nonfinite
     return res
@@ -212,15 +220,8 @@ def measure_controlnet(pipe, *, prompt: str, condition, steps: int, repeats: int
                     control=lab.Control(net_name, condition), recorders=[lab.ResidualRecorder()] if record else [])
 
     fns = {"plain_controlnet": plain, "control": lab_run(False), "control_residuals": lab_run(True)}
-    t = _time_all(fns, repeats, device)
-    res = {"seconds": t, "it_per_s": {k: steps / v for k, v in t.items()},
-           "ratio_control": t["control"] / t["plain_controlnet"],
-           "ratio_controlnet_residuals": t["control_residuals"] / t["plain_controlnet"],
-           "steps": steps, "size": size, "repeats": repeats, "dtype": str(pipe.dtype).removeprefix("torch.")}
-    peaks = _gpu_peaks(fns, device)
-    if peaks:
-        res["gpu_peak_mb"] = peaks
-        res["extra_gpu_mb"] = {k: peaks[k] - peaks["plain_controlnet"] for k in ("control", "control_residuals")}
+    res = _results(fns, plain="plain_controlnet", steps=steps, size=size, repeats=repeats, pipe=pipe, device=device,
+                   ratios={"control": "control", "controlnet_residuals": "control_residuals"})
     res["nonfinite_runs"] = ours.nonfinite
     return res
 
