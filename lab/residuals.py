@@ -102,19 +102,15 @@ def residual_dataset(steps, meta: dict):
     some = next((s.records[nm] for s in steps for n in nets for nm in meta["names"][n][:1] if nm in s.records), None)
     if some is None:
         raise ValueError("this run recorded no ControlNet residuals (pass recorders=[lab.ResidualRecorder()])")
-    width = some.norm.shape[0]  # the recorded half's batch
-    rows, idx = [], []
+    missing = torch.full_like(some.norm, float("nan"))  # the recorded half's batch, on the norms' device
+    norms, idx = [], []
     for s in steps:
         if chosen is not None and s.index not in chosen:
             continue
-        per_net = []
-        for n in nets:
-            names = meta["names"][n]
-            per_net.append([s.records[nm].norm.cpu().numpy() if nm in s.records else
-                            np.full(width, np.nan, np.float32) for nm in names])
-        rows.append(np.asarray(per_net, dtype=np.float32))  # [net, block, batch]
+        norms += [s.records[nm].norm if nm in s.records else missing for n in nets for nm in meta["names"][n]]
         idx.append(s)
-    arr = np.stack(rows)
+    # the norms stayed on the device during the loop: one copy to the host for all of them
+    arr = torch.stack(norms).float().cpu().numpy().reshape(len(idx), len(nets), n_blocks, -1)  # [step, net, block, b]
     heights = meta["heights"][nets[0]]
     block_paths = [nm.split("].", 1)[1] for nm in first]
     ds = xr.Dataset(
