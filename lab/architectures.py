@@ -107,7 +107,8 @@ def random_pipeline(arch: str = "sd15", *, width: int = 1, max_depth: int | None
     ``init_device``: where the weights are drawn (default the CPU; ``"cuda"`` builds full-size SDXL in
     seconds instead of minutes, with other random values than a CPU build of the same seed)."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from .loading import bundled_path
     from .pipeline import Pipeline
@@ -132,38 +133,29 @@ def random_pipeline(arch: str = "sd15", *, width: int = 1, max_depth: int | None
 
     te_cfg = text(spec["text"])
     with torch.device(init_device or "cpu"):
-        comps = _random_modules(spec, arch, te_cfg, text, tok, width, max_depth, controlnet)
-    comps["tokenizer"] = tok
+        comps = {"tokenizer": tok, "text_encoder": CLIPTextModel(te_cfg).eval()}
+        cross = te_cfg.hidden_size
+        if "text_2" in spec:
+            te2_cfg = text(spec["text_2"])
+            comps["tokenizer_2"] = tok
+            comps["text_encoder_2"] = CLIPTextModelWithProjection(te2_cfg).eval()
+            cross = te_cfg.hidden_size + te2_cfg.hidden_size
+        ucfg = unet_config(arch, width, max_depth, cross_attention_dim=cross)
+        if arch == "sdxl":
+            ucfg["projection_class_embeddings_input_dim"] = (6 * ucfg["addition_time_embed_dim"]
+                                                             + te2_cfg.projection_dim)
+        comps["unet"] = UNet2DConditionModel(**ucfg).eval()
+        vcfg = dict(spec["vae"])
+        if width > 1:
+            vcfg["block_out_channels"] = _narrow(vcfg["block_out_channels"], width)
+            vcfg["norm_num_groups"] = _groups(vcfg["block_out_channels"])
+        comps["vae"] = AutoencoderKL(**vcfg).eval()
+        nets = {"controlnet": ControlNetModel.from_unet(comps["unet"]).eval()} if controlnet else None
     scfg = dict(spec["scheduler"])
     comps["scheduler"] = getattr(diffusers, scfg.pop("cls")).from_config(scfg)
-    nets = {"controlnet": comps.pop("controlnet")} if controlnet else None
     pipe = Pipeline(comps, controlnets=nets, name=f"random-{arch}" + (f"/{width}" if width > 1 else ""),
                     device=device, dtype=dtype)
     return pipe
-
-
-def _random_modules(spec, arch, te_cfg, text, tok, width, max_depth, controlnet) -> dict:
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    comps = {"text_encoder": CLIPTextModel(te_cfg).eval()}
-    cross = te_cfg.hidden_size
-    if "text_2" in spec:
-        te2_cfg = text(spec["text_2"])
-        comps["tokenizer_2"] = tok
-        comps["text_encoder_2"] = CLIPTextModelWithProjection(te2_cfg).eval()
-        cross = te_cfg.hidden_size + te2_cfg.hidden_size
-    ucfg = unet_config(arch, width, max_depth, cross_attention_dim=cross)
-    if arch == "sdxl":
-        ucfg["projection_class_embeddings_input_dim"] = 6 * ucfg["addition_time_embed_dim"] + te2_cfg.projection_dim
-    comps["unet"] = UNet2DConditionModel(**ucfg).eval()
-    vcfg = dict(spec["vae"])
-    if width > 1:
-        vcfg["block_out_channels"] = _narrow(vcfg["block_out_channels"], width)
-        vcfg["norm_num_groups"] = _groups(vcfg["block_out_channels"])
-    comps["vae"] = AutoencoderKL(**vcfg).eval()
-    if controlnet:
-        comps["controlnet"] = ControlNetModel.from_unet(comps["unet"]).eval()
-    return comps
 
 
 def parameter_counts(pipe) -> dict[str, int]:

@@ -61,12 +61,9 @@ def test_no_device_sync_in_the_step_loop(scheduler):
     with recording (step 0 allocates the pinned buffers and lets Euler find its step index; the check at the
     end is the run's one sync). Not for ddpm / euler_a: their per-step noise comes from the CPU generator
     (portable seeds) and is uploaded each step."""
-    from lab.shapes import world
     pipe = lab.load("shapes", controlnet="scribble", device="cuda", dtype=torch.float16)
-    ex = world.make_example(5, 1, split="heldout")
-    s = pipe.sampler(ex["caption"], steps=10, guidance=5.0, seed=0, progress=False, scheduler=scheduler,
-                     control=lab.Control("scribble", ex["scribble"]),
-                     recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)])
+    s = _scribble_sampler(pipe, steps=10, scheduler=scheduler,
+                          recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)])
     assert s._finite_mode == "end"
 
     def watch(state):
