@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from lab.conditioning.text import content_words
+from lab.steps import select_steps
+
 
 def _tree(run):
     return run if isinstance(run, xr.DataTree) else run.attention
@@ -54,21 +57,26 @@ def _token_mask(ds: xr.Dataset, word, batch: int) -> np.ndarray:
     return mask
 
 
-def _select(da: xr.DataArray, *, layers=None, steps=None, heads=None) -> xr.DataArray:
+def _n_steps(run, tree) -> int:
+    """Steps of the trajectory (for ``steps=`` windows): the run's, or past the last recorded one."""
+    if not isinstance(run, xr.DataTree) and run.settings.get("num_steps"):
+        return int(run.settings["num_steps"])
+    return 1 + max(int(node.to_dataset()["step"].max()) for node in tree.children.values())
+
+
+def _select(da: xr.DataArray, *, layers=None, steps=None, heads=None, n_steps=None) -> xr.DataArray:
     layer_dim = "layer" if "layer" in da.dims else "layer_self"
     if layers is not None:
         pats = [layers] if isinstance(layers, str) else list(layers)
         names = [str(n) for n in da[layer_dim].values]
         keep = [n for n in names if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, "unet." + p) for p in pats)]
         da = da.sel({layer_dim: keep})
-    if steps is not None:
-        if isinstance(steps, slice):
-            da = da.sel(step=steps)
-        elif isinstance(steps, tuple) and len(steps) == 2 and all(isinstance(v, float) for v in steps):
-            n = int(da["step"].max()) + 1  # a window as fractions of the trajectory
-            da = da.sel(step=slice(int(steps[0] * n), int(np.ceil(steps[1] * n)) - 1))
-        else:
-            da = da.sel(step=list(steps))
+    if steps is not None:  # what steps= means: lab.steps
+        chosen = set(select_steps(steps, n_steps or int(da["step"].max()) + 1))
+        keep = [int(s) for s in da["step"].values if int(s) in chosen]
+        if not keep:
+            raise ValueError(f"steps={steps!r} selects none of the recorded steps {list(da['step'].values)}")
+        da = da.sel(step=keep)
     if heads is not None:
         da = da.sel(head=heads)
     return da
@@ -87,17 +95,18 @@ def word_heatmap(run, word, *, layers=None, steps=None, heads=None, size=None, b
     probabilities of the word's tokens (summed: a word split into several tokens counts once) at every
     query position, averaged over heads and the chosen steps, each layer's map upsampled (bicubic) to
     ``size`` (default: the image size) and clamped at 0, then averaged over layers. ``layers``: glob
-    patterns of layer names; ``steps``: indices, a slice, or a ``(start, end)`` window as fractions of
-    the trajectory. Returns ``[y, x]`` scaled to max 1 (``normalize``)."""
+    patterns of layer names; ``steps``: which steps (:mod:`lab.steps`: indices, a slice, a ``(first, last)``
+    window of indices or of fractions of the trajectory). Returns ``[y, x]`` scaled to max 1 (``normalize``)."""
     tree = _tree(run)
     size = size or _image_size(run, tree)
     size = (size, size) if isinstance(size, int) else tuple(size)
+    n_steps = _n_steps(run, tree)
     maps, names = [], []
     for node in tree.children.values():
         ds = node.to_dataset()
         if "cross" not in ds:
             continue
-        da = _select(_item(ds["cross"], batch), layers=layers, steps=steps, heads=heads)
+        da = _select(_item(ds["cross"], batch), layers=layers, steps=steps, heads=heads, n_steps=n_steps)
         if da.sizes["layer"] == 0 or da.sizes["step"] == 0:
             continue
         tok = _token_mask(ds, word, batch)
@@ -265,7 +274,7 @@ def plot_heatmaps(run, words=None, *, ax=None, image=None, batch: int = 0, **kw)
     import matplotlib.pyplot as plt
     maps = token_heatmaps(run, batch=batch, **kw)
     if words is None:
-        words = [w for w in maps["word"].values if w not in ("a", "an", "the", "and", "on")]
+        words = content_words(maps["word"].values)
     if ax is None:
         _, ax = plt.subplots(1, len(words), figsize=(2.2 * len(words), 2.4), squeeze=False)
         ax = ax[0]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lab.conditioning.text import content_words
+
 
 def _save_fig(fig, path: Path) -> str:
     fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -52,8 +54,7 @@ def write_report(run, out_dir, *, condition=None, title: str = "latent-lab run",
                  f'(linear preview) at {len(picks)} of {n} steps.</p><img src="{_save_fig(fig, out / "trajectory.png")}">')
 
     if run.has_attention():
-        words = [w for w in dict.fromkeys(str(x) for x in run.attention[next(iter(run.attention.children))]["word"]
-                                          .isel(batch=0).values) if w and w not in ("a", "an", "the", "and", "on")]
+        words = content_words(run.attention[next(iter(run.attention.children))]["word"].isel(batch=0).values)
         axes = plot_heatmaps(run, words)
         parts.append("<h2>Word heat maps</h2><p>Cross-attention of each word, all layers and steps, upsampled to "
                      "the image (DAAM); colours stretched per map.</p>"

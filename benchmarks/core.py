@@ -49,6 +49,53 @@ def equivalence() -> dict:
         want = ref(PROMPT, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="latent",
                    generator=torch.Generator().manual_seed(2)).images
         out[f"sdxl/{name}"] = (run.final_latents - want).abs().max().item()
+    out.update(_equivalence_inpaint_and_controlnet())
+    return out
+
+
+def _equivalence_inpaint_and_controlnet() -> dict:
+    """SD's inpainting layout (concat conditioning) and ControlNet (balanced with a window, guess mode)."""
+    import numpy as np
+    from components import PROMPT, controlnet, tiny_sd_components
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    import lab
+    from lab.schedulers import make_scheduler
+    out = {}
+    comps = tiny_sd_components(in_channels=9)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 255
+    run = lab.Pipeline.from_components(**comps).sampler(PROMPT, steps=6, guidance=4.0, scheduler="ddim", seed=5,
+                                                         height=32, width=32, image=image,
+                                                         mask_image=Image.fromarray(m), progress=False).run()
+    ref = StableDiffusionInpaintPipeline(**{**comps, "scheduler": make_scheduler("ddim", comps["scheduler"].config)},
+                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(PROMPT, image=image, mask_image=Image.fromarray(m), num_inference_steps=6, guidance_scale=4.0, height=32,
+               width=32, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    out["inpaint/ddim"] = (run.final_latents - want).abs().max().item()
+    comps = tiny_sd_components()
+    net = controlnet(comps["unet"])
+    cond = np.zeros((32, 32, 3), np.uint8)
+    cond[6:26, 6:9] = 255
+    cond = Image.fromarray(cond)
+    pipe = lab.Pipeline.from_components(**comps, controlnets={"scribble": net})
+    ref = StableDiffusionControlNetPipeline(
+        **{**comps, "scheduler": make_scheduler("dpm++2m", comps["scheduler"].config)}, controlnet=net,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    for key, ctl, extra in (("controlnet/window", lab.Control("scribble", cond, scale=0.6, start=0.2, end=0.7),
+                             dict(controlnet_conditioning_scale=0.6, control_guidance_start=0.2, control_guidance_end=0.7)),
+                            ("controlnet/guess_mode", lab.Control("scribble", cond, scale=0.8, mode="control"),
+                             dict(controlnet_conditioning_scale=0.8, guess_mode=True))):
+        run = pipe.sampler(PROMPT, steps=6, guidance=5.0, scheduler="dpm++2m", seed=4, height=32, width=32,
+                           control=ctl, progress=False).run()
+        want = ref(PROMPT, image=cond, num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
+                   output_type="latent", generator=torch.Generator().manual_seed(4), **extra).images
+        out[key] = (run.final_latents - want).abs().max().item()
     return out
 
 

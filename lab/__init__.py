@@ -9,21 +9,20 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .attention import AttentionRecorder, RecordingBudgetError, attention_layer_names
-from .control import Control
+from .conditioning import Control
 from .counterfactual import Ablation, ablate
-from .edits import ReplaceAttention, Reweight
-from .residuals import ResidualRecorder
+from .recording import (AttentionRecorder, RecordingBudgetError, ReplaceAttention, ResidualRecorder, Reweight,
+                        attention_layer_names)
 from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError, SamplingOutOfMemory
 from .loading import DEFAULT_MODEL, load
 from .pipeline import Pipeline
 from .run import Run
-from .sampler import Sampler, StepState
+from .sampler import Sampler
+from .state import StepState
 from .schedulers import SCHEDULERS
 from . import sweeps
 from .sweeps import sweep
+from .version import __version__
 
 __all__ = [
     "Ablation", "AttentionRecorder", "ablate", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",

@@ -1,4 +1,10 @@
-"""``python -m lab``: info, sample, demo, train."""
+"""``python -m lab`` (and the ``latent-lab`` console command): info, sample, train here; the layers above add
+their commands (``demo`` and ``eval`` come from :mod:`analysis.commands`).
+
+``lab`` never imports the layers above it. A package that adds commands names a function
+``register(subparsers)`` under the entry-point group ``latent_lab.commands`` in its packaging metadata
+(this project's ``pyproject.toml`` does so for ``analysis``); the parser calls each one it finds.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +14,8 @@ import time
 from pathlib import Path
 
 from .errors import ModelNotAvailable
+
+COMMANDS = "latent_lab.commands"
 
 
 def _info(args) -> int:
@@ -71,31 +79,6 @@ def _sample(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    """The main job on the bundled model: a captioned scene under a scribble ControlNet, everything
-    recorded, and an HTML report (trajectory, word heat maps, residual norms, settings)."""
-    import importlib
-
-    import lab
-    from lab.shapes import world
-    t0 = time.time()
-    ex = world.make_example(args.seed, 0, split="heldout")
-    print(f"model: bundled 'shapes' (trained by this project; see README)\nprompt: {ex['caption']!r}")
-    pipe = lab.load("shapes", controlnet="scribble")
-    run = pipe.sampler(ex["caption"], steps=30, guidance=5.0, scheduler="ddim", seed=args.seed,
-                       control=lab.Control("scribble", ex["scribble"]),
-                       recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)]).run()
-    sampled = time.time() - t0
-    out = Path(args.out)
-    run.save(out / "run.zarr")
-    # the report draws figures, an analysis-layer job: the CLI composes the layers, importing lab never does
-    write_report = importlib.import_module("analysis.report").write_report
-    path = write_report(run, out, condition=ex["scribble"], title=f"latent-lab demo: {ex['caption']}",
-                        seconds=sampled)
-    print(f"report: {path.resolve()}\nrun: {(out / 'run.zarr').resolve()}\ntook {time.time() - t0:.1f}s")
-    return 0
-
-
 def _train(args) -> int:
     from .shapes import train
     rows = train.train(args.stage, args.out, preset=args.preset, device=args.device,
@@ -103,21 +86,6 @@ def _train(args) -> int:
                        seconds=args.seconds, pixel=args.pixel)
     for r in rows:
         print(r)
-    return 0
-
-
-def _eval(args) -> int:
-    if args.what == "attention":
-        # heat maps are analysis-layer functions; the CLI is the one place that composes the layers,
-        # and it imports `analysis` only when this subcommand runs (importing lab never does).
-        import importlib
-        attention_eval = importlib.import_module("analysis.evaluate").attention_eval
-        res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json)
-        print(json.dumps(res, indent=2))
-        return 0
-    from .shapes.evaluate import run_eval
-    res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json)
-    print(json.dumps(res, indent=2))
     return 0
 
 
@@ -144,20 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
 
-    d = sub.add_parser("demo", help="the main job on the bundled model (make demo)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seed", type=int, default=3)
-    d.set_defaults(func=_demo)
-
-    e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention"],
-                   help="shapes: the model's bars; attention: word heat maps vs object masks")
-    e.add_argument("--json", default=None, help="write the results here")
-    e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
-    e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--guidance", type=float, default=5.0)
-    e.set_defaults(func=_eval)
-
     t = sub.add_parser("train", help="train the bundled shapes model (resumable)")
     t.add_argument("model", choices=["shapes"])
     t.add_argument("--stage", default="all",
@@ -180,7 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the preset's)")
     t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")
     t.set_defaults(func=_train)
+    _add_registered(sub, p)
     return p
+
+
+def _add_registered(sub, parser) -> None:
+    """Commands registered by installed packages (entry-point group ``latent_lab.commands``)."""
+    from importlib.metadata import entry_points
+    missing = []
+    for ep in entry_points(group=COMMANDS):
+        try:
+            ep.load()(sub)
+        except ImportError as e:  # the layer is not installed (or its extra's packages are missing)
+            missing.append(f"{ep.name} ({e})")
+    if missing:
+        parser.epilog = "commands not available: " + "; ".join(missing)
 
 
 def main(argv=None) -> int:

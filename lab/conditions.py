@@ -36,10 +36,13 @@ def _white_on_black(mask: np.ndarray) -> np.ndarray:
 
 
 def canny(image, low: int = 100, high: int = 200) -> np.ndarray:
-    """Canny edges (``cv2.Canny``, ControlNet's canny thresholds 100/200 by default)."""
+    """Canny edges of the colour image, white on black (thresholds 100/200 by default). As ControlNet's own
+    annotator (``cv2.Canny(img, low, high)`` on the RGB array), the gradient at each pixel is that of the
+    channel where it is largest, so an edge between two colours of equal brightness is found; the shapes
+    world's ``edges`` condition (and so the edges ControlNet's training data) is this function."""
     if not 0 <= low <= high:
         raise ValueError(f"need 0 <= low <= high, got {low}, {high}")
-    return _white_on_black(cv2.Canny(cv2.cvtColor(_as_rgb(image), cv2.COLOR_RGB2GRAY), low, high) > 0)
+    return _white_on_black(cv2.Canny(_as_rgb(image), low, high) > 0)
 
 
 def scribble(image, sigma: float = 1.5, threshold: int = 4) -> np.ndarray:
@@ -65,12 +68,13 @@ def hough(image, *, threshold: int = 20, min_length: int | None = None, max_gap:
     return _white_on_black(out > 0)
 
 
-def segmentation_to_classes(seg, palette: dict[str, tuple[int, int, int]] | None = None,
+def segmentation_to_classes(seg, palette: dict[str, tuple[int, int, int]],
                             tolerance: float = 30.0) -> tuple[np.ndarray, list[str]]:
     """Colour-coded segmentation ``[H, W, 3]`` -> class indices ``[H, W]`` (into the returned names) by the
-    nearest palette colour; pixels farther than ``tolerance`` from every colour raise ValueError."""
-    from .shapes.world import SEG_PALETTE
-    palette = palette or SEG_PALETTE
+    nearest colour of ``palette`` (class name -> RGB; the shapes world's is ``lab.shapes.world.SEG_PALETTE``);
+    pixels farther than ``tolerance`` from every colour raise ValueError."""
+    if not palette:
+        raise ValueError("segmentation_to_classes needs a palette {class name: (r, g, b)}")
     arr = _as_rgb(seg).astype(np.float32)
     names = list(palette)
     ref = np.array([palette[n] for n in names], np.float32)
@@ -83,10 +87,9 @@ def segmentation_to_classes(seg, palette: dict[str, tuple[int, int, int]] | None
 
 
 def classes_to_segmentation(classes: np.ndarray, names: list[str],
-                            palette: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
-    """Class indices ``[H, W]`` (into ``names``) -> colour-coded segmentation ``uint8 [H, W, 3]``."""
-    from .shapes.world import SEG_PALETTE
-    palette = palette or SEG_PALETTE
+                            palette: dict[str, tuple[int, int, int]]) -> np.ndarray:
+    """Class indices ``[H, W]`` (into ``names``) -> colour-coded segmentation ``uint8 [H, W, 3]`` with the
+    colours of ``palette`` (class name -> RGB)."""
     missing = [n for n in names if n not in palette]
     if missing:
         raise KeyError(f"no palette colour for classes {missing}")

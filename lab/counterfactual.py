@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from .conditioning.controlnet import residual_names
+from .steps import select_steps
+
 
 @dataclass
 class Ablation:
@@ -28,8 +31,7 @@ class Ablation:
 
 
 def _block_index(sampler, control, block) -> int:
-    from .residuals import residual_names
-    n = len(sampler._control_heights(control))
+    n = sampler.control_grid(control).shape[0]
     if isinstance(block, (int, np.integer)):
         if not -n <= block < n:
             raise IndexError(f"block {block} out of range for {n} residual blocks")
@@ -44,25 +46,25 @@ def _block_index(sampler, control, block) -> int:
 def ablate(sampler, net: str, block, *, at: int = 0, steps: tuple[int, int] | None = None, scale: float = 0.0):
     """Fork ``sampler`` at step ``at`` into two branches run to the end: ``base`` (unchanged) and
     ``ablated``, where ``net``'s residual ``block`` (index or name such as ``"down_block_res_samples.3"``)
-    is multiplied by ``scale`` (0: removed) for steps ``steps = (a, b)`` inclusive (default: from ``at``
-    to the end). Returns an :class:`Ablation`. The sampler itself is left where it was."""
+    is multiplied by ``scale`` (0: removed) for ``steps`` (:mod:`lab.steps`: ``(a, b)`` is steps a..b
+    inclusive, ``(0.2, 0.6)`` a fraction window; default: from ``at`` to the end). Returns an
+    :class:`Ablation`. The sampler itself is left where it was."""
     controls = {c.net: c for c in sampler.controls}
     if net not in controls:
         raise KeyError(f"no ControlNet {net!r} in this sampler; controls: {sorted(controls)}")
     c = controls[net]
     j = _block_index(sampler, c, block)
     n = sampler.num_steps
-    a, b = steps if steps is not None else (at, n - 1)
-    if not (0 <= at <= sampler.position and 0 <= a <= b < n):
-        raise ValueError(f"need 0 <= at <= position ({sampler.position}) and 0 <= a <= b < {n}; got at={at}, steps={(a, b)}")
+    if not 0 <= at <= sampler.position:
+        raise ValueError(f"need 0 <= at <= position ({sampler.position}); got at={at}")
+    chosen = select_steps(steps if steps is not None else (at, n - 1), n)
+    if chosen and chosen[0] < at:
+        raise ValueError(f"steps {chosen} start before the fork at step {at}: those steps are shared, not ablated")
     grid = sampler.control_grid(c).copy()
-    grid[j, a:b + 1] *= scale
+    grid[j, chosen] *= scale
     base = sampler.fork(at=at).run()
-    branch = sampler.fork(at=at)
     changed = dataclasses.replace(c, weights=grid, halves="cond" if c.cond_only else "both")
-    branch.controls = [changed if x.net == net else x for x in branch.controls]
-    branch._control_cache = {}
-    ablated = branch.run()
+    ablated = sampler.fork(at=at, control=[changed if x.net == net else x for x in sampler.controls]).run()
     dist = [float((p.prev_latents - q.prev_latents).float().norm()) for p, q in zip(base.steps, ablated.steps)]
     latent_distance = xr.DataArray(dist, dims="step", coords={"step": [s.index for s in base.steps]},
                                    name="latent distance")

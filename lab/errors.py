@@ -42,6 +42,14 @@ class SamplingOutOfMemory(torch.cuda.OutOfMemoryError):
     the device's cached memory was released, recorders' processors were restored), so the sampler and the
     pipeline stay usable: free memory and call ``step()``/``run()`` again. ``run`` is the partial run."""
 
+    @classmethod
+    def after(cls, detail: str, step: int, run, device: torch.device) -> "SamplingOutOfMemory":
+        """The error for an OOM at ``step`` (``detail``: the first line of torch's message), once the device's
+        cached memory is released (call it after the original exception, and its frames' tensors, are gone)."""
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return cls(step, run=run, detail=detail)
+
     def __init__(self, step: int, run=None, detail: str = ""):
         self.step, self.run = step, run
         super().__init__(

@@ -2,6 +2,7 @@
 (prompt encoding, latent preparation, SDXL time ids, inpainting masks) the lab's own loop reuses."""
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -64,6 +65,13 @@ class Pipeline:
     @property
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def helper(self, scheduler):
+        """The diffusers pipeline's helpers (``prepare_latents``, ``get_timesteps``, ...) seeing ``scheduler``: a
+        shallow copy, so the shared pipeline is never changed (samplers may live in threads)."""
+        helper = copy.copy(self.diffusers)
+        object.__setattr__(helper, "scheduler", scheduler)
+        return helper
 
     @classmethod
     def from_components(cls, *, controlnets=None, name: str = "components", device="cpu", dtype=None, **components):

@@ -24,18 +24,14 @@ import torch
 import xarray as xr
 
 from .errors import RunFileError
-from .sampler import StepState
+from .state import StepState
 from .transfer import Records
+from .version import __version__
 
 FORMAT = 1
 TENSORS = ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond", "noise_pred_uncond")
 PROVENANCE_KEYS = ("model", "model_kind", "seed", "scheduler", "guidance", "steps", "num_steps", "height", "width",
                    "batch", "dtype")
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -107,21 +103,21 @@ class Run:
     # ------------------------------------------------------------------ arrays
     @property
     def attention(self) -> "xr.DataTree":
-        """Recorded attention probabilities, one DataTree node per query resolution (:mod:`lab.attention`)."""
+        """Recorded attention probabilities, one DataTree node per query resolution (:mod:`lab.recording.attention`)."""
         if self._attention is None:
             if "attention" not in self.recording_meta:
                 raise ValueError("this run recorded no attention; sample with recorders=[lab.AttentionRecorder()]")
-            from .attention import attention_tree
+            from .recording.attention import attention_tree
             self._attention = attention_tree(self.steps, self.recording_meta["attention"])
         return self._attention
 
     @property
     def residuals(self) -> xr.Dataset:
-        """Recorded ControlNet residual norms ``norm[step, net, block, batch]`` (:mod:`lab.residuals`)."""
+        """Recorded ControlNet residual norms ``norm[step, net, block, batch]`` (:mod:`lab.recording.residuals`)."""
         if self._residuals is None:
             if "residuals" not in self.recording_meta:
                 raise ValueError("this run recorded no residuals; sample with recorders=[lab.ResidualRecorder()]")
-            from .residuals import residual_dataset
+            from .recording.residuals import residual_dataset
             self._residuals = residual_dataset(self.steps, self.recording_meta["residuals"])
         return self._residuals
 
@@ -174,7 +170,7 @@ class Run:
             "sigma": ("step", np.array([s.sigma for s in self.steps], np.float64)),
             "batch": np.arange(b), "channel": np.arange(c), "y": np.arange(h), "x": np.arange(w),
         }
-        attrs = {"latent_lab_run": FORMAT, "lab_version": _version(), "interrupted": int(self.interrupted),
+        attrs = {"latent_lab_run": FORMAT, "lab_version": __version__, "interrupted": int(self.interrupted),
                  "prompt": json.dumps(self.settings.get("prompt")),
                  "negative_prompt": json.dumps(self.settings.get("negative_prompt")),
                  "config": json.dumps(self.settings, default=str, sort_keys=True),

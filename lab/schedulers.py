@@ -74,6 +74,14 @@ def predict_x0(scheduler: SchedulerMixin, model_output: torch.Tensor, t, sample:
     return x0.to(sample.dtype)
 
 
+def sigma_values(scheduler: SchedulerMixin) -> list[float] | None:
+    """The sigma of each step for schedulers that define one (Euler, Euler a, DPM-Solver); None else."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler)):
+        return None
+    return [float(x) for x in sigmas.cpu()]
+
+
 def current_sigma(scheduler: SchedulerMixin) -> float:
     """sigma of the step about to run, for schedulers that define one (Euler, Euler a, DPM-Solver); NaN else."""
     sigmas = getattr(scheduler, "sigmas", None)
@@ -81,3 +89,27 @@ def current_sigma(scheduler: SchedulerMixin) -> float:
     if sigmas is None or idx is None or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler)):
         return float("nan")
     return float(sigmas[idx])
+
+
+def latent_scale(scheduler: SchedulerMixin, i: int) -> float:
+    """How scheduler's x_t at step ``i`` relates to the variance-preserving one: sqrt(sigma_i^2 + 1) for
+    schedulers that work on sigma-scaled latents (Euler: ``init_noise_sigma`` > 1), else 1."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or float(scheduler.init_noise_sigma) <= 1:
+        return 1.0
+    return float((sigmas[i] ** 2 + 1) ** 0.5)
+
+
+def switch_scheduler(current: SchedulerMixin, spec, *, position: int, steps: int, timesteps: torch.Tensor, device):
+    """A scheduler ``spec`` (built from ``current``'s config) that continues a trajectory at step ``position``
+    on the same ``timesteps``, and the factor that moves the latents into its space (x_sigma = x_vp
+    sqrt(sigma^2 + 1) between DDIM/DPM-Solver and Euler). A scheduler on other timesteps is refused."""
+    new = make_scheduler(spec, current.config)
+    new.set_timesteps(steps, device=device)
+    if not torch.equal(new.timesteps.cpu().double(), timesteps.cpu().double()):
+        raise ValueError(f"{scheduler_name(new)} takes other timesteps ({new.timesteps[:4].tolist()}...) than this "
+                         f"sampler ({timesteps[:4].tolist()}...); a fork can only switch to a scheduler on the same "
+                         "timesteps")
+    if hasattr(new, "set_begin_index"):
+        new.set_begin_index(position)
+    return new, latent_scale(new, position) / latent_scale(current, position)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
-from .control import MODES, Control, normalise_controls
+from .conditioning import MODES, Control, normalise_controls
 from .schedulers import SCHEDULERS
 
 FORMAT = "latent-lab sweep 1"
@@ -107,7 +107,7 @@ def final_latents() -> Reduce:
 
 def residual_norms() -> Reduce:
     """ControlNet residual norms ``[step, net, block]`` (cond half), from :class:`lab.ResidualRecorder`."""
-    from .residuals import ResidualRecorder
+    from .recording import ResidualRecorder
 
     def fn(run):
         # every step of the run: a step where a net was off (scale 0, outside [start, end]) added exactly

@@ -8,7 +8,7 @@ import xarray as xr
 from components import PROMPT, tiny_sd_components
 
 import lab
-from lab.attention import attention_layer_names
+from lab.recording import attention_layer_names
 
 SHAPES_CROSS_LAYERS = [
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2",
@@ -174,7 +174,7 @@ def test_reweight_by_one_is_a_no_op_and_other_weights_act(shapes_pipe):
 
 
 def test_replace_attention_keeps_the_source_layout(shapes_pipe):
-    from lab.edits import token_alignment
+    from lab.recording import token_alignment
     kw = dict(steps=10, guidance=5.0, seed=4, progress=False)
     src = shapes_pipe.sampler("a large red circle on a gray background",
                               recorders=[lab.AttentionRecorder(heads="all")], **kw).run()
@@ -278,20 +278,32 @@ def test_spill_when_stepping_by_hand_rewinding_and_forking(shapes_pipe, tmp_path
                                   mem.attention["16x16"]["cross"].values[:2])
 
 
-def test_layers_not_recorded_keep_sdpa_while_recording(tiny_pipe):
+def test_layers_not_recorded_keep_sdpa_while_recording(tiny_pipe, monkeypatch):
     """Issue 8: SDPA is kept on the layers not recorded. While a run records the cross-attention layers, every
-    self-attention layer keeps diffusers' AttnProcessor2_0 (F.scaled_dot_product_attention) and only the
-    recorded layers carry the recording processor; afterwards all are as before."""
+    layer carries a LayerDispatch around its own AttnProcessor2_0 (F.scaled_dot_product_attention); only the
+    recorded layers take the explicit path, the others call their own processor; afterwards all are as before."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from lab.attention import RecordingAttnProcessor
+    from lab.recording import dispatch
     before = dict(tiny_pipe.unet.attn_processors)
     assert all(type(p) is AttnProcessor2_0 for p in before.values())
-    during = []
+    during, explicit, own = [], set(), []
+    real_attend, real_call = dispatch.attend, AttnProcessor2_0.__call__
+
+    def spy_attend(attn, *a, **k):
+        explicit.add(attn)
+        return real_attend(attn, *a, **k)
+
+    def spy_call(self, attn, *a, **k):
+        own.append(attn)
+        return real_call(self, attn, *a, **k)
+    monkeypatch.setattr(dispatch, "attend", spy_attend)
+    monkeypatch.setattr(AttnProcessor2_0, "__call__", spy_call)
     tiny_pipe.sampler(PROMPT, steps=2, guidance=5.0, seed=0, progress=False,
                       recorders=[lab.AttentionRecorder()]).run(
         callback=lambda st: during.append(dict(tiny_pipe.unet.attn_processors)))
-    kinds = {k: type(v) for k, v in during[0].items()}
-    assert {k for k, v in kinds.items() if v is RecordingAttnProcessor} == {k for k in kinds if "attn2" in k}
-    assert all(v is AttnProcessor2_0 for k, v in kinds.items() if "attn1" in k)
+    mods = {f"unet.{n}": m for n, m in tiny_pipe.unet.named_modules()}
+    assert {n for n, m in mods.items() if m in explicit} == {n for n in mods if n.endswith("attn2")}
+    assert {id(m) for m in own} == {id(m) for n, m in mods.items() if n.endswith("attn1")}
+    assert all(type(p) is dispatch.LayerDispatch and type(p.inner) is AttnProcessor2_0 for p in during[0].values())
     assert tiny_pipe.unet.attn_processors == before

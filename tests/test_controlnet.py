@@ -9,6 +9,7 @@ from PIL import Image
 
 import lab
 from lab import conditions
+from lab.shapes.world import SEG_PALETTE
 from lab.schedulers import make_scheduler
 
 KW = dict(steps=6, guidance=5.0, scheduler="ddim", seed=4, height=32, width=32, progress=False)
@@ -192,8 +193,8 @@ def test_conditions():
     square = np.full((64, 64, 3), 128, np.uint8)
     square[16:48, 16:48] = (200, 30, 30)
     assert conditions.hough(square).any()
-    classes, names = conditions.segmentation_to_classes(ex["segmentation"])
-    assert np.array_equal(conditions.classes_to_segmentation(classes, names), ex["segmentation"])
+    classes, names = conditions.segmentation_to_classes(ex["segmentation"], SEG_PALETTE)
+    assert np.array_equal(conditions.classes_to_segmentation(classes, names, SEG_PALETTE), ex["segmentation"])
     with pytest.raises(TypeError):
         conditions.canny(img.astype(np.float32))
     with pytest.raises(TypeError):
@@ -201,7 +202,25 @@ def test_conditions():
     with pytest.raises(ValueError, match="empty"):
         conditions.canny(np.zeros((0, 0, 3), np.uint8))
     with pytest.raises(ValueError, match="palette"):
-        conditions.segmentation_to_classes(np.full((8, 8, 3), 77, np.uint8))
+        conditions.segmentation_to_classes(np.full((8, 8, 3), 77, np.uint8), SEG_PALETTE)
+
+
+def test_one_canny_for_users_and_the_edges_controlnet():
+    """The world's edges condition (the edges ControlNet's training data) is lab.conditions.canny: Canny on the
+    colour image, as ControlNet's annotator runs cv2.Canny on the RGB array. An edge between two colours of
+    equal brightness is found (a grayscale Canny misses it)."""
+    import cv2
+
+    from lab.shapes import world
+    for seed in range(6):
+        ex = world.make_example(seed, 2, split="heldout")
+        assert np.array_equal(ex["edges"], conditions.canny(ex["image"]))
+        assert np.array_equal(world.edges(ex["image"]), conditions.canny(Image.fromarray(ex["image"])))
+    two = np.zeros((32, 32, 3), np.uint8)
+    two[:, :16] = (196, 0, 0)  # luma 58.6
+    two[:, 16:] = (0, 100, 0)  # luma 58.7
+    assert conditions.canny(two)[:, 14:18].any()
+    assert not cv2.Canny(cv2.cvtColor(two, cv2.COLOR_RGB2GRAY), 100, 200).any()
 
 
 def test_ablation_of_a_block(setup):

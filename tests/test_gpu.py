@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lab
-from lab.residuals import ResidualRecord
+from lab.recording import ResidualRecord
 
 pytestmark = pytest.mark.gpu
 PROMPT = "a large red circle and a small blue square on a gray background"
@@ -64,7 +64,7 @@ def test_no_device_sync_in_the_step_loop(scheduler):
     pipe = lab.load("shapes", controlnet="scribble", device="cuda", dtype=torch.float16)
     s = _scribble_sampler(pipe, steps=10, scheduler=scheduler,
                           recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)])
-    assert s._finite_mode == "end"
+    assert s._finite.mode == "end"
 
     def watch(state):
         if state.index == 0:
@@ -114,7 +114,7 @@ def test_records_read_during_the_loop_are_finished_copies():
 
 
 def test_pinned_buffers_are_allocated_once_and_never_overwritten():
-    """A hand-stepped sampler attaches its recorders every step: the layer's pinned buffer must still be
+    """A hand-stepped sampler takes its steps one by one: the layer's pinned buffer must still be
     allocated once (not per step), and a step taken again after a rewind must land in a new buffer, since the
     dropped step's record may still be read (an earlier Run, a fork)."""
     pipe = lab.load("shapes", device="cuda", dtype=torch.float16)
@@ -125,7 +125,7 @@ def test_pinned_buffers_are_allocated_once_and_never_overwritten():
     ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
     first = ptr(states[0].records[name])
     assert all(ptr(st.records[name]) == first for st in states)
-    assert len(rec._pinned) == len(rec.layer_names)
+    assert len(s._bindings[0]._pinned) == len(rec.layer_names)
     s.rewind(2)
     again = s.step()
     assert ptr(again.records[name]) != first

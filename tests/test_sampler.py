@@ -194,11 +194,11 @@ def test_nonfinite_detection_modes(pipe, monkeypatch, mode):
 def test_end_mode_checks_manual_steps_and_iteration(pipe):
     s = pipe.sampler(PROMPT, steps=3, guidance=2.0, seed=0, height=32, width=32, progress=False, check_finite="end")
     s.step()
-    assert len(s._finite_flags) == 1
+    assert len(s._finite.flags) == 1
     s.check_finite_now()  # all finite: nothing raised, flags consumed
-    assert not s._finite_flags
+    assert not s._finite.flags
     states = list(s)
-    assert len(states) == 2 and s.done and not s._finite_flags
+    assert len(states) == 2 and s.done and not s._finite.flags
 
 
 def test_long_prompt_truncation_is_reported(pipe):

@@ -244,13 +244,14 @@ def test_encoding_cache_serves_the_same_latents_and_follows_the_vae(tmp_path, mo
 def test_probs_processor_matches_sdpa_and_passes_gradients():
     from diffusers import UNet2DConditionModel
 
+    from lab.recording import ProbsAttnProcessor
     from lab.shapes import configs
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**configs.UNET)
     z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 32, 128, requires_grad=True)
     ref = unet(z, t, encoder_hidden_states=ctx).sample
     store: list = []
-    unet.set_attn_processor({n: (train._ProbsAttnProcessor(store) if n.endswith("attn2.processor") else p)
+    unet.set_attn_processor({n: (ProbsAttnProcessor(store.append) if n.endswith("attn2.processor") else p)
                              for n, p in unet.attn_processors.items()})
     out = unet(z, t, encoder_hidden_states=ctx).sample
     assert torch.allclose(out, ref, atol=1e-5)

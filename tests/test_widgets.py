@@ -206,7 +206,7 @@ def test_live_follow_and_stop_keep_the_partial_run(shapes_pipe):
 
 def test_live_errors_show_in_the_viewer_and_reraise_on_wait(shapes_pipe):
     class Broken:
-        def attached(self, sampler):
+        def bind(self, ctx):
             raise RuntimeError("recorder exploded")
 
     v = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0",))
@@ -227,14 +227,14 @@ def test_explorer_word_layers_steps_and_click(run_with_everything):
     first, v0 = ex.overlay.copy(), ex.version
     ex.show("blue")
     assert ex.word == "blue" and ex.version > v0 and not np.array_equal(ex.overlay, first)
-    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(run, "blue", steps=slice(0, 5)).values)
+    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(run, "blue", steps=(0, 5)).values)
     ex.show(layers="res:16x16")
-    expect = analysis.word_heatmap(run, "blue", layers=ex._layer_sets["res:16x16"], steps=slice(0, 5))
+    expect = analysis.word_heatmap(run, "blue", layers=ex._layer_sets["res:16x16"], steps=(0, 5))
     np.testing.assert_allclose(ex.heatmap.values, expect.values)
     assert ex.heatmap.attrs["layers"] == len(ex._layer_sets["res:16x16"])
     ex.show(steps=(1, 2))
     np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(
-        run, "blue", layers=ex._layer_sets["res:16x16"], steps=slice(1, 2)).values)
+        run, "blue", layers=ex._layer_sets["res:16x16"], steps=(1, 2)).values)
     ot = ex.click(40, 20)
     assert ot.dims == ("step", "word") and ex.location == (20.0, 40.0) and ex.plot.value
     np.testing.assert_allclose(ot.values, analysis.attention_at(run, 20, 40, layers=ex._layer_sets["res:16x16"]).values)
@@ -243,7 +243,7 @@ def test_explorer_word_layers_steps_and_click(run_with_everything):
     # several choices in one call apply together
     both = widgets.AttentionExplorer(run).show("circle", layers="res:8x8", steps=(2, 4))
     np.testing.assert_allclose(both.values, analysis.word_heatmap(
-        run, "circle", layers=ex._layer_sets["res:8x8"], steps=slice(2, 4)).values)
+        run, "circle", layers=ex._layer_sets["res:8x8"], steps=(2, 4)).values)
 
 
 def test_explorer_errors(run_with_everything, shapes_pipe):

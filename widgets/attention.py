@@ -17,6 +17,7 @@ from ipycanvas import Canvas, hold_canvas
 from PIL import Image
 
 import analysis
+from lab.conditioning.text import content_words
 
 from ._base import ErrorsMixin, blend, css, shows_errors
 
@@ -82,8 +83,7 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
         self.show(word=self.word_buttons.value)
 
     def _default_word(self) -> str:
-        common = {"a", "an", "the", "and", "on", "of", "in", "with"}
-        return next((w for w in self.words if w.lower() not in common), self.words[0])
+        return next(iter(content_words(self.words)), self.words[0])
 
     def _layers_of(self, choice: str):
         if choice == "*":
@@ -118,7 +118,7 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
         lo, hi = self.steps.value
         self.word = w
         self.heatmap = analysis.word_heatmap(self.run, w, layers=self._layer_sets[self.filter.value],
-                                             steps=slice(lo, hi), size=(self.height, self.width), batch=self.batch)
+                                             steps=(lo, hi), size=(self.height, self.width), batch=self.batch)
         self._draw()
         self._caption()
         if self.location is not None:

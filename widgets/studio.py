@@ -48,7 +48,7 @@ class Studio(ErrorsMixin, W.VBox):
         self.control = W.Dropdown(options=[("none", "none")] + [(n, n) for n in nets],
                                   value=control if control is not None else (nets[0] if nets else "none"),
                                   description="ControlNet", **st)
-        self.mode = W.Dropdown(options=list(lab.control.MODES), value="balanced", description="mode", **st)
+        self.mode = W.Dropdown(options=list(lab.conditioning.MODES), value="balanced", description="mode", **st)
         self.scale = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="scale", **st)
         self.window = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="start/end", **st)
         self.generate_button = W.Button(description="Generate", icon="play", button_style="success")
@@ -109,7 +109,7 @@ class Studio(ErrorsMixin, W.VBox):
         self.viewer.follow(sampler, on_done=self._finished)
         if wait:
             run = self.viewer.wait()
-            if self.viewer._failure is not None:  # shown by the viewer; raise_errors is off
+            if self.viewer.failure is not None:  # shown by the viewer; raise_errors is off
                 return None
             return run
         return None

@@ -214,6 +214,11 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
             self.wait()
         return self._thread
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that ended the last followed run (shown in the error box), or None."""
+        return self._failure
+
     def stop(self) -> None:
         """End the live run at the next step boundary (the partial run is kept)."""
         if self.sampler is not None:

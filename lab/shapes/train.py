@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..recording.dispatch import ProbsAttnProcessor
 from . import configs, world
 from .tokenizer import write_tokenizer
 
@@ -343,7 +344,7 @@ class Trainer:
         """``[n, MAX_TOKENS]`` int8: per token (``ids``, from :meth:`_token_ids`) of each caption what it names
         (:func:`world.word_groups`: object index, ``MAX_OBJECTS`` for the background, -1 for none and for
         special tokens)."""
-        from ..attention import token_words
+        from ..conditioning.text import token_words
         tok = self.tokenizer()
         ids = ids.tolist()
         out = torch.full((len(captions), configs.MAX_TOKENS), -1, dtype=torch.int8)
@@ -379,7 +380,9 @@ class Trainer:
             groups = self._token_groups(self.data["caption"], ids)
             group_masks = self.data["group_masks"]
             probs: list[torch.Tensor] = []
-            unet.set_attn_processor({name: (_ProbsAttnProcessor(probs) if name.endswith("attn2.processor")
+            # cross-attention on the lab's one explicit path (lab.recording.dispatch): output probs @ V, and the
+            # probabilities [batch, heads, queries, tokens] kept in the autograd graph for the grounding losses
+            unet.set_attn_processor({name: (ProbsAttnProcessor(probs.append) if name.endswith("attn2.processor")
                                             else proc) for name, proc in unet.attn_processors.items()})
         ema_unet = copy.deepcopy(unet).requires_grad_(False)
         ema_text = copy.deepcopy(text).requires_grad_(False)
@@ -528,29 +531,6 @@ def _group_masks(object_masks: torch.Tensor) -> torch.Tensor:
         obj = F.adaptive_avg_pool2d(object_masks[i:i + 4096].float(), configs.LATENT_SIZE)
         out.append(torch.cat([obj, (1 - obj.sum(1, keepdim=True)).clamp(min=0)], 1).half())
     return torch.cat(out)
-
-
-class _ProbsAttnProcessor:
-    """Cross-attention written out (``softmax(QK^T / sqrt(d)) V``) so that the probabilities stay in the
-    autograd graph for the grounding loss; each call appends them, ``[batch, heads, queries, tokens]``,
-    to ``store``. Training only: sampling uses diffusers' SDPA processors."""
-
-    def __init__(self, store: list):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        residual = hidden_states
-        b, n, _ = hidden_states.shape
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        p = attn.get_attention_scores(q, k, None)  # [b * heads, n, tokens]
-        self.store.append(p.view(b, attn.heads, n, -1))
-        out = attn.batch_to_head_dim(torch.bmm(p, v))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
 
 
 def _grounded_maps(probs: list[torch.Tensor], masks: torch.Tensor, token_group: torch.Tensor):

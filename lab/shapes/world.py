@@ -13,7 +13,7 @@ per-object masks, and three ControlNet conditions made from the masks and the im
 * ``scribble``: each outline redrawn as a person would with a mouse: low-frequency wobble, a
   random start point, a stroke that may stop short or overshoot, a varying stroke width;
 * ``segmentation``: one colour per shape class (:data:`SEG_PALETTE`), black background;
-* ``edges``: ``cv2.Canny`` on the image (thresholds 100/200, as in ControlNet's canny model).
+* ``edges``: Canny on the colour image (:func:`lab.conditions.canny`, thresholds 100/200, as ControlNet's annotator).
 
 Images and conditions are ``uint8`` arrays ``[H, W, 3]``; masks are ``bool`` ``[H, W]``.
 """
@@ -23,9 +23,11 @@ import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..conditioning.text import STOP_WORDS
+from ..conditions import canny
 
 SIZE = 64  # image side in pixels
 MAX_OBJECTS = 2  # objects per scene: one or two
@@ -127,7 +129,8 @@ def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: i
 
 def word_groups(caption: str) -> list[int]:
     """What each word of a caption names: the index of its object (in caption order) for the size, colour
-    and shape words, ``MAX_OBJECTS`` for the background's colour and "background", -1 for "a", "and", "on".
+    and shape words, ``MAX_OBJECTS`` for the background's colour and "background", -1 for function words
+    (:data:`lab.conditioning.text.STOP_WORDS`: "a", "and", "on").
     ``"a large red circle on a gray background"`` -> ``[-1, 0, 0, 0, -1, -1, 2, 2]``."""
     out, group = [], 0
     for word in caption.split():
@@ -135,7 +138,7 @@ def word_groups(caption: str) -> list[int]:
             group += 1
         elif word == "on":
             group = MAX_OBJECTS
-        out.append(-1 if word in ("a", "and", "on") else group)
+        out.append(-1 if word in STOP_WORDS else group)
     return out
 
 
@@ -198,9 +201,9 @@ def segmentation_map(scene: Scene, masks: np.ndarray) -> np.ndarray:
 
 
 def edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """Canny edges of an RGB image, white on black, ``[H, W, 3] uint8`` (ControlNet's canny input)."""
-    e = cv2.Canny(np.ascontiguousarray(image), low, high)
-    return np.repeat(e[:, :, None], 3, axis=2)
+    """Canny edges of an RGB image, white on black, ``[H, W, 3] uint8``: :func:`lab.conditions.canny`, the one
+    Canny of the lab (users' edge conditions and the edges ControlNet's training data agree)."""
+    return canny(image, low, high)
 
 
 def scribble(scene: Scene, rng: np.random.Generator) -> np.ndarray:

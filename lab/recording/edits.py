@@ -1,9 +1,11 @@
-"""Attention editing through the recording processors (prompt-to-prompt, Hertz et al. 2022).
+"""Attention editing on the explicit attention path (prompt-to-prompt, Hertz et al. 2022).
 
 Edits act on the conditional half of the batch only (as prompt-to-prompt's controller does) and on
-cross-attention layers matched by ``layers`` during the ``steps`` window (fractions of the trajectory).
-An edited layer computes ``probs = softmax(Q K^T / sqrt(d))`` explicitly, edits it, and outputs
-``probs @ V``; unedited layers keep SDPA.
+cross-attention layers matched by ``layers`` during ``steps`` (:mod:`lab.steps`: ``(0.0, 0.6)`` is the first
+60% of the trajectory). An edited layer computes ``probs = softmax(Q K^T / sqrt(d))`` explicitly, edits it,
+and outputs ``probs @ V`` (:mod:`lab.recording.dispatch`); unedited layers keep their processor. An edit is
+called as ``edit(layer, probs, info)`` with an :class:`lab.recording.attention.EditInfo` (step, batch layout,
+tokens).
 
     src = pipe.sampler("a large red circle on a gray background", seed=0,
                        recorders=[lab.AttentionRecorder(heads="all")]).run()
@@ -19,7 +21,9 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
-import torch
+
+from ..batch import BatchLayout
+from ..steps import check_steps, select_steps
 
 
 @dataclass
@@ -27,15 +31,13 @@ class _Edit:
     steps: tuple[float, float] = (0.0, 1.0)
     layers: str = "*attn2"
 
+    def __post_init__(self):
+        check_steps(self.steps)
+
     def applies(self, name: str, i: int, n: int, is_cross: bool) -> bool:
         if not is_cross or not fnmatch.fnmatchcase(name, self.layers):
             return False
-        return self.steps[0] <= i / n and (i + 1) / n <= self.steps[1] + 1e-9
-
-    @staticmethod
-    def _cond(probs: torch.Tensor, meta: dict) -> slice:
-        b = meta["batch"]
-        return slice(b, 2 * b) if meta["cfg"] else slice(0, b)
+        return i in select_steps(self.steps, n)
 
 
 @dataclass
@@ -49,13 +51,12 @@ class Reweight(_Edit):
         super().__init__(steps, layers)
         self.words = dict(words)
 
-    def __call__(self, name, probs, meta):
+    def __call__(self, name, probs, info):
         probs = probs.clone()
-        sel = self._cond(probs, meta)
-        rows = meta["tokens"]["prompts"]
-        per = max(1, (sel.stop - sel.start) // len(rows))
+        sel = info.layout.half("cond")
+        rows = info.tokens["prompts"]
         for j in range(sel.start, sel.stop):
-            words = rows[min((j - sel.start) // per, len(rows) - 1)]["words"]
+            words = rows[info.layout.prompt_of(j)]["words"]
             for w, factor in self.words.items():
                 idx = [t for t, x in enumerate(words) if x.lower() == w.lower()]
                 if not idx:
@@ -91,20 +92,24 @@ class ReplaceAttention(_Edit):
         self.source = source
         self._maps = None
 
-    def __call__(self, name, probs, meta):
-        i = meta["_step"]
+    def __call__(self, name, probs, info):
+        i = info.step
         if i >= len(self.source.steps) or name not in self.source.steps[i].records:
             raise KeyError(f"the source run has no recording of {name} at step {i}")
         src = self.source.steps[i].records[name]
         src = (src.tensor() if hasattr(src, "tensor") else src).to(probs.device, probs.dtype)  # [b_src, heads', Q, K]
-        sel = self._cond(probs, meta)
-        src_rows = self.source.recording_meta["attention"]["tokens"]["prompts"]
-        tgt_rows = meta["tokens"]["prompts"]
+        meta = self.source.recording_meta["attention"]
+        src_rows = meta["tokens"]["prompts"]
+        src_layout = BatchLayout(len(src_rows), meta.get("per_prompt", 1), meta["cfg"])
+        if src.shape[0] == src_layout.rows and src_layout.cfg:  # recorded with half="both": take its cond half
+            src = src[src_layout.half("cond")]
+        sel = info.layout.half("cond")
+        tgt_rows = info.tokens["prompts"]
         out = probs.clone()
         for j in range(sel.start, sel.stop):
-            k = j - sel.start
-            s = src[min(k, src.shape[0] - 1)]  # [heads', Q, K]
-            align = token_alignment(src_rows[min(k, len(src_rows) - 1)]["words"], tgt_rows[min(k, len(tgt_rows) - 1)]["words"])
+            k = min(j - sel.start, src.shape[0] - 1)
+            s = src[k]  # [heads', Q, K]
+            align = token_alignment(src_rows[src_layout.prompt_of(k)]["words"], tgt_rows[info.layout.prompt_of(j)]["words"])
             for t, a in enumerate(align):
                 if a >= 0:
                     out[j, :, :, t] = s[:, :, a]

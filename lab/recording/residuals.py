@@ -10,15 +10,16 @@ and ``controlnet[scribble].mid_block_res_sample``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from ..batch import HALVES
+from ..conditioning.controlnet import residual_names
+from ..steps import check_steps, select_steps
+from .base import Binding, RecordingContext
 
-def residual_names(net_name: str, n_down: int) -> list[str]:
-    return [f"controlnet[{net_name}].down_block_res_samples.{i}" for i in range(n_down)] + [
-        f"controlnet[{net_name}].mid_block_res_sample"]
+__all__ = ["ResidualRecord", "ResidualRecorder", "residual_dataset", "residual_names"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ResidualRecord:
 @dataclass
 class ResidualRecorder:
     """``maps``: keep channel-norm maps; ``full``: keep the residual tensors; ``half``: ``"cond"``,
-    ``"uncond"`` or ``"both"`` (with guidance); ``steps``: ``None`` or step indices."""
+    ``"uncond"`` or ``"both"`` (with guidance); ``steps``: which steps (:mod:`lab.steps`; default all)."""
 
     maps: bool = False
     full: bool = False
@@ -42,46 +43,43 @@ class ResidualRecorder:
     steps: object = None
 
     def __post_init__(self):
-        if self.half not in ("cond", "uncond", "both"):
+        if self.half not in HALVES:
             raise ValueError(f"half must be 'cond', 'uncond' or 'both', got {self.half!r}")
-        self._buf: dict = {}
-        self._sampler = None
+        check_steps(self.steps)
 
-    @contextlib.contextmanager
-    def attached(self, sampler):
-        if not sampler.controls:
+    def bind(self, ctx: RecordingContext) -> "ResidualBinding":
+        return ResidualBinding(self, ctx)
+
+
+class ResidualBinding(Binding):
+    """A :class:`ResidualRecorder` bound to one sampler."""
+
+    key = "residuals"
+
+    def __init__(self, rec: ResidualRecorder, ctx: RecordingContext):
+        if not ctx.controlnets:
             raise ValueError("ResidualRecorder needs a sampler with control=...")
-        meta = {"nets": [c.net for c in sampler.controls], "cfg": sampler.cond["cfg"], "batch": sampler.batch_size,
-                "half": self.half, "heights": {}, "names": {},
-                "steps": None if self.steps is None else sorted(int(i) for i in self.steps)}
-        for c in sampler.controls:
-            heights = sampler._control_heights(c)
-            meta["heights"][c.net] = heights
-            meta["names"][c.net] = residual_names(c.net, len(heights) - 1)
-        sampler.recording_meta["residuals"] = meta
-        self._sampler = sampler
-        try:
-            yield self
-        finally:
-            self._sampler = None
+        self.rec, self.ctx = rec, ctx
+        self.steps = frozenset(select_steps(rec.steps, ctx.num_steps))
+        nets = ctx.controlnets
+        self.meta = {"nets": [p.control.net for p in nets], "cfg": ctx.layout.cfg, "batch": ctx.layout.batch,
+                     "half": rec.half, "heights": {p.control.net: list(p.heights) for p in nets},
+                     "names": {p.control.net: p.names for p in nets},
+                     "steps": None if rec.steps is None else sorted(self.steps)}
+        self._buf: dict = {}
 
-    def observe_residuals(self, net: str, i: int, down, mid) -> None:
-        if self._sampler is None or (self.steps is not None and i not in self.steps):
+    def observe_residuals(self, net: str, step: int, down, mid) -> None:
+        if step not in self.steps:
             return
-        b = self._sampler.batch_size
-        cfg = self._sampler.cond["cfg"]
-        sel = {"cond": slice(b, 2 * b) if cfg else slice(0, b), "uncond": slice(0, b) if cfg else slice(0, 0),
-               "both": slice(None)}[self.half]
-        names = residual_names(net, len(down))
-        host = self._sampler._host
-        for name, r in zip(names, [*down, mid]):
+        sel = self.ctx.layout.half(self.rec.half)
+        host = self.ctx.host
+        for name, r in zip(self.meta["names"][net], [*down, mid]):
             r = r[sel].float()
             # norms stay on the device (read once, after the loop); maps and tensors are opt-in host copies,
             # made on the sampler's side stream on CUDA (no sync in the loop)
-            rec = ResidualRecord(norm=r.flatten(1).norm(dim=1),
-                                 map=host.to_host(r.norm(dim=1)) if self.maps else None,
-                                 tensor=host.to_host(r) if self.full else None)
-            self._buf[name] = rec
+            self._buf[name] = ResidualRecord(norm=r.flatten(1).norm(dim=1),
+                                             map=host.to_host(r.norm(dim=1)) if self.rec.maps else None,
+                                             tensor=host.to_host(r) if self.rec.full else None)
 
     def collect(self, step: int) -> dict:
         out, self._buf = self._buf, {}

@@ -1,4 +1,4 @@
-"""ControlNet conditions in the sampler: which net, which image, how strong, when, and per block.
+"""ControlNet conditioning: residuals added to the UNet's skip connections, per net, block and step.
 
 ControlNet adds one residual per encoder level and one for the middle block (13 for SD 1.5):
 ``y = F(x) + Z(F(x + Z(c)))``. How strongly each of them is added is a weight per block and step:
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..steps import in_fraction_window
+from .base import Conditioning, Setup, StepInfo, UNetInputs
 
 MODES = ("balanced", "prompt", "control", "cfg_rw")
 
@@ -101,7 +103,7 @@ class Control:
 
     def keep(self, i: int, n: int) -> float:
         """1.0 if step ``i`` of ``n`` lies in [start, end] (diffusers' ``controlnet_keep`` rule), else 0.0."""
-        return 1.0 - float(i / n < self.start or (i + 1) / n > self.end)
+        return float(in_fraction_window(i, n, self.start, self.end))
 
 
 def condition_tensor(image, height: int, width: int) -> torch.Tensor:
@@ -175,3 +177,96 @@ def normalise_controls(control, pipe) -> list[Control]:
     for c in items:
         c.validate(pipe.controlnets)
     return items
+
+
+def residual_heights(net, latent_h: int) -> list[int]:
+    """Latent height of each residual of ``net`` (encoder blocks, then the middle block)."""
+    h = latent_h
+    heights = [h]  # conv_in's output is the first residual
+    for block in net.down_blocks:
+        heights += [h] * len(block.resnets)
+        if block.downsamplers is not None:
+            h = (h + 1) // 2
+            heights.append(h)
+    heights.append(h)  # the middle block
+    if len(heights) != len(net.controlnet_down_blocks) + 1:
+        raise RuntimeError(f"could not map the ControlNet's residuals to blocks ({len(heights)} heights for "
+                           f"{len(net.controlnet_down_blocks) + 1} residuals)")
+    return heights
+
+
+def residual_names(net_name: str, n_down: int) -> list[str]:
+    """Record names of a net's residuals: ``controlnet[NAME].down_block_res_samples.i`` and the middle block."""
+    return [f"controlnet[{net_name}].down_block_res_samples.{i}" for i in range(n_down)] + [
+        f"controlnet[{net_name}].mid_block_res_sample"]
+
+
+class ControlNet(Conditioning):
+    """One :class:`Control` as a plug-in: at each step its net sees the latents, the timestep, the text
+    embeddings and the condition image, and its residuals, weighted by the control's ``[blocks, steps]``
+    grid, are added to what the UNet receives (``y = F(x) + Z(F(x + Z(c)))``). Under guess mode/CFG-RW the
+    net sees the conditional half only and the unconditional half gets no residuals."""
+
+    enters = "residuals"
+
+    def __init__(self, control: Control):
+        self.control = control
+        self.kind = f"controlnet[{control.net}]"
+        self.heights: list[int] = []
+        self.grid: np.ndarray | None = None
+        self._image = self._net = None
+
+    @property
+    def names(self) -> list[str]:
+        return residual_names(self.control.net, len(self.heights) - 1)
+
+    def setup(self, s: Setup) -> None:
+        c, layout = self.control, s.layout
+        net = self._net = s.pipe.controlnets[c.net]
+        img = condition_tensor(c.image, s.settings["height"], s.settings["width"])
+        if img.shape[0] not in (1, layout.n_prompts):
+            raise ValueError(f"{img.shape[0]} control images for {layout.n_prompts} prompts: give one image, "
+                             f"or one per prompt")
+        img = img.repeat_interleave(layout.batch if img.shape[0] == 1 else layout.per_prompt, dim=0)
+        img = img.to(s.device, net.dtype)
+        self._image = torch.cat([img] * 2) if layout.cfg else img
+        self.heights = residual_heights(net, s.latent_hw[0])
+        self.grid = c.grid(self.heights, len(s.timesteps))
+
+    def apply(self, x: UNetInputs, step: StepInfo) -> None:
+        col = self.grid[:, step.index]
+        if not col.any():
+            return  # outside [start, end]: diffusers multiplies by 0; skipping adds exactly nothing
+        c, layout = self.control, step.layout
+        net = self._net
+        inp, emb, image, added = x.latents, x.encoder_hidden_states, self._image, x.added_cond_kwargs
+        halved = c.cond_only and layout.cfg
+        if halved:  # guess mode: the net sees the conditional half only
+            cond = layout.half("cond")
+            inp, emb, image = inp[cond], emb[cond], image[cond]
+            added = {k: v[cond] for k, v in added.items()} if added else None
+        kw = {"added_cond_kwargs": added} if added else {}
+        d, m = net(inp, x.timestep, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=1.0,
+                   guess_mode=False, return_dict=False, **kw)
+        d = [r * float(wi) for r, wi in zip(d, col[:-1])]
+        m = m * float(col[-1])
+        if halved:
+            d = [torch.cat([torch.zeros_like(r), r]) for r in d]
+            m = torch.cat([torch.zeros_like(m), m])
+        step.observe_residuals(c.net, d, m)
+        x.add_residuals(d, m)
+
+    def describe(self) -> dict:
+        c = self.control
+        return dict(net=c.net, scale=c.scale, start=c.start, end=c.end, mode=c.mode,
+                    halves="cond" if c.cond_only else "both",
+                    weights=None if c.weights is None else np.asarray(c.weights).tolist())
+
+
+def control_grid(plugins, control: Control, num_steps: int) -> np.ndarray:
+    """The ``[blocks, steps]`` weights ``control`` applies among ``plugins`` (its net's plug-in gives the blocks)."""
+    p = next((p for p in plugins if isinstance(p, ControlNet) and p.control.net == control.net), None)
+    if p is None:
+        nets = [p.control.net for p in plugins if isinstance(p, ControlNet)]
+        raise KeyError(f"no ControlNet {control.net!r} in this sampler; controls: {nets}")
+    return p.grid if p.control is control else control.grid(p.heights, num_steps)

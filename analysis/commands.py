@@ -1,0 +1,64 @@
+"""The command-line commands that compose the layers: ``demo`` and ``eval``.
+
+They are registered with ``python -m lab`` / ``latent-lab`` through the entry-point group
+``latent_lab.commands`` (see ``pyproject.toml`` and :mod:`lab.cli`): the command line sits above
+``analysis``, while ``lab`` itself never imports this package.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lab
+from lab.shapes import world
+
+from .evaluate import attention_eval
+from .report import write_report
+
+
+def demo(args) -> int:
+    """The main job on the bundled model: a captioned scene under a scribble ControlNet, everything
+    recorded, and an HTML report (trajectory, word heat maps, residual norms, settings)."""
+    t0 = time.time()
+    ex = world.make_example(args.seed, 0, split="heldout")
+    print(f"model: bundled 'shapes' (trained by this project; see README)\nprompt: {ex['caption']!r}")
+    pipe = lab.load("shapes", controlnet="scribble")
+    run = pipe.sampler(ex["caption"], steps=30, guidance=5.0, scheduler="ddim", seed=args.seed,
+                       control=lab.Control("scribble", ex["scribble"]),
+                       recorders=[lab.AttentionRecorder(), lab.ResidualRecorder(maps=True)]).run()
+    sampled = time.time() - t0
+    out = Path(args.out)
+    run.save(out / "run.zarr")
+    path = write_report(run, out, condition=ex["scribble"], title=f"latent-lab demo: {ex['caption']}",
+                        seconds=sampled)
+    print(f"report: {path.resolve()}\nrun: {(out / 'run.zarr').resolve()}\ntook {time.time() - t0:.1f}s")
+    return 0
+
+
+def evaluate(args) -> int:
+    """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks."""
+    if args.what == "attention":
+        res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json)
+    else:
+        from lab.shapes.evaluate import run_eval
+        res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``demo`` and ``eval`` to the ``python -m lab`` parser (entry point ``latent_lab.commands``)."""
+    d = sub.add_parser("demo", help="the main job on the bundled model (make demo)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seed", type=int, default=3)
+    d.set_defaults(func=demo)
+
+    e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
+    e.add_argument("what", choices=["shapes", "attention"],
+                   help="shapes: the model's bars; attention: word heat maps vs object masks")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
+    e.add_argument("--steps", type=int, default=30)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.set_defaults(func=evaluate)

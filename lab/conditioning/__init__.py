@@ -1,0 +1,84 @@
+"""Conditioning as plug-ins: one file per kind (the lecture's "CA" and "concat" split, plus ControlNet).
+
+    text.py        Text         prompts -> cross-attention (SD, SDXL pooled embeddings and time ids)
+    classes.py     ClassLabel   class label -> the UNet's class embedding, a null class for guidance
+    concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout)
+    controlnet.py  ControlNet   residuals of one ControlNet (Control: net, image, scale, window, modes)
+    base.py        the contract: Setup, UNetInputs, StepInfo, Conditioning
+
+:func:`plugins` turns a sampler's arguments into the ordered list its loop applies at every step; a
+sampler also takes extra plug-ins (``conditioning=[...]``) for kinds it has no argument for.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Conditioning, Setup, StepInfo, UNetInputs
+from .classes import ClassLabel
+from .concat import Concat, Inpainting
+from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
+from .text import STOP_WORDS, Text, content_words, token_table, token_words
+
+__all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "MODES", "STOP_WORDS",
+           "Setup", "StepInfo", "Text", "UNetInputs", "condition_tensor", "content_words", "control_grid", "normalise_controls",
+           "change", "plugins", "prepare", "token_table", "token_words"]
+
+
+def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, control, image, mask_image,
+            strength, class_labels=None, null_class=None, extra=()) -> list[Conditioning]:
+    """The plug-ins of a sampler, in the order they apply: text (owns the batch), class label, concat kinds,
+    extra ones, then ControlNets (they read the text embeddings and the latents without concat channels)."""
+    if pipe.kind == "inpaint" and (image is None or mask_image is None):
+        raise ValueError("an inpainting model needs image= and mask_image=")
+    if pipe.kind != "inpaint" and (image is not None or mask_image is not None):
+        raise ValueError(f"image=/mask_image= need an inpainting UNet (9 input channels); this is {pipe.kind!r}")
+    extra = list(extra)
+    bad = [p for p in extra if not isinstance(p, Conditioning)]
+    if bad:
+        raise TypeError(f"conditioning= takes lab.conditioning.Conditioning plug-ins, not {type(bad[0]).__name__}")
+    out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch)]
+    if class_labels is not None:
+        out.append(ClassLabel(class_labels, null_class))
+    if pipe.kind == "inpaint":
+        out.append(Inpainting(image, mask_image, strength))
+    out += extra
+    out += [ControlNet(c) for c in normalise_controls(control, pipe)]
+    return out
+
+
+def prepare(pipe, settings: dict, plugins: list, generator, scheduler) -> Setup:
+    """Set the plug-ins up for a new sampler: the first (it owns the batch: layout, dtype), the scheduler's
+    timesteps, the others in order (one may choose timesteps and initial latents), then plain initial latents
+    (diffusers' ``prepare_latents``) when none did. Returns the :class:`Setup` (layout, timesteps, latents)."""
+    s = Setup(pipe, settings, generator, scheduler, pipe.helper(scheduler))
+    with torch.no_grad():
+        plugins[0].setup(s)
+        scheduler.set_timesteps(settings["steps"], device=pipe.device)
+        s.timesteps = scheduler.timesteps
+        for p in plugins[1:]:
+            p.setup(s)
+        if s.latents is None:
+            extra = sum(int(c.shape[1]) for p in plugins if isinstance(p, Concat) for c in p.channels)
+            s.latents = s.helper.prepare_latents(s.layout.batch, pipe.unet.config.in_channels - extra,
+                                                 settings["height"], settings["width"], s.dtype, pipe.device,
+                                                 generator, None)
+    if pipe.kind == "sdxl" and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # as StableDiffusionXLPipeline does
+    return s
+
+
+def change(plugins: tuple, s: Setup, changes: dict) -> tuple:
+    """The plug-ins of a fork: new ``Text`` for changed prompts, new ``ControlNet`` s for ``control=`` (``None``:
+    none from here on); the others as they are (plug-ins are immutable, so parent and fork share them safely)."""
+    plugins = list(plugins)
+    prompts = {k: v for k, v in changes.items() if k in Text.forkable}
+    if prompts:
+        j = next(j for j, p in enumerate(plugins) if isinstance(p, Text))
+        plugins[j] = plugins[j].changed(s, **prompts)
+    if "control" in changes:
+        nets = [ControlNet(c) for c in normalise_controls(changes["control"], s.pipe)]
+        with torch.no_grad():
+            for p in nets:
+                p.setup(s)
+        plugins = [p for p in plugins if not isinstance(p, ControlNet)] + nets
+    return tuple(plugins)
