@@ -20,11 +20,9 @@ are exact.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,24 +34,14 @@ from .conditioning import plugins as make_plugins
 from .conditioning import prepare as prepare_plugins
 from .errors import SamplingOutOfMemory
 from .finite import FiniteWatch
-from .recording import AttentionHooks, RecordingContext, dispatching
-from .recording import bind as bind_recorders
+from .recording import Recording, RecordingContext
 from .run import Run
 from .schedulers import make_scheduler, predict_x0, scheduler_name, sigma_values, switch_scheduler
 from .settings import check_fork_changes, sampler_settings
-from .state import StepState
+from .state import Snapshot, StepState
 from .transfer import HostCopies, Records
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    latents: torch.Tensor
-    scheduler: object
-    rng_state: torch.Tensor
-    plugins: tuple
-    settings: dict
 
 
 class Sampler:
@@ -104,15 +92,12 @@ class Sampler:
         self.generator, self.scheduler, self._latents = generator, scheduler, latents
         self.progress, self.check_finite = progress, check_finite
         self._finite = FiniteWatch(check_finite, self.device)
-        self.recorders = list(recorders)
-        self._bindings: list | None = None  # bound on the first step (a fork that never steps makes no files)
-        self._hooks: AttentionHooks | None = None
-        self.recording_meta: dict = {}
+        self._recording = Recording(recorders)  # bound on the first step (a fork that never steps makes no files)
         self._host = HostCopies(self.device)  # recorders' device -> host copies (side stream on CUDA)
         self._stop = threading.Event()
         self.interrupted = False
         self.history: list[StepState] = []
-        self._snaps: list[_Snapshot] = []
+        self._snaps: list[Snapshot] = []
         self._plan: list[tuple[int, dict]] = []  # (step, changes) applied by forks, replayed exactly
         self._pending: list[tuple[int, dict]] = []
         self._i = 0
@@ -138,11 +123,11 @@ class Sampler:
         """The ``[blocks, steps]`` weights ``control`` (a :class:`lab.Control` of a loaded net) applies here."""
         return control_grid(self._plugins, control, self.num_steps)
 
-    def _snapshot(self) -> _Snapshot:
-        return _Snapshot(self._latents, copy.deepcopy(self.scheduler), self.generator.get_state(), self._plugins,
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(self._latents, copy.deepcopy(self.scheduler), self.generator.get_state(), self._plugins,
                          dict(self.settings))
 
-    def _restore(self, snap: _Snapshot) -> None:
+    def _restore(self, snap: Snapshot) -> None:
         self._latents, self._plugins, self.settings = snap.latents, snap.plugins, dict(snap.settings)
         self.scheduler = copy.deepcopy(snap.scheduler)
         self.generator.set_state(snap.rng_state)
@@ -160,7 +145,7 @@ class Sampler:
             self.generator = torch.Generator("cpu").manual_seed(changes["seed"])
             self.settings["seed"] = changes["seed"]
         if "recorders" in changes:  # e.g. an AttentionRecorder carrying prompt-to-prompt edits
-            self.recorders, self._bindings = list(changes["recorders"]), None
+            self._recording = Recording(changes["recorders"], self.recording_meta)
         if "scheduler" in changes:
             self.scheduler, factor = switch_scheduler(self.scheduler, changes["scheduler"], position=self._i,
                                                       steps=self.settings["steps"], timesteps=self.timesteps,
@@ -173,21 +158,20 @@ class Sampler:
         for prompt, dropped in (text.truncated.items() if text else ()):
             self.truncated.setdefault(prompt, dropped)
         if "control" in changes:
-            self._bindings = None  # residual recorders describe the new nets
+            self._recording.bindings = None  # residual recorders describe the new nets
         self._reset_schedule()
 
     # ------------------------------------------------------------------ the loop
+    recorders = property(lambda self: self._recording.recorders)
+    recording_meta = property(lambda self: self._recording.meta, doc="What the recorders describe (run.recording_meta).")
+
     def _bind(self) -> None:
         """Bind the recorders to this sampler (once; again after a fork changes them)."""
-        text = next((p for p in self._plugins if isinstance(p, Text)), None)
-        ctx = RecordingContext(self.pipe, self.num_steps, self.layout, tuple(self._latents.shape[-2:]),
-                               text.tokens if text else None, self._host,
-                               tuple(p for p in self._plugins if isinstance(p, ControlNet)))
-        self._bindings, self._hooks = bind_recorders(self.recorders, ctx)
-        self.recording_meta.update({b.key: b.meta for b in self._bindings if b.key})
-
-    def _dispatching(self):
-        return dispatching(self.pipe.unet, self._hooks.layers) if self._hooks else contextlib.nullcontext()
+        if self._recording.bindings is None:
+            text = next((p for p in self._plugins if isinstance(p, Text)), None)
+            self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, tuple(self._latents.shape[-2:]),
+                                                  text.tokens if text else None, self._host,
+                                                  tuple(p for p in self._plugins if isinstance(p, ControlNet))))
 
     @torch.no_grad()
     def step(self) -> StepState:
@@ -199,12 +183,11 @@ class Sampler:
             self._apply_changes(changes)
             self._plan.append((start, changes))
             self._pending.remove((start, changes))
-        if self._bindings is None:
-            self._bind()
+        self._bind()
         snap = self._snapshot()
         self._snaps[i:] = [snap]
         try:
-            with self._dispatching():
+            with self._recording.dispatching(self.pipe.unet):
                 state = self._step(i)
         except _OOM as e:  # e, and the tensors its frames hold, are dropped at the end of this block
             detail = str(e).splitlines()[0][:200] if str(e) else ""
@@ -223,17 +206,13 @@ class Sampler:
     def _step(self, i: int) -> StepState:
         sched, x, cfg = self.scheduler, self._latents, self.layout.cfg
         t, th = self.timesteps[i], self._t_host[i]
-        bindings = self._bindings
+        rec = self._recording
         inputs = UNetInputs(sched.scale_model_input(torch.cat([x] * 2) if cfg else x, th), t)
         info = StepInfo(i, t, th, sched, self.layout,
-                        observe_residuals=lambda net, d, m: [b.observe_residuals(net, i, d, m) for b in bindings])
+                        observe_residuals=lambda net, d, m: rec.observe_residuals(i, net, d, m))
         for p in self._plugins:
             p.apply(inputs, info)
-        kwargs = inputs.unet_kwargs()
-        if self._hooks is not None:
-            self._hooks.step = i
-            kwargs["cross_attention_kwargs"] = {"lab_hooks": self._hooks}
-        out = self.pipe.unet(inputs.sample, t, **kwargs)[0]
+        out = self.pipe.unet(inputs.sample, t, **inputs.unet_kwargs(), **rec.unet_kwargs(i))[0]
         if cfg:
             uncond, cond = out.chunk(2)
             guided = uncond + self.settings["guidance"] * (cond - uncond)
@@ -244,9 +223,7 @@ class Sampler:
         x0 = getattr(res, "pred_original_sample", None)
         if x0 is None:
             x0 = predict_x0(sched, guided, th, x)
-        records = {}
-        for b in bindings:
-            records.update(b.collect(i))
+        records = rec.collect(i)
         self._finite.after_step(i, prev, guided, self.to_run)
         sv = self._sigma_values
         sigma = sv[i] if sv is not None and i < len(sv) else float("nan")
@@ -281,9 +258,9 @@ class Sampler:
         self._stop.clear()
         bar = tqdm(total=self.num_steps, initial=self._i, disable=not self.progress, desc="sampling", leave=False)
         try:
-            if self._bindings is None and not self.done:
+            if not self.done:
                 self._bind()
-            with self._dispatching():  # for the whole loop: the layers are not swapped at every step
+            with self._recording.dispatching(self.pipe.unet):  # the whole loop: layers are not swapped every step
                 while not self.done:
                     if self._stop.is_set():
                         self.interrupted = True
@@ -302,17 +279,17 @@ class Sampler:
 
     def to_run(self) -> Run:
         return Run(list(self.history), settings=self.provenance(), pipe=self.pipe, final_latents=self._latents,
-                   interrupted=self.interrupted, truncated=dict(self.truncated),
-                   recording_meta=dict(self.recording_meta))
+                   interrupted=self.interrupted, truncated=dict(self.truncated), recording_meta=dict(self.recording_meta))
 
     def provenance(self) -> dict:
-        s = dict(self.settings)
-        s.update(scheduler=scheduler_name(self.scheduler), model=self.pipe.name, model_kind=self.pipe.kind,
-                 dtype=str(self.pipe.dtype).removeprefix("torch."), device=str(self.device), num_steps=self.num_steps,
-                 controls=[p.describe() for p in self._plugins if isinstance(p, ControlNet)],
-                 conditioning=[p.describe() for p in self._plugins if not isinstance(p, ControlNet)],
-                 forks=[dict(step=k, **v) for k, v in self._plan])
-        return s
+        """The settings, model, the active plug-ins (``controls``: ControlNets; ``conditioning``: the others) and
+        the forks' changes: what a run records of how it was made."""
+        return {**self.settings, "scheduler": scheduler_name(self.scheduler), "model": self.pipe.name,
+                "model_kind": self.pipe.kind, "dtype": str(self.pipe.dtype).removeprefix("torch."),
+                "device": str(self.device), "num_steps": self.num_steps,
+                "controls": [p.describe() for p in self._plugins if isinstance(p, ControlNet)],
+                "conditioning": [p.describe() for p in self._plugins if not isinstance(p, ControlNet)],
+                "forks": [dict(step=k, **v) for k, v in self._plan]}
 
     # ------------------------------------------------------------------ time travel
     def rewind(self, k: int) -> "Sampler":
@@ -345,7 +322,7 @@ class Sampler:
         new._begin(self.pipe, snap.settings, snap.plugins, self.layout, self.timesteps, generator,
                    copy.deepcopy(snap.scheduler), snap.latents, self.recorders, self.progress, self.check_finite)
         new._args, new._external_generator, new.truncated = self._args, self._external_generator, dict(self.truncated)
-        new.recording_meta = copy.deepcopy(self.recording_meta)  # describes the inherited steps' records
+        new._recording = Recording(self.recorders, copy.deepcopy(self.recording_meta))  # the inherited steps' meta
         new.history, new._snaps = self.history[:k], self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]
         new._finite.flags = self._finite.until(k)

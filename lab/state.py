@@ -1,4 +1,5 @@
-"""What one denoising step saw and produced (:class:`StepState`), shared by the sampler and runs."""
+"""What one denoising step saw and produced (:class:`StepState`, shared by the sampler and runs), and what the
+sampler keeps before each step to go back to it (:class:`Snapshot`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,3 +41,15 @@ class StepState:
     def __repr__(self) -> str:
         return (f"StepState(index={self.index}, timestep={self.timestep:g}, sigma={self.sigma:.4g}, "
                 f"latents={tuple(self.latents.shape)}, records={sorted(self.records)})")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A sampler's full state before a step: x_t, a deep copy of the scheduler, the RNG state, the conditioning
+    plug-ins (immutable) and the settings. ``rewind``, ``fork`` and ``replay`` start from these."""
+
+    latents: torch.Tensor
+    scheduler: Any
+    rng_state: torch.Tensor
+    plugins: tuple
+    settings: dict

@@ -68,6 +68,13 @@ def select_steps(steps, n: int) -> list[int]:
 
 
 def check_steps(steps) -> None:
-    """Refuse a ``steps=`` value that no trajectory could accept (before any model work)."""
+    """Refuse a ``steps=`` value that no trajectory could accept (before any model work; negative indices are
+    checked against a trajectory long enough to hold them)."""
+    if steps is None or isinstance(steps, slice):
+        return
     fractions = isinstance(steps, tuple) and len(steps) == 2 and all(isinstance(v, float) for v in steps)
-    select_steps(steps, 1 if fractions else 10 ** 6)
+    try:
+        ints = [abs(int(v)) for v in ((steps,) if _is_int(steps) else steps) if _is_int(v)]
+    except TypeError:
+        ints = []
+    select_steps(steps, 1 if fractions else 2 * max(ints, default=0) + 1)

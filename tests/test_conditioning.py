@@ -178,7 +178,11 @@ def test_steps_has_one_meaning():
     for bad in [(0, 0.5), [0.5], (5, 2), 11, "all"]:
         with pytest.raises(ValueError):
             select_steps(bad, 10)
+    assert select_steps((2, -1), 6) == [2, 3, 4, 5] and select_steps([-1, 0], 4) == [0, 3]
     with pytest.raises(ValueError, match="mixes"):
         lab.Reweight({"red": 2.0}, steps=(0, 0.8))
+    lab.AttentionRecorder(steps=(2, -1))  # valid on any trajectory of more than 2 steps: accepted up front
+    with pytest.raises(ValueError):
+        lab.ResidualRecorder(steps=(-1, -3))  # last before first on every trajectory
     with pytest.raises(ValueError):
         lab.AttentionRecorder(steps=[0.5])

@@ -125,7 +125,7 @@ def test_pinned_buffers_are_allocated_once_and_never_overwritten():
     ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
     first = ptr(states[0].records[name])
     assert all(ptr(st.records[name]) == first for st in states)
-    assert len(s._bindings[0]._pinned) == len(rec.layer_names)
+    assert len(s._recording.bindings[0]._pinned) == len(rec.layer_names)
     s.rewind(2)
     again = s.step()
     assert ptr(again.records[name]) != first

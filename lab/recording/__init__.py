@@ -8,19 +8,52 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 from .attention import AttentionRecorder, EditInfo, RecordingBudgetError, attention_layer_names, recording_bytes
 from .base import Binding, RecordingContext
 from .dispatch import AttentionHooks, ProbsAttnProcessor, attention_probs, attend, dispatching
 from .edits import ReplaceAttention, Reweight, token_alignment
 from .residuals import ResidualRecord, ResidualRecorder
 
-def bind(recorders, ctx: RecordingContext) -> tuple[list, AttentionHooks | None]:
-    """Bind each recorder to one sampler (``recorder.bind(ctx)``): the bindings, and the attention hooks the
-    sampler hands the UNet (None when no binding needs an attention layer)."""
-    bindings = [rec.bind(ctx) for rec in recorders]
-    return bindings, (AttentionHooks(bindings) if any(b.attention_layers for b in bindings) else None)
+class Recording:
+    """The recorders of one sampler, bound to it: their bindings (made on the first step, again after a fork
+    changes the recorders or the ControlNets), the attention hooks that its UNet calls carry, and what the
+    bindings describe (``meta``, the run's ``recording_meta``)."""
+
+    def __init__(self, recorders=(), meta: dict | None = None):
+        self.recorders = list(recorders)
+        self.bindings: list | None = None
+        self.hooks: AttentionHooks | None = None
+        self.meta: dict = dict(meta or {})
+
+    def bind(self, ctx: RecordingContext) -> None:
+        self.bindings = [rec.bind(ctx) for rec in self.recorders]
+        self.hooks = AttentionHooks(self.bindings) if any(b.attention_layers for b in self.bindings) else None
+        self.meta.update({b.key: b.meta for b in self.bindings if b.key})
+
+    def dispatching(self, unet):
+        """While a step (or a run) calls the UNet: its attention layers dispatch to these hooks."""
+        return dispatching(unet, self.hooks.layers) if self.hooks else contextlib.nullcontext()
+
+    def unet_kwargs(self, step: int) -> dict:
+        """What the UNet call of ``step`` carries for the hooks (nothing without them)."""
+        if self.hooks is None:
+            return {}
+        self.hooks.step = step
+        return {"cross_attention_kwargs": {"lab_hooks": self.hooks}}
+
+    def observe_residuals(self, step: int, net: str, down: list, mid) -> None:
+        for b in self.bindings:
+            b.observe_residuals(net, step, down, mid)
+
+    def collect(self, step: int) -> dict:
+        records = {}
+        for b in self.bindings:
+            records.update(b.collect(step))
+        return records
 
 
-__all__ = ["bind", "AttentionHooks", "AttentionRecorder", "Binding", "EditInfo", "ProbsAttnProcessor", "RecordingBudgetError",
+__all__ = ["Recording", "AttentionHooks", "AttentionRecorder", "Binding", "EditInfo", "ProbsAttnProcessor", "RecordingBudgetError",
            "RecordingContext", "ReplaceAttention", "ResidualRecord", "ResidualRecorder", "Reweight", "attend",
            "attention_layer_names", "attention_probs", "dispatching", "recording_bytes", "token_alignment"]
