@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from .conditioning.controlnet import residual_names
+from .conditioning.controlnet import ControlNet, residual_names
 from .steps import select_steps
 
 
@@ -63,7 +63,8 @@ def ablate(sampler, net: str, block, *, at: int = 0, steps: tuple[int, int] | No
     grid = sampler.control_grid(c).copy()
     grid[j, chosen] *= scale
     base = sampler.fork(at=at).run()
-    changed = dataclasses.replace(c, weights=grid, halves="cond" if c.cond_only else "both")
+    plugin = next(p for p in sampler.conditioning if isinstance(p, ControlNet) and p.control.net == net)
+    changed = dataclasses.replace(c, weights=grid, halves="cond" if plugin.cond_only else "both")
     ablated = sampler.fork(at=at, control=[changed if x.net == net else x for x in sampler.controls]).run()
     dist = [float((p.prev_latents - q.prev_latents).float().norm()) for p, q in zip(base.steps, ablated.steps)]
     latent_distance = xr.DataArray(dist, dims="step", coords={"step": [s.index for s in base.steps]},

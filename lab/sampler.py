@@ -28,10 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
 from .conditioning import ControlNet, Setup, StepInfo, Text, UNetInputs, control_grid
 from .conditioning import change as change_plugins
 from .conditioning import plugins as make_plugins
 from .conditioning import prepare as prepare_plugins
+from .conditioning.text import MICRO_KEYS
 from .errors import SamplingOutOfMemory
 from .finite import FiniteWatch
 from .recording import Recording, RecordingContext
@@ -53,7 +56,9 @@ class Sampler:
     (a CPU ``torch.Generator`` is seeded with it: portable seeds), ``generator`` (use this one
     instead), ``height``/``width`` (multiples of the VAE factor), ``batch`` (images per prompt),
     ``eta`` (DDIM), ``control`` (see :func:`lab.conditioning.normalise_controls`), ``image``/``mask_image``/
-    ``strength`` (inpainting models), ``prompt_2``/``negative_prompt_2`` (SDXL), ``class_labels``/``null_class``
+    ``strength`` (inpainting models), ``prompt_2``/``negative_prompt_2`` and the size conditioning
+    ``original_size``, ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms (SDXL, as
+    ``StableDiffusionXLPipeline``), ``guidance_rescale`` (Lin et al. 2023, for zero-SNR models), ``class_labels``/``null_class``
     (UNets with a class embedding), ``conditioning`` (further :class:`lab.conditioning.Conditioning` plug-ins),
     ``recorders`` (objects with ``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm bar in :meth:`run`),
     ``check_finite`` (``True``, ``"step"``, ``"end"`` or ``False``: raise :class:`NonFiniteError` where NaN/inf
@@ -64,17 +69,19 @@ class Sampler:
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
                  width: int | None = None, batch: int = 1, eta: float = 0.0, control=None, image=None,
                  mask_image=None, strength: float = 1.0, prompt_2=None, negative_prompt_2=None, class_labels=None,
-                 null_class=None, conditioning=(), recorders=(), progress: bool = True,
+                 null_class=None, guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=None,
+                 target_size=None, negative_original_size=None, negative_crops_coords_top_left=None,
+                 negative_target_size=None, conditioning=(), recorders=(), progress: bool = True,
                  check_finite: bool | str = True):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "pipe")}
         settings = sampler_settings(pipe, prompt, negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                                     seed=seed, generator=generator, height=height, width=width, batch=batch, eta=eta,
                                     strength=strength, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                                    check_finite=check_finite)
+                                    guidance_rescale=guidance_rescale, check_finite=check_finite)
         plugins = make_plugins(pipe, prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2,
                                negative_prompt_2=negative_prompt_2, batch=batch, control=control, image=image,
                                mask_image=mask_image, strength=strength, class_labels=class_labels,
-                               null_class=null_class, extra=conditioning)
+                               null_class=null_class, micro={k: self._args[k] for k in MICRO_KEYS}, extra=conditioning)
         generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         sched = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         s = prepare_plugins(pipe, settings, plugins, generator, sched)
@@ -139,8 +146,9 @@ class Sampler:
 
     def _apply_changes(self, changes: dict) -> None:
         check_fork_changes(changes, self.layout.cfg)
-        if "guidance" in changes:
-            self.settings["guidance"] = float(changes["guidance"])
+        for key in ("guidance", "guidance_rescale"):
+            if key in changes:
+                self.settings[key] = float(changes[key])
         if "seed" in changes:
             self.generator = torch.Generator("cpu").manual_seed(changes["seed"])
             self.settings["seed"] = changes["seed"]
@@ -216,6 +224,8 @@ class Sampler:
         if cfg:
             uncond, cond = out.chunk(2)
             guided = uncond + self.settings["guidance"] * (cond - uncond)
+            if self.settings["guidance_rescale"] > 0:  # Lin et al. 2023, section 3.4 (diffusers' helper)
+                guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.settings["guidance_rescale"])
         else:
             uncond, cond, guided = None, out, out
         res = sched.step(guided, th, x, **self.extra_step_kwargs, return_dict=True)

@@ -23,12 +23,15 @@ def nearest_multiple(v: int, f: int) -> int:
 
 
 def sampler_settings(pipe, prompt, negative_prompt, *, steps, guidance, scheduler, seed, generator, height, width,
-                     batch, eta, strength, prompt_2, negative_prompt_2, check_finite) -> dict:
+                     batch, eta, strength, prompt_2, negative_prompt_2, check_finite, guidance_rescale=0.0) -> dict:
     """The checked settings of a sampler as a plain dict (its provenance). Raises ValueError/TypeError."""
     if check_finite not in FINITE_CHECKS:
         raise ValueError(f"check_finite must be True, False, 'step' or 'end', got {check_finite!r}")
     check_number("steps", steps, minimum=1, integer=True)
     check_number("guidance", guidance, minimum=0)
+    check_number("guidance_rescale", guidance_rescale, minimum=0)
+    if guidance_rescale > 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     check_number("batch", batch, minimum=1, integer=True)
     check_number("eta", eta, minimum=0)
     check_number("strength", strength, minimum=0)
@@ -51,14 +54,14 @@ def sampler_settings(pipe, prompt, negative_prompt, *, steps, guidance, schedule
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
     return dict(prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                steps=steps, guidance=float(guidance), seed=seed, height=height, width=width, batch=batch, eta=eta,
-                strength=strength,
+                steps=steps, guidance=float(guidance), guidance_rescale=float(guidance_rescale), seed=seed,
+                height=height, width=width, batch=batch, eta=eta, strength=strength,
                 scheduler=scheduler if isinstance(scheduler, str) or scheduler is None else scheduler_name(scheduler))
 
 
 #: what a fork may change (steps, size, batch and guidance on/off fix the trajectory)
-FORKABLE = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "guidance", "seed", "recorders", "control",
-            "scheduler")
+FORKABLE = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "guidance", "guidance_rescale", "seed",
+            "recorders", "control", "scheduler")
 
 
 def check_fork_changes(changes: dict, cfg: bool) -> None:
@@ -73,3 +76,7 @@ def check_fork_changes(changes: dict, cfg: bool) -> None:
             raise ValueError("a fork cannot switch classifier-free guidance on or off (guidance across 1.0)")
     if "seed" in changes:
         check_number("seed", changes["seed"], minimum=0, integer=True)
+    if "guidance_rescale" in changes:
+        check_number("guidance_rescale", changes["guidance_rescale"], minimum=0)
+        if changes["guidance_rescale"] > 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {changes['guidance_rescale']}")

@@ -25,7 +25,7 @@ __all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inp
 
 
 def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, control, image, mask_image,
-            strength, class_labels=None, null_class=None, extra=()) -> list[Conditioning]:
+            strength, class_labels=None, null_class=None, micro=None, extra=()) -> list[Conditioning]:
     """The plug-ins of a sampler, in the order they apply: text (owns the batch), class label, concat kinds,
     extra ones, then ControlNets (they read the text embeddings and the latents without concat channels)."""
     if pipe.kind == "inpaint" and (image is None or mask_image is None):
@@ -36,7 +36,7 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     bad = [p for p in extra if not isinstance(p, Conditioning)]
     if bad:
         raise TypeError(f"conditioning= takes lab.conditioning.Conditioning plug-ins, not {type(bad[0]).__name__}")
-    out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch)]
+    out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch, micro=micro)]
     if class_labels is not None:
         out.append(ClassLabel(class_labels, null_class))
     if pipe.kind == "inpaint":

@@ -205,7 +205,12 @@ class ControlNet(Conditioning):
     """One :class:`Control` as a plug-in: at each step its net sees the latents, the timestep, the text
     embeddings and the condition image, and its residuals, weighted by the control's ``[blocks, steps]``
     grid, are added to what the UNet receives (``y = F(x) + Z(F(x + Z(c)))``). Under guess mode/CFG-RW the
-    net sees the conditional half only and the unconditional half gets no residuals."""
+    net sees the conditional half only and the unconditional half gets no residuals.
+
+    A net with ``global_pool_conditions`` (e.g. ControlNet's "shuffle") pools each residual to one value per
+    channel; as diffusers does, it then runs in guess mode (conditional half only) unless the control says
+    ``halves="both"``. A step whose blocks all have one weight passes it to the net as its
+    ``conditioning_scale`` (scaled before pooling, exactly as diffusers); other grids scale after."""
 
     enters = "residuals"
 
@@ -215,6 +220,7 @@ class ControlNet(Conditioning):
         self.heights: list[int] = []
         self.grid: np.ndarray | None = None
         self._image = self._net = None
+        self.pooled = False
 
     @property
     def names(self) -> list[str]:
@@ -232,6 +238,12 @@ class ControlNet(Conditioning):
         self._image = torch.cat([img] * 2) if layout.cfg else img
         self.heights = residual_heights(net, s.latent_hw[0])
         self.grid = c.grid(self.heights, len(s.timesteps))
+        self.pooled = bool(getattr(net.config, "global_pool_conditions", False))
+
+    @property
+    def cond_only(self) -> bool:
+        """Residuals for the conditional half only (guess mode, CFG-RW, or a global-pool net)."""
+        return self.control.cond_only or (self.pooled and self.control.halves is None)
 
     def apply(self, x: UNetInputs, step: StepInfo) -> None:
         col = self.grid[:, step.index]
@@ -240,16 +252,18 @@ class ControlNet(Conditioning):
         c, layout = self.control, step.layout
         net = self._net
         inp, emb, image, added = x.latents, x.encoder_hidden_states, self._image, x.added_cond_kwargs
-        halved = c.cond_only and layout.cfg
+        halved = self.cond_only and layout.cfg
         if halved:  # guess mode: the net sees the conditional half only
             cond = layout.half("cond")
             inp, emb, image = inp[cond], emb[cond], image[cond]
             added = {k: v[cond] for k, v in added.items()} if added else None
         kw = {"added_cond_kwargs": added} if added else {}
-        d, m = net(inp, x.timestep, encoder_hidden_states=emb, controlnet_cond=image, conditioning_scale=1.0,
-                   guess_mode=False, return_dict=False, **kw)
-        d = [r * float(wi) for r, wi in zip(d, col[:-1])]
-        m = m * float(col[-1])
+        uniform = bool((col == col[0]).all())  # one weight: the net scales (before its pooling, if any)
+        d, m = net(inp, x.timestep, encoder_hidden_states=emb, controlnet_cond=image, guess_mode=False,
+                   conditioning_scale=float(col[0]) if uniform else 1.0, return_dict=False, **kw)
+        if not uniform:
+            d = [r * float(wi) for r, wi in zip(d, col[:-1])]
+            m = m * float(col[-1])
         if halved:
             d = [torch.cat([torch.zeros_like(r), r]) for r in d]
             m = torch.cat([torch.zeros_like(m), m])
@@ -259,7 +273,7 @@ class ControlNet(Conditioning):
     def describe(self) -> dict:
         c = self.control
         return dict(net=c.net, scale=c.scale, start=c.start, end=c.end, mode=c.mode,
-                    halves="cond" if c.cond_only else "both",
+                    halves="cond" if self.cond_only else "both", **({"pooled": True} if self.pooled else {}),
                     weights=None if c.weights is None else np.asarray(c.weights).tolist())
 
 

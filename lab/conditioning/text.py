@@ -18,6 +18,9 @@ from .base import Conditioning, Setup, StepInfo, UNetInputs
 #: function words that name nothing in an image: left out of default word lists (heat maps, reports, widgets)
 STOP_WORDS = frozenset({"a", "an", "the", "and", "on", "of", "in", "with", "at", "to", "by"})
 PROMPT_KEYS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+#: SDXL's size and crop conditioning ("micro-conditioning"), as StableDiffusionXLPipeline names it
+MICRO_KEYS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+              "negative_crops_coords_top_left", "negative_target_size")
 
 
 def content_words(words) -> list[str]:
@@ -64,10 +67,19 @@ class Text(Conditioning):
     kind, enters = "text", "CA"
     forkable = PROMPT_KEYS
 
-    def __init__(self, prompt="", negative_prompt=None, prompt_2=None, negative_prompt_2=None, *, per_prompt: int = 1):
+    def __init__(self, prompt="", negative_prompt=None, prompt_2=None, negative_prompt_2=None, *, per_prompt: int = 1,
+                 micro: dict | None = None):
         self.prompts = dict(prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2,
                             negative_prompt_2=negative_prompt_2)
         self.per_prompt = per_prompt
+        self.micro = {k: v for k, v in (micro or {}).items() if v is not None}
+        for k, v in self.micro.items():
+            if k not in MICRO_KEYS:
+                raise ValueError(f"unknown size conditioning {k!r}; SDXL's: {MICRO_KEYS}")
+            if not (isinstance(v, (tuple, list)) and len(v) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)):
+                raise ValueError(f"{k} must be a pair of non-negative ints (height, width), got {v!r}")
+            self.micro[k] = tuple(v)
         self.truncated: dict[str, str] = {}
         self.tokens: dict | None = None
         self._embeds = self._added = None
@@ -79,6 +91,8 @@ class Text(Conditioning):
 
     def setup(self, s: Setup) -> None:
         pipe = s.pipe
+        if self.micro and pipe.kind != "sdxl":
+            raise ValueError(f"{sorted(self.micro)}: size and crop conditioning is SDXL's; this is a {pipe.kind!r} model")
         cfg = s.settings["guidance"] > 1.0 and pipe.unet.config.time_cond_proj_dim is None
         if s.layout is not None and (s.layout.n_prompts, s.layout.cfg) != (self.n_prompts, cfg):
             raise ValueError(f"a fork must keep the batch: {s.layout.n_prompts} prompts with guidance "
@@ -113,12 +127,18 @@ class Text(Conditioning):
             prompt=p["prompt"], prompt_2=p["prompt_2"], device=device, num_images_per_prompt=self.per_prompt,
             do_classifier_free_guidance=cfg, negative_prompt=negative, negative_prompt_2=p["negative_prompt_2"])
         proj = int(pooled.shape[-1]) if dp.text_encoder_2 is None else dp.text_encoder_2.config.projection_dim
-        size = (s.settings["height"], s.settings["width"])
-        time_ids = dp._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
+        size, m = (s.settings["height"], s.settings["width"]), self.micro
+        time_ids = dp._get_add_time_ids(m.get("original_size", size), m.get("crops_coords_top_left", (0, 0)),
+                                        m.get("target_size", size), dtype=pe.dtype, text_encoder_projection_dim=proj)
+        neg_time_ids = time_ids  # as diffusers: the negative ids only when both negative sizes are given
+        if "negative_original_size" in m and "negative_target_size" in m:
+            neg_time_ids = dp._get_add_time_ids(m["negative_original_size"], m.get("negative_crops_coords_top_left",
+                                                (0, 0)), m["negative_target_size"], dtype=pe.dtype,
+                                                text_encoder_projection_dim=proj)
         if cfg:
             pe = torch.cat([npe, pe], 0)
             pooled = torch.cat([npooled, pooled], 0)
-            time_ids = torch.cat([time_ids, time_ids], 0)
+            time_ids = torch.cat([neg_time_ids, time_ids], 0)
         batch = self.n_prompts * self.per_prompt
         added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(batch, 1)}
         return pe.to(device), added
@@ -133,9 +153,9 @@ class Text(Conditioning):
         x.added_cond_kwargs = self._added
 
     def changed(self, s: Setup, **changes) -> "Text":
-        new = Text(**{**self.prompts, **changes}, per_prompt=self.per_prompt)
+        new = Text(**{**self.prompts, **changes}, per_prompt=self.per_prompt, micro=self.micro)
         new.setup(s)
         return new
 
     def describe(self) -> dict:
-        return {**super().describe(), **{k: v for k, v in self.prompts.items() if v is not None}}
+        return {**super().describe(), **{k: v for k, v in self.prompts.items() if v is not None}, **self.micro}
