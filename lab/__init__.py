@@ -9,22 +9,25 @@
 """
 from __future__ import annotations
 
+from . import conditioning, recording, sweeps
 from .conditioning import Control
 from .counterfactual import Ablation, ablate
-from .recording import (AttentionRecorder, RecordingBudgetError, ReplaceAttention, ResidualRecorder, Reweight,
-                        attention_layer_names)
-from .errors import IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError, SamplingOutOfMemory
+from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
+                     SamplingOutOfMemory)
 from .loading import DEFAULT_MODEL, load
 from .pipeline import Pipeline
+from .recording import (AttentionRecorder, RecordingBudgetError, ReplaceAttention, ResidualRecorder, Reweight,
+                        attention_layer_names)
 from .run import Run
 from .sampler import Sampler
-from .state import StepState
 from .schedulers import SCHEDULERS
-from . import sweeps
+from .state import StepState
 from .sweeps import sweep
 from .version import __version__
 
 __all__ = [
-    "Ablation", "AttentionRecorder", "ablate", "Control", "ReplaceAttention", "ResidualRecorder", "Reweight", "RecordingBudgetError", "attention_layer_names", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError",
-    "Pipeline", "Run", "RunFileError", "SamplingOutOfMemory", "SCHEDULERS", "Sampler", "StepState", "load", "sweep", "sweeps", "__version__",
+    "Ablation", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
+    "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
+    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingOutOfMemory", "StepState", "__version__", "ablate",
+    "attention_layer_names", "conditioning", "load", "recording", "sweep", "sweeps",
 ]

@@ -48,22 +48,17 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class Sampler:
-    """A steppable sampling run on a :class:`lab.Pipeline`.
-
-    Arguments: ``prompt`` (str or list of str), ``negative_prompt``, ``steps`` (>= 1), ``guidance``
-    (classifier-free guidance scale w >= 0; w <= 1 runs without the unconditional half), ``scheduler``
-    (a name of ``lab.SCHEDULERS`` or a diffusers scheduler; default the model's own), ``seed``
-    (a CPU ``torch.Generator`` is seeded with it: portable seeds), ``generator`` (use this one
-    instead), ``height``/``width`` (multiples of the VAE factor), ``batch`` (images per prompt),
-    ``eta`` (DDIM), ``control`` (see :func:`lab.conditioning.normalise_controls`), ``image``/``mask_image``/
-    ``strength`` (inpainting models), ``prompt_2``/``negative_prompt_2`` and the size conditioning
-    ``original_size``, ``crops_coords_top_left``, ``target_size`` and their ``negative_`` forms (SDXL, as
-    ``StableDiffusionXLPipeline``), ``guidance_rescale`` (Lin et al. 2023, for zero-SNR models), ``class_labels``/``null_class``
-    (UNets with a class embedding), ``conditioning`` (further :class:`lab.conditioning.Conditioning` plug-ins),
-    ``recorders`` (objects with ``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm bar in :meth:`run`),
-    ``check_finite`` (``True``, ``"step"``, ``"end"`` or ``False``: raise :class:`NonFiniteError` where NaN/inf
-    first appears, :mod:`lab.finite`).
-    """
+    """A steppable sampling run on a :class:`lab.Pipeline`. Arguments: ``prompt`` (str or list of str),
+    ``negative_prompt``, ``steps`` (>= 1), ``guidance`` (classifier-free guidance scale w >= 0; w <= 1 runs
+    without the unconditional half), ``guidance_rescale`` (Lin et al. 2023, zero-SNR models), ``scheduler`` (a
+    name of ``lab.SCHEDULERS`` or a diffusers scheduler; default the model's own), ``seed`` (seeds a CPU
+    ``torch.Generator``: portable) or ``generator``, ``height``/``width`` (multiples of the VAE factor),
+    ``batch`` (images per prompt), ``eta`` (DDIM), ``control`` (:func:`lab.conditioning.normalise_controls`),
+    ``image``/``mask_image``/``strength`` (inpainting), ``prompt_2``/``negative_prompt_2`` and ``original_size``,
+    ``crops_coords_top_left``, ``target_size`` with their ``negative_`` forms (SDXL, as diffusers),
+    ``class_labels``/``null_class`` (a class embedding), ``conditioning`` (more :mod:`lab.conditioning` plug-ins),
+    ``recorders`` (``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm in :meth:`run`), ``check_finite``
+    (``True``, ``"step"``, ``"end"``, ``False``: NaN/inf found where it appears, :mod:`lab.finite`)."""
 
     def __init__(self, pipe, prompt="", negative_prompt=None, *, steps: int = 30, guidance: float = 7.5,
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
@@ -93,7 +88,8 @@ class Sampler:
     def _begin(self, pipe, settings, plugins, layout, timesteps, generator, scheduler, latents, recorders, progress,
                check_finite) -> None:
         """Every field of a sampler at its first step (``__init__``) or at a fork's."""
-        self.pipe, self.device, self.settings, self._plugins, self.layout = pipe, pipe.device, dict(settings), plugins, layout
+        self.pipe, self.device, self.settings = pipe, pipe.device, dict(settings)
+        self._plugins, self.layout = plugins, layout
         self.timesteps = timesteps  # the UNet's (device); the scheduler gets host copies (_reset_schedule)
         self._t_values = [float(x) for x in timesteps.cpu()]
         self.generator, self.scheduler, self._latents = generator, scheduler, latents
@@ -125,6 +121,7 @@ class Sampler:
     latents = property(lambda self: self._latents, doc="The current x_t (after the last step run).")
     conditioning = property(lambda self: self._plugins, doc="The active conditioning plug-ins, in order.")
     controls = property(lambda self: [p.control for p in self._plugins if isinstance(p, ControlNet)])
+    _text = property(lambda self: next((p for p in self._plugins if isinstance(p, Text)), None))
 
     def control_grid(self, control) -> np.ndarray:
         """The ``[blocks, steps]`` weights ``control`` (a :class:`lab.Control` of a loaded net) applies here."""
@@ -162,8 +159,7 @@ class Sampler:
             self.settings["scheduler"] = scheduler_name(self.scheduler)
         self._plugins = change_plugins(self._plugins, self._setup(), changes)
         self.settings.update({k: v for k, v in changes.items() if k in Text.forkable})
-        text = next((p for p in self._plugins if isinstance(p, Text)), None)
-        for prompt, dropped in (text.truncated.items() if text else ()):
+        for prompt, dropped in (self._text.truncated.items() if self._text else ()):
             self.truncated.setdefault(prompt, dropped)
         if "control" in changes:
             self._recording.bindings = None  # residual recorders describe the new nets
@@ -171,15 +167,14 @@ class Sampler:
 
     # ------------------------------------------------------------------ the loop
     recorders = property(lambda self: self._recording.recorders)
-    recording_meta = property(lambda self: self._recording.meta, doc="What the recorders describe (run.recording_meta).")
+    recording_meta = property(lambda self: self._recording.meta, doc="What the recorders describe (a run's).")
 
     def _bind(self) -> None:
         """Bind the recorders to this sampler (once; again after a fork changes them)."""
         if self._recording.bindings is None:
-            text = next((p for p in self._plugins if isinstance(p, Text)), None)
-            self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, tuple(self._latents.shape[-2:]),
-                                                  text.tokens if text else None, self._host,
-                                                  tuple(p for p in self._plugins if isinstance(p, ControlNet))))
+            nets, hw = tuple(p for p in self._plugins if isinstance(p, ControlNet)), tuple(self._latents.shape[-2:])
+            self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, hw,
+                                                  self._text.tokens if self._text else None, self._host, nets))
 
     @torch.no_grad()
     def step(self) -> StepState:
@@ -289,7 +284,8 @@ class Sampler:
 
     def to_run(self) -> Run:
         return Run(list(self.history), settings=self.provenance(), pipe=self.pipe, final_latents=self._latents,
-                   interrupted=self.interrupted, truncated=dict(self.truncated), recording_meta=dict(self.recording_meta))
+                   interrupted=self.interrupted, truncated=dict(self.truncated),
+                   recording_meta=dict(self.recording_meta))
 
     def provenance(self) -> dict:
         """The settings, model, the active plug-ins (``controls``: ControlNets; ``conditioning``: the others) and

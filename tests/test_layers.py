@@ -115,7 +115,8 @@ def _layering_problems(graph: dict[str, set[str]]) -> list[str]:
     problems = [f"{m} imports {d} (a layer above lab)" for m, deps in sorted(graph.items()) for d in sorted(deps)
                 if d.split(".")[0] in UPWARD]
     core = [m for m in graph if not m.startswith("lab.shapes") and m not in CLI]
-    problems += [f"{m} (core) imports {d}" for m in sorted(core) for d in sorted(graph[m]) if d.startswith("lab.shapes")]
+    problems += [f"{m} (core) imports {d}" for m in sorted(core) for d in sorted(graph[m])
+                 if d.startswith("lab.shapes")]
     internal = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
     state: dict[str, int] = {}
 
@@ -148,7 +149,8 @@ def test_the_import_graph_check_finds_cycles_and_upward_imports(tmp_path):
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "lab", tmp_path / "lab", ignore=shutil.ignore_patterns("models", "__pycache__"))
     with open(tmp_path / "lab" / "steps.py", "a") as f:
-        f.write("\n\ndef _late():\n    import analysis.report\n    from .shapes import world\n    from .sampler import Sampler\n")
+        f.write("\n\ndef _late():\n    import analysis.report\n    from .shapes import world\n"
+                "    from .sampler import Sampler\n")
     problems = _layering_problems(_lab_import_graph(tmp_path))
     assert any("lab.steps imports analysis.report" in p for p in problems)
     assert any("lab.steps (core) imports lab.shapes" in p for p in problems)

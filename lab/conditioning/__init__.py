@@ -20,8 +20,8 @@ from .controlnet import MODES, Control, ControlNet, condition_tensor, control_gr
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
 
 __all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "MODES", "STOP_WORDS",
-           "Setup", "StepInfo", "Text", "UNetInputs", "condition_tensor", "content_words", "control_grid", "normalise_controls",
-           "change", "plugins", "prepare", "token_table", "token_words"]
+           "Setup", "StepInfo", "Text", "UNetInputs", "change", "condition_tensor", "content_words", "control_grid",
+           "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
 
 def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, control, image, mask_image,
@@ -36,7 +36,8 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     bad = [p for p in extra if not isinstance(p, Conditioning)]
     if bad:
         raise TypeError(f"conditioning= takes lab.conditioning.Conditioning plug-ins, not {type(bad[0]).__name__}")
-    out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch, micro=micro)]
+    out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch,
+                                    micro=micro)]
     if class_labels is not None:
         out.append(ClassLabel(class_labels, null_class))
     if pipe.kind == "inpaint":

@@ -27,7 +27,8 @@ class ClassLabel(Conditioning):
             raise ValueError("class_labels= needs a UNet with a class embedding (num_class_embeds or class_embed_type)")
         layout = s.layout
         if len(self.labels) not in (1, layout.n_prompts):
-            raise ValueError(f"{len(self.labels)} class labels for {layout.n_prompts} prompts: give one, or one per prompt")
+            raise ValueError(f"{len(self.labels)} class labels for {layout.n_prompts} prompts: give one, or one per "
+                             "prompt")
         for v in self.labels + ([self.null_class] if self.null_class is not None else []):
             if n is not None and not 0 <= v < n:
                 raise ValueError(f"class label {v} is outside the UNet's {n} classes")

@@ -62,10 +62,12 @@ class Control:
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"control {name} must be a finite number, got {v!r}")
         if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0) or self.start > self.end:
-            raise ValueError(f"control start/end must satisfy 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+            raise ValueError(f"control start/end must satisfy 0 <= start <= end <= 1, got start={self.start}, "
+                             f"end={self.end}")
         if self.mode not in MODES:
             close = difflib.get_close_matches(str(self.mode), MODES, n=2, cutoff=0.3)
-            raise ValueError(f"unknown control mode {self.mode!r}; modes: {MODES}" + (f"; did you mean {close}?" if close else ""))
+            raise ValueError(f"unknown control mode {self.mode!r}; modes: {MODES}"
+                             + (f"; did you mean {close}?" if close else ""))
         if self.halves not in (None, "both", "cond"):
             raise ValueError(f"halves must be 'both' or 'cond', got {self.halves!r}")
 

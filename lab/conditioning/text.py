@@ -92,7 +92,8 @@ class Text(Conditioning):
     def setup(self, s: Setup) -> None:
         pipe = s.pipe
         if self.micro and pipe.kind != "sdxl":
-            raise ValueError(f"{sorted(self.micro)}: size and crop conditioning is SDXL's; this is a {pipe.kind!r} model")
+            raise ValueError(f"{sorted(self.micro)}: size and crop conditioning is SDXL's; this is a {pipe.kind!r} "
+                             "model")
         cfg = s.settings["guidance"] > 1.0 and pipe.unet.config.time_cond_proj_dim is None
         if s.layout is not None and (s.layout.n_prompts, s.layout.cfg) != (self.n_prompts, cfg):
             raise ValueError(f"a fork must keep the batch: {s.layout.n_prompts} prompts with guidance "

@@ -54,6 +54,7 @@ class Recording:
         return records
 
 
-__all__ = ["Recording", "AttentionHooks", "AttentionRecorder", "Binding", "EditInfo", "ProbsAttnProcessor", "RecordingBudgetError",
-           "RecordingContext", "ReplaceAttention", "ResidualRecord", "ResidualRecorder", "Reweight", "attend",
-           "attention_layer_names", "attention_probs", "dispatching", "recording_bytes", "token_alignment"]
+__all__ = ["AttentionHooks", "AttentionRecorder", "Binding", "EditInfo", "ProbsAttnProcessor", "Recording",
+           "RecordingBudgetError", "RecordingContext", "ReplaceAttention", "ResidualRecord", "ResidualRecorder",
+           "Reweight", "attend", "attention_layer_names", "attention_probs", "dispatching", "recording_bytes",
+           "token_alignment"]

@@ -88,7 +88,8 @@ class ReplaceAttention(_Edit):
     def __init__(self, source, steps=(0.0, 0.8), layers="*attn2"):
         super().__init__(steps, layers)
         if "attention" not in source.recording_meta:
-            raise ValueError("the source run recorded no attention; sample it with recorders=[lab.AttentionRecorder(heads='all')]")
+            raise ValueError("the source run recorded no attention; sample it with "
+                             "recorders=[lab.AttentionRecorder(heads='all')]")
         self.source = source
         self._maps = None
 
@@ -109,7 +110,8 @@ class ReplaceAttention(_Edit):
         for j in range(sel.start, sel.stop):
             k = min(j - sel.start, src.shape[0] - 1)
             s = src[k]  # [heads', Q, K]
-            align = token_alignment(src_rows[src_layout.prompt_of(k)]["words"], tgt_rows[info.layout.prompt_of(j)]["words"])
+            align = token_alignment(src_rows[src_layout.prompt_of(k)]["words"],
+                                    tgt_rows[info.layout.prompt_of(j)]["words"])
             for t, a in enumerate(align):
                 if a >= 0:
                     out[j, :, :, t] = s[:, :, a]
