@@ -90,7 +90,13 @@ def read_model_index(path: Path) -> dict:
             raise IncompleteModel(f"{path} is a ControlNet, not a pipeline: pass it as "
                                   f"lab.load(BASE_MODEL, controlnet={str(path)!r})", [str(idx)])
         raise IncompleteModel(f"{path} has no model_index.json: not a diffusers pipeline directory", [str(idx)])
-    return json.loads(idx.read_text())
+    try:
+        index = json.loads(idx.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IncompleteModel(f"{idx} is not valid JSON ({e}); restore it from the model's source", [str(idx)]) from None
+    if not isinstance(index, dict):
+        raise IncompleteModel(f"{idx} does not hold a JSON object; restore it from the model's source", [str(idx)])
+    return index
 
 
 def load_controlnet(spec, base_path: Path, dtype: torch.dtype):

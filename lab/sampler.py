@@ -74,9 +74,10 @@ class Sampler:
                                     strength=strength, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
                                     guidance_rescale=guidance_rescale, check_finite=check_finite)
         plugins = make_plugins(pipe, prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2,
-                               negative_prompt_2=negative_prompt_2, batch=batch, control=control, image=image,
-                               mask_image=mask_image, strength=strength, class_labels=class_labels,
-                               null_class=null_class, micro={k: self._args[k] for k in MICRO_KEYS}, extra=conditioning)
+                               negative_prompt_2=negative_prompt_2, batch=batch, height=settings["height"],
+                               width=settings["width"], control=control, image=image, mask_image=mask_image,
+                               strength=strength, class_labels=class_labels, null_class=null_class,
+                               extra=conditioning, **{k: self._args[k] for k in MICRO_KEYS})
         generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         sched = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         s = prepare_plugins(pipe, settings, plugins, generator, sched)
@@ -107,8 +108,7 @@ class Sampler:
         self._reset_schedule()
 
     def _reset_schedule(self) -> None:
-        """What follows from the scheduler: its host timesteps (in its own dtype: Euler refuses integer ones),
-        sigmas, and the extra arguments of its ``step``."""
+        """The scheduler's host timesteps (in its dtype: Euler refuses ints), sigmas, ``step`` arguments."""
         self._t_host = self.timesteps.cpu().to(self.scheduler.timesteps.dtype)
         self._sigma_values = sigma_values(self.scheduler)
         self.extra_step_kwargs = self.pipe.helper(self.scheduler).prepare_extra_step_kwargs(
@@ -261,6 +261,7 @@ class Sampler:
         ``callback(state)`` is called with each :class:`StepState` as soon as its step is done (diffusers'
         ``callback_on_step_end``, read-only); an exception it raises ends the run and propagates."""
         self._stop.clear()
+        self.interrupted = False  # a run resumed to its end is not interrupted
         bar = tqdm(total=self.num_steps, initial=self._i, disable=not self.progress, desc="sampling", leave=False)
         try:
             if not self.done:

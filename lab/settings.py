@@ -39,6 +39,8 @@ def sampler_settings(pipe, prompt, negative_prompt, *, steps, guidance, schedule
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if generator is None:
         check_number("seed", seed, minimum=0, integer=True)
+        if seed >= 2 ** 64:
+            raise ValueError(f"seed must be < 2**64 (a torch.Generator seed), got {seed}")
     f = pipe.vae_scale_factor
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
@@ -47,6 +49,8 @@ def sampler_settings(pipe, prompt, negative_prompt, *, steps, guidance, schedule
         if v % f:
             raise ValueError(f"{name}={v} is not a multiple of the VAE factor {f}; nearest valid: "
                              f"{nearest_multiple(v, f)}")
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, not {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompt must be a string or a non-empty list of strings")
@@ -76,6 +80,8 @@ def check_fork_changes(changes: dict, cfg: bool) -> None:
             raise ValueError("a fork cannot switch classifier-free guidance on or off (guidance across 1.0)")
     if "seed" in changes:
         check_number("seed", changes["seed"], minimum=0, integer=True)
+        if changes["seed"] >= 2 ** 64:
+            raise ValueError(f"seed must be < 2**64 (a torch.Generator seed), got {changes['seed']}")
     if "guidance_rescale" in changes:
         check_number("guidance_rescale", changes["guidance_rescale"], minimum=0)
         if changes["guidance_rescale"] > 1:

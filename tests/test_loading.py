@@ -66,6 +66,10 @@ def test_incomplete_directory(tmp_path):
     (tmp_path / "model_index.json").unlink()
     with pytest.raises(IncompleteModel, match="model_index.json"):
         lab.load(str(tmp_path))
+    for garbled in ('{"_class_name": "StableDiff', '["not", "an", "object"]'):
+        (tmp_path / "model_index.json").write_text(garbled)
+        with pytest.raises(IncompleteModel, match="model_index.json (is not valid JSON|does not hold a JSON object)"):
+            lab.load(str(tmp_path))
 
 
 def test_controlnet_directory_passed_as_base_is_explained():
@@ -152,6 +156,23 @@ def test_control_inputs_are_validated(shapes_pipe):
         shapes_pipe.sampler("x", control=ok)
     with pytest.raises(ValueError, match="3 control images for 2 prompts"):
         shapes_pipe.sampler(["a", "b"], control=lab.Control("scribble", [ok, ok, ok]))
+    # float images are documented as 0..1: a 0..255 float image is refused (before the text encoder runs)
+    calls = []
+    real = shapes_pipe.text_encoder.forward
+    shapes_pipe.text_encoder.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for bad in (ok.astype(np.float32) * 0 + 255.0, torch.full((3, 64, 64), 255.0)):
+            with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[255, 255\].*divide"):
+                shapes_pipe.sampler("x", control=lab.Control("scribble", bad))
+        with pytest.raises(ValueError, match="64x64"):
+            shapes_pipe.sampler("x", control=lab.Control("scribble", np.zeros((32, 32, 3), np.uint8)))
+    finally:
+        del shapes_pipe.text_encoder.forward
+    assert not calls, "the text encoder ran before the control image was checked"
+    u8 = shapes_pipe.sampler("x", steps=1, progress=False,
+                             control={"scribble": torch.full((3, 64, 64), 255, dtype=torch.uint8)})
+    f01 = shapes_pipe.sampler("x", steps=1, progress=False, control={"scribble": torch.ones(3, 64, 64)})
+    assert torch.equal(u8.run().final_latents, f01.run().final_latents)  # uint8 tensors are scaled to 0..1
     # documented modes are converted: L and bool arrays work
     s = shapes_pipe.sampler("x", steps=1, progress=False, control={"scribble": Image.new("L", (64, 64))})
     s2 = shapes_pipe.sampler("x", steps=1, progress=False, control={"edges": ok[..., 0] > 0})

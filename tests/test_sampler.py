@@ -219,7 +219,8 @@ def test_empty_prompt_is_allowed(pipe):
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(guidance=float("nan")), "guidance"),
     (dict(guidance=-1.0), "guidance"), (dict(height=31), "nearest valid: 32"), (dict(width=71), "nearest valid: 72"),
-    (dict(batch=0), "batch"), (dict(seed=-3), "seed"),
+    (dict(batch=0), "batch"), (dict(seed=-3), "seed"), (dict(seed=2 ** 64), r"2\*\*64"),
+    (dict(guidance_rescale=1.5), "guidance_rescale"),
 ])
 def test_bad_settings_fail_before_model_work(pipe, monkeypatch, kw, match):
     def boom(*a, **k):
@@ -230,6 +231,24 @@ def test_bad_settings_fail_before_model_work(pipe, monkeypatch, kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         pipe.sampler(PROMPT, **args)
+
+
+def test_prompt_none_is_a_clear_error_before_model_work(pipe, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("model work happened before validation")
+    monkeypatch.setattr(pipe.text_encoder, "forward", boom)
+    with pytest.raises(TypeError, match="prompt must be a string or a non-empty list of strings, not NoneType"):
+        pipe.sampler(None, steps=2, height=32, width=32)
+    with pytest.raises(TypeError, match="non-empty list"):
+        pipe.sampler([], steps=2, height=32, width=32)
+
+
+def test_a_run_resumed_to_its_end_is_not_interrupted(pipe):
+    s = pipe.sampler(PROMPT, steps=4, guidance=2.0, seed=0, height=32, width=32, progress=False)
+    first = s.run(callback=lambda st: s.stop() if st.index == 1 else None)
+    assert first.interrupted and len(first.steps) == 2
+    rest = s.run()
+    assert not rest.interrupted and len(rest.steps) == 4 and not s.to_run().interrupted
 
 
 def test_unknown_scheduler_lists_close_matches(pipe):

@@ -24,10 +24,11 @@ __all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inp
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
 
-def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, control, image, mask_image,
-            strength, class_labels=None, null_class=None, micro=None, extra=()) -> list[Conditioning]:
+def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, height, width, control, image,
+            mask_image, strength, class_labels=None, null_class=None, extra=(), **micro) -> list[Conditioning]:
     """The plug-ins of a sampler, in the order they apply: text (owns the batch), class label, concat kinds,
-    extra ones, then ControlNets (they read the text embeddings and the latents without concat channels)."""
+    extra ones, then ControlNets (they read the text embeddings and the latents without concat channels).
+    ``micro``: SDXL's size conditioning (:data:`lab.conditioning.text.MICRO_KEYS`)."""
     if pipe.kind == "inpaint" and (image is None or mask_image is None):
         raise ValueError("an inpainting model needs image= and mask_image=")
     if pipe.kind != "inpaint" and (image is not None or mask_image is not None):
@@ -43,8 +44,10 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     if pipe.kind == "inpaint":
         out.append(Inpainting(image, mask_image, strength))
     out += extra
-    out += [ControlNet(c) for c in normalise_controls(control, pipe)]
-    return out
+    nets = [ControlNet(c) for c in normalise_controls(control, pipe)]
+    for p in nets:  # the condition images are checked now, before the text encoder runs
+        condition_tensor(p.control.image, height, width)
+    return out + nets
 
 
 def prepare(pipe, settings: dict, plugins: list, generator, scheduler) -> Setup:

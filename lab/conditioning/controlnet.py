@@ -122,7 +122,7 @@ def _one_condition(image, height: int, width: int) -> torch.Tensor:
 
     Accepted: PIL images (modes RGB, L, 1, RGBA, P are converted to RGB), numpy arrays ``[H, W]`` or
     ``[H, W, 1|3]`` (``uint8`` 0-255, or float 0-1), torch tensors ``[3, H, W]`` / ``[1, 3, H, W]``
-    in [0, 1]. Anything else is a TypeError; another size is a ValueError (never a silent resize)."""
+    (float in [0, 1], or ``uint8`` 0-255). A float image outside [0, 1] is a ValueError. Anything else is a TypeError; another size is a ValueError (never a silent resize)."""
     if isinstance(image, Image.Image):
         if image.mode not in ("RGB", "L", "1", "RGBA", "P"):
             raise TypeError(f"control image mode {image.mode!r} is not supported; use RGB or L")
@@ -138,11 +138,16 @@ def _one_condition(image, height: int, width: int) -> torch.Tensor:
             arr = arr.astype(np.float32) / 255.0
         elif np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool:
             arr = arr.astype(np.float32)
+            _check_unit_range(torch.from_numpy(arr), "array")
         else:
             raise TypeError(f"control array dtype must be uint8, bool or float, got {arr.dtype}")
         t = torch.from_numpy(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr.copy()).permute(2, 0, 1)[None]
     elif isinstance(image, torch.Tensor):
         t = image.detach().float().cpu()
+        if image.dtype == torch.uint8:
+            t = t / 255.0
+        elif image.is_floating_point():
+            _check_unit_range(t, "tensor")
         if t.ndim == 3:
             t = t[None]
         if t.ndim != 4 or t.shape[:2] != (1, 3):
@@ -156,6 +161,14 @@ def _one_condition(image, height: int, width: int) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError("control image has NaN/inf values")
     return t.contiguous()
+
+
+def _check_unit_range(t: torch.Tensor, kind: str) -> None:
+    """Float control images are documented as 0..1: one in 0..255 is refused, never taken as it is."""
+    finite = t[torch.isfinite(t)]
+    if finite.numel() and (float(finite.min()) < 0.0 or float(finite.max()) > 1.0):
+        raise ValueError(f"a float control {kind} must hold values in [0, 1], got [{float(finite.min()):g}, "
+                         f"{float(finite.max()):g}]; divide a 0..255 image by 255, or pass it as uint8")
 
 
 def normalise_controls(control, pipe) -> list[Control]:
