@@ -93,7 +93,8 @@ def read_model_index(path: Path) -> dict:
     try:
         index = json.loads(idx.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IncompleteModel(f"{idx} is not valid JSON ({e}); restore it from the model's source", [str(idx)]) from None
+        raise IncompleteModel(f"{idx} is not valid JSON ({e}); restore it from the model's source",
+                              [str(idx)]) from None
     if not isinstance(index, dict):
         raise IncompleteModel(f"{idx} does not hold a JSON object; restore it from the model's source", [str(idx)])
     return index

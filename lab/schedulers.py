@@ -91,6 +91,25 @@ def current_sigma(scheduler: SchedulerMixin) -> float:
     return float(sigmas[idx])
 
 
+def set_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> torch.Tensor:
+    """``scheduler.set_timesteps(steps)``, kept on the training schedule's timesteps 0..T-1.
+
+    With "leading" spacing and ``steps_offset=1`` (SD's config) the grid at ``steps == T`` is 1..T, and T is
+    past the end of the schedule (diffusers' own pipelines raise IndexError there). Then the offset is dropped,
+    so the lecture's full chain runs on t = T-1, ..., 0. More steps than T is a ValueError naming T for
+    schedulers of discrete timesteps."""
+    T = scheduler.config.num_train_timesteps
+    discrete = not hasattr(scheduler, "sigmas") or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler))
+    if steps > T and discrete:
+        raise ValueError(f"steps={steps} is more than the {T} timesteps of the training schedule "
+                         f"({scheduler_name(scheduler)}); use at most {T}")
+    scheduler.set_timesteps(steps, device=device)
+    if int(scheduler.timesteps.max()) >= T and scheduler.config.get("steps_offset", 0):
+        scheduler.register_to_config(steps_offset=0)
+        scheduler.set_timesteps(steps, device=device)
+    return scheduler.timesteps
+
+
 def latent_scale(scheduler: SchedulerMixin, i: int) -> float:
     """How scheduler's x_t at step ``i`` relates to the variance-preserving one: sqrt(sigma_i^2 + 1) for
     schedulers that work on sigma-scaled latents (Euler: ``init_noise_sigma`` > 1), else 1."""
@@ -105,7 +124,7 @@ def switch_scheduler(current: SchedulerMixin, spec, *, position: int, steps: int
     on the same ``timesteps``, and the factor that moves the latents into its space (x_sigma = x_vp
     sqrt(sigma^2 + 1) between DDIM/DPM-Solver and Euler). A scheduler on other timesteps is refused."""
     new = make_scheduler(spec, current.config)
-    new.set_timesteps(steps, device=device)
+    set_timesteps(new, steps, device=device)
     if not torch.equal(new.timesteps.cpu().double(), timesteps.cpu().double()):
         raise ValueError(f"{scheduler_name(new)} takes other timesteps ({new.timesteps[:4].tolist()}...) than this "
                          f"sampler ({timesteps[:4].tolist()}...); a fork can only switch to a scheduler on the same "

@@ -251,6 +251,19 @@ def test_a_run_resumed_to_its_end_is_not_interrupted(pipe):
     assert not rest.interrupted and len(rest.steps) == 4 and not s.to_run().interrupted
 
 
+def test_the_lectures_full_ddpm_chain_runs(pipe):
+    """T = 1000 steps of the DDPM update, the lecture's chain. SD's scheduler config ("leading" spacing,
+    steps_offset=1) would put t = 1000 past the schedule (diffusers' pipelines raise IndexError); the lab drops
+    the offset there and runs t = 999, ..., 0. More steps than T is a clear error."""
+    s = pipe.sampler(PROMPT, steps=1000, guidance=1.0, scheduler="ddpm", seed=0, height=16, width=16, progress=False)
+    assert int(s.timesteps[0]) == 999 and int(s.timesteps[-1]) == 0 and len(set(s.timesteps.tolist())) == 1000
+    run = s.run()
+    assert len(run.steps) == 1000 and bool(torch.isfinite(run.final_latents).all())
+    with pytest.raises(ValueError, match="at most 1000"):
+        pipe.sampler(PROMPT, steps=1001, scheduler="ddpm", height=16, width=16)
+    assert int(pipe.sampler(PROMPT, steps=10, scheduler="ddpm", height=16, width=16).timesteps[0]) == 901  # offset kept
+
+
 def test_unknown_scheduler_lists_close_matches(pipe):
     with pytest.raises(KeyError, match="did you mean.*euler"):
         pipe.sampler(PROMPT, steps=2, scheduler="eulr", height=32, width=32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..schedulers import set_timesteps
 from .base import Conditioning, Setup, StepInfo, UNetInputs
 from .classes import ClassLabel
 from .concat import Concat, Inpainting
@@ -57,8 +58,7 @@ def prepare(pipe, settings: dict, plugins: list, generator, scheduler) -> Setup:
     s = Setup(pipe, settings, generator, scheduler, pipe.helper(scheduler))
     with torch.no_grad():
         plugins[0].setup(s)
-        scheduler.set_timesteps(settings["steps"], device=pipe.device)
-        s.timesteps = scheduler.timesteps
+        s.timesteps = set_timesteps(scheduler, settings["steps"], device=pipe.device)
         for p in plugins[1:]:
             p.setup(s)
         if s.latents is None:

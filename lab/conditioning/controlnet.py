@@ -122,7 +122,8 @@ def _one_condition(image, height: int, width: int) -> torch.Tensor:
 
     Accepted: PIL images (modes RGB, L, 1, RGBA, P are converted to RGB), numpy arrays ``[H, W]`` or
     ``[H, W, 1|3]`` (``uint8`` 0-255, or float 0-1), torch tensors ``[3, H, W]`` / ``[1, 3, H, W]``
-    (float in [0, 1], or ``uint8`` 0-255). A float image outside [0, 1] is a ValueError. Anything else is a TypeError; another size is a ValueError (never a silent resize)."""
+    (float in [0, 1], or ``uint8`` 0-255). A float image outside [0, 1] is a ValueError. Anything else is a
+    TypeError; another size is a ValueError (never a silent resize)."""
     if isinstance(image, Image.Image):
         if image.mode not in ("RGB", "L", "1", "RGBA", "P"):
             raise TypeError(f"control image mode {image.mode!r} is not supported; use RGB or L")
