@@ -111,8 +111,8 @@ class Sampler:
         """The scheduler's host timesteps (in its dtype: Euler refuses ints), sigmas, ``step`` arguments."""
         self._t_host = self.timesteps.cpu().to(self.scheduler.timesteps.dtype)
         self._sigma_values = sigma_values(self.scheduler)
-        self.extra_step_kwargs = self.pipe.helper(self.scheduler).prepare_extra_step_kwargs(
-            self.generator, self.settings["eta"])
+        helper = self.pipe.helper(self.scheduler)
+        self.extra_step_kwargs = helper.prepare_extra_step_kwargs(self.generator, self.settings["eta"])
 
     # ------------------------------------------------------------------ state
     num_steps = property(lambda self: len(self.timesteps))
@@ -143,12 +143,9 @@ class Sampler:
 
     def _apply_changes(self, changes: dict) -> None:
         check_fork_changes(changes, self.layout.cfg)
-        for key in ("guidance", "guidance_rescale"):
-            if key in changes:
-                self.settings[key] = float(changes[key])
+        self.settings.update({k: float(changes[k]) for k in ("guidance", "guidance_rescale") if k in changes})
         if "seed" in changes:
-            self.generator = torch.Generator("cpu").manual_seed(changes["seed"])
-            self.settings["seed"] = changes["seed"]
+            self.generator, self.settings["seed"] = torch.Generator("cpu").manual_seed(changes["seed"]), changes["seed"]
         if "recorders" in changes:  # e.g. an AttentionRecorder carrying prompt-to-prompt edits
             self._recording = Recording(changes["recorders"], self.recording_meta)
         if "scheduler" in changes:
@@ -289,13 +286,14 @@ class Sampler:
                    recording_meta=dict(self.recording_meta))
 
     def provenance(self) -> dict:
-        """The settings, model, the active plug-ins (``controls``: ControlNets; ``conditioning``: the others) and
-        the forks' changes: what a run records of how it was made."""
-        return {**self.settings, "scheduler": scheduler_name(self.scheduler), "model": self.pipe.name,
-                "model_kind": self.pipe.kind, "dtype": str(self.pipe.dtype).removeprefix("torch."),
-                "device": str(self.device), "num_steps": self.num_steps,
-                "controls": [p.describe() for p in self._plugins if isinstance(p, ControlNet)],
-                "conditioning": [p.describe() for p in self._plugins if not isinstance(p, ControlNet)],
+        """The settings, model, scheduler config, active plug-ins (``controls``: ControlNets; ``conditioning``:
+        the others) and the forks' changes: what a run records of how it was made."""
+        sched, nets = self.scheduler, [p for p in self._plugins if isinstance(p, ControlNet)]
+        return {**self.settings, "scheduler": scheduler_name(sched), "num_steps": self.num_steps,
+                "scheduler_config": {k: v for k, v in sched.config.items() if not k.startswith("_")},
+                "model": self.pipe.name, "model_kind": self.pipe.kind, "device": str(self.device),
+                "dtype": str(self.pipe.dtype).removeprefix("torch."), "controls": [p.describe() for p in nets],
+                "conditioning": [p.describe() for p in self._plugins if p not in nets],
                 "forks": [dict(step=k, **v) for k, v in self._plan]}
 
     # ------------------------------------------------------------------ time travel

@@ -20,11 +20,17 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 }
 
 
+#: sigma schedules a scheduler may use instead of its own; the name says so ("euler+karras")
+SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
 def scheduler_name(scheduler: SchedulerMixin) -> str:
-    for name, (cls, extra) in SCHEDULERS.items():
-        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
-            return name
-    return type(scheduler).__name__
+    """The :data:`SCHEDULERS` name of ``scheduler`` (its class name if none), with a ``+karras`` (``+exponential``,
+    ``+beta``) suffix when it uses that sigma schedule. The full config is in a run's ``scheduler_config``."""
+    name = next((n for n, (cls, extra) in SCHEDULERS.items()
+                 if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items())),
+                type(scheduler).__name__)
+    return name + "".join(f"+{k.split('_')[1]}" for k in SIGMA_SCHEDULES if scheduler.config.get(k))
 
 
 def make_scheduler(spec, base_config) -> SchedulerMixin:
@@ -37,7 +43,8 @@ def make_scheduler(spec, base_config) -> SchedulerMixin:
     if isinstance(spec, SchedulerMixin):
         return copy.deepcopy(spec)
     if not isinstance(spec, str):
-        raise TypeError(f"scheduler must be a name {sorted(SCHEDULERS)} or a diffusers scheduler, not {type(spec).__name__}")
+        raise TypeError(f"scheduler must be a name {sorted(SCHEDULERS)} or a diffusers scheduler, "
+                        f"not {type(spec).__name__}")
     key = spec.lower()
     if key not in SCHEDULERS:
         close = difflib.get_close_matches(key, SCHEDULERS, n=3, cutoff=0.3)

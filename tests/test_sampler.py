@@ -264,6 +264,18 @@ def test_the_lectures_full_ddpm_chain_runs(pipe):
     assert int(pipe.sampler(PROMPT, steps=10, scheduler="ddpm", height=16, width=16).timesteps[0]) == 901  # offset kept
 
 
+def test_provenance_names_the_sigma_schedule_and_keeps_the_scheduler_config(pipe):
+    """Issue 17: an Euler scheduler with Karras sigmas was recorded as "euler"; the run now says "euler+karras"
+    and keeps the scheduler's whole config."""
+    from diffusers import EulerDiscreteScheduler
+    karras = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    run = pipe.sampler(PROMPT, steps=2, scheduler=karras, height=32, width=32, progress=False).run()
+    assert run.settings["scheduler"] == "euler+karras" and run.settings["scheduler_config"]["use_karras_sigmas"]
+    plain = pipe.sampler(PROMPT, steps=2, scheduler="euler", height=32, width=32, progress=False).run()
+    assert plain.settings["scheduler"] == "euler" and not plain.settings["scheduler_config"]["use_karras_sigmas"]
+    assert plain.settings["scheduler_config"]["beta_schedule"] == pipe.scheduler.config.beta_schedule
+
+
 def test_unknown_scheduler_lists_close_matches(pipe):
     with pytest.raises(KeyError, match="did you mean.*euler"):
         pipe.sampler(PROMPT, steps=2, scheduler="eulr", height=32, width=32)
