@@ -20,14 +20,14 @@ def _culprit(noise_pred: torch.Tensor) -> str:
 class FiniteWatch:
     """The per-step flags of one sampler (mode resolved for its device)."""
 
-    def __init__(self, check_finite, device: torch.device, flags: dict | None = None):
+    def __init__(self, check_finite, device: torch.device):
         self.mode = ("step" if device.type == "cpu" else "end") if check_finite is True else (check_finite or None)
-        self.flags: dict[int, torch.Tensor] = dict(flags or {})  # step -> device bool ("end" mode)
+        self.flags: dict[int, torch.Tensor] = {}  # step -> device bool ("end" mode)
 
     def after_step(self, i: int, prev: torch.Tensor, noise_pred: torch.Tensor, partial_run) -> None:
         """Step ``i`` made ``prev`` from ``noise_pred``; ``partial_run()`` gives the run so far for the error."""
         if self.mode == "step" and not bool(torch.isfinite(prev).all()):
-            raise NonFiniteError(_culprit(noise_pred), i, run=partial_run(), hint=HINT)
+            raise self.error(i, noise_pred, partial_run())
         if self.mode == "end":
             self.flags[i] = torch.isfinite(prev).all()  # stays on the device: no sync here
 

@@ -84,7 +84,7 @@ class Sampler:
         self._begin(pipe, settings, tuple(plugins), s.layout, s.timesteps, generator, sched, s.latents,
                     recorders, progress, check_finite)
         self._external_generator = self._args["generator"] is not None
-        self.truncated = dict(plugins[0].truncated) if isinstance(plugins[0], Text) else {}
+        self.truncated = dict(self._text.truncated) if self._text else {}
 
     def _begin(self, pipe, settings, plugins, layout, timesteps, generator, scheduler, latents, recorders, progress,
                check_finite) -> None:
@@ -120,7 +120,8 @@ class Sampler:
     done = property(lambda self: self._i >= self.num_steps)
     latents = property(lambda self: self._latents, doc="The current x_t (after the last step run).")
     conditioning = property(lambda self: self._plugins, doc="The active conditioning plug-ins, in order.")
-    controls = property(lambda self: [p.control for p in self._plugins if isinstance(p, ControlNet)])
+    controls = property(lambda self: [p.control for p in self._nets])
+    _nets = property(lambda self: tuple(p for p in self._plugins if isinstance(p, ControlNet)))
     _text = property(lambda self: next((p for p in self._plugins if isinstance(p, Text)), None))
 
     def control_grid(self, control) -> np.ndarray:
@@ -169,9 +170,9 @@ class Sampler:
     def _bind(self) -> None:
         """Bind the recorders to this sampler (once; again after a fork changes them)."""
         if self._recording.bindings is None:
-            nets, hw = tuple(p for p in self._plugins if isinstance(p, ControlNet)), tuple(self._latents.shape[-2:])
-            self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, hw,
-                                                  self._text.tokens if self._text else None, self._host, nets))
+            hw, tokens = tuple(self._latents.shape[-2:]), self._text.tokens if self._text else None
+            self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, hw, tokens, self._host,
+                                                  self._nets))
 
     @torch.no_grad()
     def step(self) -> StepState:
@@ -209,7 +210,7 @@ class Sampler:
         rec = self._recording
         inputs = UNetInputs(sched.scale_model_input(torch.cat([x] * 2) if cfg else x, th), t)
         info = StepInfo(i, t, th, sched, self.layout,
-                        observe_residuals=lambda net, d, m: rec.observe_residuals(i, net, d, m))
+                        observe_residuals=lambda net, d, m: rec.observe_residuals(net, i, d, m))
         for p in self._plugins:
             p.apply(inputs, info)
         out = self.pipe.unet(inputs.sample, t, **inputs.unet_kwargs(), **rec.unet_kwargs(i))[0]
@@ -288,7 +289,7 @@ class Sampler:
     def provenance(self) -> dict:
         """The settings, model, scheduler config, active plug-ins (``controls``: ControlNets; ``conditioning``:
         the others) and the forks' changes: what a run records of how it was made."""
-        sched, nets = self.scheduler, [p for p in self._plugins if isinstance(p, ControlNet)]
+        sched, nets = self.scheduler, self._nets
         return {**self.settings, "scheduler": scheduler_name(sched), "num_steps": self.num_steps,
                 "scheduler_config": {k: v for k, v in sched.config.items() if not k.startswith("_")},
                 "model": self.pipe.name, "model_kind": self.pipe.kind, "device": str(self.device),

@@ -24,6 +24,10 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
+#: schedulers on the training schedule's discrete timesteps (no sigmas of their own)
+DISCRETE = (DDPMScheduler, DDIMScheduler, PNDMScheduler)
+
+
 def scheduler_name(scheduler: SchedulerMixin) -> str:
     """The :data:`SCHEDULERS` name of ``scheduler`` (its class name if none), with a ``+karras`` (``+exponential``,
     ``+beta``) suffix when it uses that sigma schedule. The full config is in a run's ``scheduler_config``."""
@@ -84,18 +88,9 @@ def predict_x0(scheduler: SchedulerMixin, model_output: torch.Tensor, t, sample:
 def sigma_values(scheduler: SchedulerMixin) -> list[float] | None:
     """The sigma of each step for schedulers that define one (Euler, Euler a, DPM-Solver); None else."""
     sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is None or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler)):
+    if sigmas is None or isinstance(scheduler, DISCRETE):
         return None
     return [float(x) for x in sigmas.cpu()]
-
-
-def current_sigma(scheduler: SchedulerMixin) -> float:
-    """sigma of the step about to run, for schedulers that define one (Euler, Euler a, DPM-Solver); NaN else."""
-    sigmas = getattr(scheduler, "sigmas", None)
-    idx = getattr(scheduler, "step_index", None)
-    if sigmas is None or idx is None or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler)):
-        return float("nan")
-    return float(sigmas[idx])
 
 
 def set_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> torch.Tensor:
@@ -106,8 +101,7 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> torch.T
     so the lecture's full chain runs on t = T-1, ..., 0. More steps than T is a ValueError naming T for
     schedulers of discrete timesteps."""
     T = scheduler.config.num_train_timesteps
-    discrete = not hasattr(scheduler, "sigmas") or isinstance(scheduler, (DDPMScheduler, DDIMScheduler, PNDMScheduler))
-    if steps > T and discrete:
+    if steps > T and (not hasattr(scheduler, "sigmas") or isinstance(scheduler, DISCRETE)):
         raise ValueError(f"steps={steps} is more than the {T} timesteps of the training schedule "
                          f"({scheduler_name(scheduler)}); use at most {T}")
     scheduler.set_timesteps(steps, device=device)

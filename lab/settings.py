@@ -18,6 +18,18 @@ def check_number(name, v, *, minimum=None, integer=False) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
 
 
+def check_seed(seed) -> None:
+    check_number("seed", seed, minimum=0, integer=True)
+    if seed >= 2 ** 64:
+        raise ValueError(f"seed must be < 2**64 (a torch.Generator seed), got {seed}")
+
+
+def check_guidance_rescale(v) -> None:
+    check_number("guidance_rescale", v, minimum=0)
+    if v > 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {v}")
+
+
 def nearest_multiple(v: int, f: int) -> int:
     return max(f, int(round(v / f)) * f)
 
@@ -29,18 +41,14 @@ def sampler_settings(pipe, prompt, negative_prompt, *, steps, guidance, schedule
         raise ValueError(f"check_finite must be True, False, 'step' or 'end', got {check_finite!r}")
     check_number("steps", steps, minimum=1, integer=True)
     check_number("guidance", guidance, minimum=0)
-    check_number("guidance_rescale", guidance_rescale, minimum=0)
-    if guidance_rescale > 1:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    check_guidance_rescale(guidance_rescale)
     check_number("batch", batch, minimum=1, integer=True)
     check_number("eta", eta, minimum=0)
     check_number("strength", strength, minimum=0)
     if strength > 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if generator is None:
-        check_number("seed", seed, minimum=0, integer=True)
-        if seed >= 2 ** 64:
-            raise ValueError(f"seed must be < 2**64 (a torch.Generator seed), got {seed}")
+        check_seed(seed)
     f = pipe.vae_scale_factor
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
@@ -79,10 +87,6 @@ def check_fork_changes(changes: dict, cfg: bool) -> None:
         if (changes["guidance"] > 1.0) != cfg:
             raise ValueError("a fork cannot switch classifier-free guidance on or off (guidance across 1.0)")
     if "seed" in changes:
-        check_number("seed", changes["seed"], minimum=0, integer=True)
-        if changes["seed"] >= 2 ** 64:
-            raise ValueError(f"seed must be < 2**64 (a torch.Generator seed), got {changes['seed']}")
+        check_seed(changes["seed"])
     if "guidance_rescale" in changes:
-        check_number("guidance_rescale", changes["guidance_rescale"], minimum=0)
-        if changes["guidance_rescale"] > 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {changes['guidance_rescale']}")
+        check_guidance_rescale(changes["guidance_rescale"])

@@ -47,7 +47,7 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     out += extra
     nets = [ControlNet(c) for c in normalise_controls(control, pipe)]
     for p in nets:  # the condition images are checked now, before the text encoder runs
-        condition_tensor(p.control.image, height, width)
+        p.condition(height, width)
     return out + nets
 
 

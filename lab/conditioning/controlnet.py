@@ -235,17 +235,23 @@ class ControlNet(Conditioning):
         self.kind = f"controlnet[{control.net}]"
         self.heights: list[int] = []
         self.grid: np.ndarray | None = None
-        self._image = self._net = None
+        self._image = self._net = self._condition = None
         self.pooled = False
 
     @property
     def names(self) -> list[str]:
         return residual_names(self.control.net, len(self.heights) - 1)
 
+    def condition(self, height: int, width: int) -> torch.Tensor:
+        """The control's image as ``[N, 3, H, W]`` in [0, 1], checked (:func:`condition_tensor`); made once."""
+        if self._condition is None:
+            self._condition = condition_tensor(self.control.image, height, width)
+        return self._condition
+
     def setup(self, s: Setup) -> None:
         c, layout = self.control, s.layout
         net = self._net = s.pipe.controlnets[c.net]
-        img = condition_tensor(c.image, s.settings["height"], s.settings["width"])
+        img = self.condition(s.settings["height"], s.settings["width"])
         if img.shape[0] not in (1, layout.n_prompts):
             raise ValueError(f"{img.shape[0]} control images for {layout.n_prompts} prompts: give one image, "
                              f"or one per prompt")

@@ -43,7 +43,7 @@ class Recording:
         self.hooks.step = step
         return {"cross_attention_kwargs": {"lab_hooks": self.hooks}}
 
-    def observe_residuals(self, step: int, net: str, down: list, mid) -> None:
+    def observe_residuals(self, net: str, step: int, down: list, mid) -> None:
         for b in self.bindings:
             b.observe_residuals(net, step, down, mid)
 

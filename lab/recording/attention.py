@@ -124,6 +124,7 @@ class AttentionBinding(Binding):
         self.attention_layers = self.record_names | edited
         self.steps = select_steps(rec.steps, ctx.num_steps)
         self._slots = {s: j for j, s in enumerate(self.steps)}
+        self._rows = ctx.layout.half(rec.half)  # the batch rows recorded
         self._every_step = len(self.steps) == ctx.num_steps  # then the step is not looked at inside the UNet
         # (a compiled UNet would otherwise guard on it and recompile at every step)
         mods = dict(unet.named_modules())
@@ -197,7 +198,7 @@ class AttentionBinding(Binding):
     def observe(self, name, step, query, key, scale, mask, probs) -> None:
         if name not in self.record_names or not (self._every_step or step in self._slots):
             return
-        sel = self.ctx.layout.half(self.rec.half)
+        sel = self._rows
         if probs is None:
             p = attention_probs(query[sel], key[sel], scale, mask[sel] if mask is not None else None)
         else:

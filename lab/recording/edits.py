@@ -37,7 +37,12 @@ class _Edit:
     def applies(self, name: str, i: int, n: int, is_cross: bool) -> bool:
         if not is_cross or not fnmatch.fnmatchcase(name, self.layers):
             return False
-        return i in select_steps(self.steps, n)
+        # asked at every layer of every step: the selection is made once per trajectory length
+        key = (n, repr(self.steps))
+        cache = self.__dict__.setdefault("_chosen", {})
+        if key not in cache:
+            cache[key] = frozenset(select_steps(self.steps, n))
+        return i in cache[key]
 
 
 @dataclass

@@ -61,6 +61,7 @@ class ResidualBinding(Binding):
             raise ValueError("ResidualRecorder needs a sampler with control=...")
         self.rec, self.ctx = rec, ctx
         self.steps = frozenset(select_steps(rec.steps, ctx.num_steps))
+        self._rows = ctx.layout.half(rec.half)  # the batch rows recorded
         nets = ctx.controlnets
         self.meta = {"nets": [p.control.net for p in nets], "cfg": ctx.layout.cfg, "batch": ctx.layout.batch,
                      "half": rec.half, "heights": {p.control.net: list(p.heights) for p in nets},
@@ -71,7 +72,7 @@ class ResidualBinding(Binding):
     def observe_residuals(self, net: str, step: int, down, mid) -> None:
         if step not in self.steps:
             return
-        sel = self.ctx.layout.half(self.rec.half)
+        sel = self._rows
         host = self.ctx.host
         for name, r in zip(self.meta["names"][net], [*down, mid]):
             r = r[sel].float()
