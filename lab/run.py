@@ -14,21 +14,19 @@ place, so an interrupted save leaves no run behind; ``Run.load(path)`` reads it 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
+from . import runfile
 from .errors import RunFileError
 from .state import StepState
 from .transfer import Records
 from .version import __version__
 
-FORMAT = 1
+FORMAT = 2  # 2: a checksum manifest (lab.runfile)
 TENSORS = ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond", "noise_pred_uncond")
 PROVENANCE_KEYS = ("model", "model_kind", "seed", "scheduler", "guidance", "steps", "num_steps", "height", "width",
                    "batch", "dtype")
@@ -190,7 +188,8 @@ class Run:
         if int(ds.attrs["latent_lab_run"]) > FORMAT:
             raise RunFileError(f"run format {ds.attrs['latent_lab_run']} is newer than this latent-lab "
                                f"({FORMAT}); upgrade latent-lab to read it")
-        missing = [k for k in ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond") if k not in ds]
+        missing = [k for k in ("latents", "prev_latents", "pred_x0", "noise_pred", "noise_pred_cond", "timestep",
+                               "sigma") if k not in ds.variables]
         if missing:
             raise RunFileError(f"run is missing variables {missing}")
         steps = []
@@ -207,49 +206,17 @@ class Run:
 
     # ------------------------------------------------------------------ files
     def save(self, path, *, overwrite: bool = True) -> Path:
-        """Write the run to ``path`` (zarr directory; ``.nc`` -> netCDF via h5netcdf), atomically.
-        An existing latent-lab run at ``path`` is replaced only after the new one is complete; any
-        other existing file or directory is left alone and a ``FileExistsError`` raised."""
-        path = Path(path)
-        if path.exists():
-            if not _is_run(path):
-                raise FileExistsError(f"{path} exists and is not a latent-lab run; refusing to overwrite it")
-            if not overwrite:
-                raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tree = self.to_datatree()
-        try:
-            if path.suffix == ".nc":
-                tree.to_netcdf(tmp, engine="h5netcdf")
-            else:
-                tree.to_zarr(tmp, mode="w", consolidated=False, zarr_format=2)  # v2: fixed-width strings are specified
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                _remove(old)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
-        return path
+        """Write the run to ``path`` (zarr directory; ``.nc`` -> netCDF via h5netcdf), atomically, with a
+        checksum manifest written last (:mod:`lab.runfile`). An existing latent-lab run at ``path`` is
+        replaced only after the new one is complete; any other existing file or directory is left alone and
+        a ``FileExistsError`` raised."""
+        return runfile.write(self.to_datatree(), path, overwrite=overwrite, is_ours=runfile.is_run)
 
     @classmethod
     def load(cls, path, *, pipe=None) -> "Run":
-        """Read a run written by :meth:`save`. Foreign or corrupted files raise :class:`RunFileError`."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no run at {path}")
-        try:
-            if path.is_dir():
-                tree = xr.open_datatree(path, engine="zarr", consolidated=False)
-            else:
-                tree = xr.open_datatree(path, engine="h5netcdf")
-            tree = tree.load()
-        except Exception as e:
-            raise RunFileError(f"{path} is not a readable latent-lab run ({type(e).__name__}: {e})") from e
+        """Read a run written by :meth:`save`, every array checked against the manifest. Foreign, temporary,
+        incomplete or corrupted files raise :class:`RunFileError` naming the file and the array."""
+        tree = runfile.read(path, newest_format=FORMAT)
         if "run" not in tree.children:
             raise RunFileError(f"{path} is not a latent-lab run: it has no /run group")
         run = cls.from_xarray(tree["run"].to_dataset(inherit=False), pipe=pipe)
@@ -259,21 +226,3 @@ class Run:
             run._attention = xr.DataTree.from_dict(
                 {f"/{name}": node.to_dataset(inherit=False) for name, node in tree["attention"].children.items()})
         return run
-
-
-def _is_run(path: Path) -> bool:
-    try:
-        if path.is_dir():
-            attrs = xr.open_datatree(path, engine="zarr", consolidated=False).attrs
-        else:
-            attrs = xr.open_datatree(path, engine="h5netcdf").attrs
-        return "latent_lab_run" in attrs
-    except Exception:
-        return False
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
