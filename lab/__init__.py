@@ -18,6 +18,7 @@ from .loading import DEFAULT_MODEL, load
 from .pipeline import Pipeline
 from .recording import (AttentionRecorder, RecordingBudgetError, ReplaceAttention, ResidualRecorder, Reweight,
                         attention_layer_names)
+from .replays import WeightsMismatch, replay
 from .run import Run
 from .sampler import Sampler
 from .schedulers import SCHEDULERS
@@ -28,6 +29,6 @@ from .version import __version__
 __all__ = [
     "Ablation", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
-    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingOutOfMemory", "StepState", "__version__", "ablate",
-    "attention_layer_names", "conditioning", "load", "recording", "sweep", "sweeps",
+    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingOutOfMemory", "StepState", "WeightsMismatch", "__version__", "ablate",
+    "attention_layer_names", "conditioning", "load", "recording", "replay", "sweep", "sweeps",
 ]

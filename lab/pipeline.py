@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import weakref
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes, values). Cached until a parameter or buffer
+    changes (in place, by its version counter, or replaced, by its storage)."""
+    tensors = module.state_dict(keep_vars=True)
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors.values())
+    hit = _DIGESTS.get(module)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _DIGESTS[module] = (stamp, h.hexdigest())
+    return h.hexdigest()
 
 
 def _helper_class(components: dict):
@@ -107,6 +129,13 @@ class Pipeline:
         nets = f", controlnets={sorted(self.controlnets)}" if self.controlnets else ""
         return (f"<lab.Pipeline {self.name!r} kind={self.kind} {self.default_size}px "
                 f"latents {self.unet.config.in_channels}ch/{self.vae_scale_factor}x{nets} on {self.device} {self.dtype}>")
+
+    def weights(self, controlnets=()) -> dict[str, str]:
+        """:func:`weights_digest` of the UNet, text encoder(s), VAE and the named ControlNets: what a run
+        records of the model that made it, and :func:`lab.replay` compares."""
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                   "vae": self.vae, **{f"controlnet[{n}]": self.controlnets[n] for n in controlnets}}
+        return {k: weights_digest(m) for k, m in modules.items() if m is not None}
 
     # sampling ----------------------------------------------------------------
     def sampler(self, prompt="", negative_prompt=None, **kwargs):

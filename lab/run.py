@@ -22,6 +22,8 @@ import xarray as xr
 
 from . import runfile
 from .errors import RunFileError
+from .recipe import Recipe
+from .recipe import decode as recipe_decode
 from .state import StepState
 from .transfer import Records
 from .version import __version__
@@ -41,7 +43,7 @@ class Run:
 
     def __init__(self, steps: list[StepState], *, settings: dict, pipe=None, final_latents=None,
                  interrupted: bool = False, truncated: dict | None = None, recording_meta: dict | None = None,
-                 attention=None):
+                 attention=None, recipe: Recipe | None = None):
         self.steps = list(steps)
         self.settings = dict(settings)
         self.pipe = pipe
@@ -51,6 +53,7 @@ class Run:
         self.truncated = dict(truncated or {})
         self.recording_meta = dict(recording_meta or {})
         self._attention = attention
+        self.recipe = recipe  # what lab.replay needs (lab.recipe); None for runs saved before it existed
         self._residuals = None
         self._images = None
 
@@ -122,17 +125,28 @@ class Run:
     def residual_map(self, net: str, block, step: int, index: int = 0):
         """Channel-norm map ``[h, w]`` (numpy) of one residual at one step (needs ``ResidualRecorder(maps=True)``);
         ``block`` is an index or a name such as ``"down_block_res_samples.3"``."""
-        meta = self.recording_meta.get("residuals")
-        if meta is None or net not in meta["names"]:
+        meta, ds = self.recording_meta.get("residuals"), self._residuals
+        if meta is not None and net in meta["names"]:
+            names = meta["names"][net]
+        elif meta is None and ds is not None and net in ds["net"].values:  # a loaded run
+            names = [f"controlnet[{net}].{b}" for b in ds["block_name"].values]
+        else:
             raise KeyError(f"no residuals recorded for ControlNet {net!r}")
-        names = meta["names"][net]
         name = names[block] if isinstance(block, int) else f"controlnet[{net}].{block}"
         if name not in names:
             raise KeyError(f"no block {block!r}; blocks: {[n.split('].', 1)[1] for n in names]}")
         rec = self.steps[step].records.get(name)
-        if rec is None or rec.map is None:
+        if rec is not None and rec.map is not None:
+            return rec.map[index].numpy()
+        i = names.index(name)  # a loaded run: the maps were saved with the norms
+        var = next((v for v in (ds.data_vars if ds is not None else ()) if v.startswith("map_")
+                    and i in ds[v][ds[v].dims[2]].values), None)
+        if var is None:
             raise ValueError("no spatial map at that step: record with lab.ResidualRecorder(maps=True)")
-        return rec.map[index].numpy()
+        m = ds[var].sel(step=self.steps[step].index, net=net, **{ds[var].dims[2]: i}).isel(batch=index).values
+        if np.isnan(m).all():
+            raise ValueError(f"no spatial map at step {step}: {net} added nothing then (outside its start/end)")
+        return m
 
     def has_attention(self) -> bool:
         return self._attention is not None or "attention" in self.recording_meta
@@ -143,6 +157,10 @@ class Run:
         the root carries the run's attrs."""
         ds = self.to_xarray()
         nodes = {"/": xr.Dataset(attrs=ds.attrs), "/run": ds}
+        if self.recipe is not None:  # the root keeps it; its arrays (control images, masks) live under /inputs
+            spec, arrays = self.recipe.encode()
+            nodes["/"].attrs["recipe"] = json.dumps(spec)
+            nodes["/inputs"] = xr.Dataset({k: ([f"{k}_{i}" for i in range(a.ndim)], a) for k, a in arrays.items()})
         if self.has_attention():
             for child in self.attention.children.values():
                 nodes[f"/attention/{child.name}"] = child.to_dataset(inherit=False)
@@ -220,6 +238,13 @@ class Run:
         if "run" not in tree.children:
             raise RunFileError(f"{path} is not a latent-lab run: it has no /run group")
         run = cls.from_xarray(tree["run"].to_dataset(inherit=False), pipe=pipe)
+        if "recipe" in tree.attrs:
+            inputs = tree["inputs"].to_dataset(inherit=False) if "inputs" in tree.children else {}
+            try:
+                run.recipe = recipe_decode(json.loads(tree.attrs["recipe"]),
+                                           {k: inputs[k].values for k in inputs.data_vars} if inputs else {})
+            except (ValueError, KeyError, TypeError) as e:
+                raise RunFileError(f"{path}: its recipe cannot be read ({type(e).__name__}: {e})") from e
         if "residuals" in tree.children:
             run._residuals = tree["residuals"].to_dataset(inherit=False)
         if "attention" in tree.children:

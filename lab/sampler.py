@@ -38,11 +38,13 @@ from .conditioning.text import MICRO_KEYS
 from .errors import SamplingOutOfMemory
 from .finite import FiniteWatch
 from .recording import Recording, RecordingContext
+from .recipe import Recipe
 from .run import Run
 from .schedulers import make_scheduler, predict_x0, scheduler_name, sigma_values, switch_scheduler
 from .settings import check_fork_changes, sampler_settings
 from .state import Snapshot, StepState
 from .transfer import HostCopies, Records
+from .version import versions
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -80,6 +82,7 @@ class Sampler:
                                extra=conditioning, **{k: self._args[k] for k in MICRO_KEYS})
         generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         sched = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
+        self._scheduler0 = type(sched).from_config(sched.config)  # the recipe's: a name may mean another config later
         s = prepare_plugins(pipe, settings, plugins, generator, sched)
         self._begin(pipe, settings, tuple(plugins), s.layout, s.timesteps, generator, sched, s.latents,
                     recorders, progress, check_finite)
@@ -91,6 +94,7 @@ class Sampler:
         """Every field of a sampler at its first step (``__init__``) or at a fork's."""
         self.pipe, self.device, self.settings = pipe, pipe.device, dict(settings)
         self._plugins, self.layout = plugins, layout
+        self._nets_used = {p.control.net for p in self._nets}  # over the fork tree: what a replay must load
         self.timesteps = timesteps  # the UNet's (device); the scheduler gets host copies (_reset_schedule)
         self._t_values = [float(x) for x in timesteps.cpu()]
         self.generator, self.scheduler, self._latents = generator, scheduler, latents
@@ -156,6 +160,7 @@ class Sampler:
             self._latents = self._latents * factor
             self.settings["scheduler"] = scheduler_name(self.scheduler)
         self._plugins = change_plugins(self._plugins, self._setup(), changes)
+        self._nets_used |= {p.control.net for p in self._nets}
         self.settings.update({k: v for k, v in changes.items() if k in Text.forkable})
         for prompt, dropped in (self._text.truncated.items() if self._text else ()):
             self.truncated.setdefault(prompt, dropped)
@@ -284,7 +289,14 @@ class Sampler:
     def to_run(self) -> Run:
         return Run(list(self.history), settings=self.provenance(), pipe=self.pipe, final_latents=self._latents,
                    interrupted=self.interrupted, truncated=dict(self.truncated),
-                   recording_meta=dict(self.recording_meta))
+                   recording_meta=dict(self.recording_meta), recipe=self.recipe())
+
+    def recipe(self) -> Recipe:
+        """What :func:`lab.replay` needs to make this run again: the arguments and the forks' changes."""
+        args = {**self._args, "scheduler": self._scheduler0, "generator": None}
+        why = ("it was sampled with an external torch.Generator (pass seed= for a replayable run)"
+               if self._external_generator else None)
+        return Recipe(args, tuple((k, dict(c)) for k, c in self._plan), why)
 
     def provenance(self) -> dict:
         """The settings, model, scheduler config, active plug-ins (``controls``: ControlNets; ``conditioning``:
@@ -295,7 +307,8 @@ class Sampler:
                 "model": self.pipe.name, "model_kind": self.pipe.kind, "device": str(self.device),
                 "dtype": str(self.pipe.dtype).removeprefix("torch."), "controls": [p.describe() for p in nets],
                 "conditioning": [p.describe() for p in self._plugins if p not in nets],
-                "forks": [dict(step=k, **v) for k, v in self._plan]}
+                "forks": [dict(step=k, **v) for k, v in self._plan],
+                "weights": self.pipe.weights(sorted(self._nets_used)), "versions": versions()}
 
     # ------------------------------------------------------------------ time travel
     def rewind(self, k: int) -> "Sampler":
@@ -328,6 +341,7 @@ class Sampler:
         new._begin(self.pipe, snap.settings, snap.plugins, self.layout, self.timesteps, generator,
                    copy.deepcopy(snap.scheduler), snap.latents, self.recorders, self.progress, self.check_finite)
         new._args, new._external_generator, new.truncated = self._args, self._external_generator, dict(self.truncated)
+        new._scheduler0, new._nets_used = self._scheduler0, self._nets_used | new._nets_used
         new._recording = Recording(self.recorders, copy.deepcopy(self.recording_meta))  # the inherited steps' meta
         new.history, new._snaps = self.history[:k], self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]

@@ -120,6 +120,8 @@ class AttentionBinding(Binding):
             raise KeyError(f"no {rec.kind}-attention layers among {rec.layers!r}")
         self.layer_names = chosen
         self.record_names = frozenset(chosen) if rec.record else frozenset()
+        if not rec.record:
+            self.key = ""  # edits only: the run records no attention (and describes none)
         edited = {n for n in names if any(fnmatch.fnmatchcase(n, e.layers) for e in rec.edits)}
         self.attention_layers = self.record_names | edited
         self.steps = select_steps(rec.steps, ctx.num_steps)

@@ -65,7 +65,7 @@ class ResidualBinding(Binding):
         nets = ctx.controlnets
         self.meta = {"nets": [p.control.net for p in nets], "cfg": ctx.layout.cfg, "batch": ctx.layout.batch,
                      "half": rec.half, "heights": {p.control.net: list(p.heights) for p in nets},
-                     "names": {p.control.net: p.names for p in nets},
+                     "names": {p.control.net: p.names for p in nets}, "maps": bool(rec.maps),
                      "steps": None if rec.steps is None else sorted(self.steps)}
         self._buf: dict = {}
 
@@ -118,4 +118,32 @@ def residual_dataset(steps, meta: dict):
                 "block": np.arange(n_blocks), "block_name": ("block", block_paths),
                 "resolution": ("block", [f"{h}x{h}" for h in heights])},
         attrs={"half": meta["half"]})
+    if meta.get("maps"):
+        _add_maps(ds, idx, meta)
     return ds
+
+
+def _add_maps(ds, steps, meta: dict) -> None:
+    """The channel-norm maps (``ResidualRecorder(maps=True)``), one variable per map size, ``map_HxW[step, net,
+    block_HxW, batch, y_HxW, x_HxW]`` with ``block_HxW`` the indices of the blocks of that size (NaN where a
+    net added nothing at a step)."""
+    import numpy as np
+    nets, names = meta["nets"], meta["names"]
+    shapes: dict[tuple, list[int]] = {}
+    for s in steps:
+        for i, nm in enumerate(names[nets[0]]):
+            rec = s.records.get(nm)
+            if rec is not None and rec.map is not None and i not in shapes.setdefault(tuple(rec.map.shape), []):
+                shapes[tuple(rec.map.shape)].append(i)
+    for shape, blocks in shapes.items():
+        b, h, w = shape
+        key = f"{h}x{w}"
+        arr = np.full((len(steps), len(nets), len(blocks), b, h, w), np.nan, np.float32)
+        for j, s in enumerate(steps):
+            for k, n in enumerate(nets):
+                for q, i in enumerate(blocks):
+                    rec = s.records.get(names[n][i])
+                    if rec is not None and rec.map is not None:
+                        arr[j, k, q] = rec.map.float().numpy()
+        ds[f"map_{key}"] = (("step", "net", f"block_{key}", "batch", f"y_{key}", f"x_{key}"), arr)
+        ds.coords[f"block_{key}"] = sorted(blocks)
