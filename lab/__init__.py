@@ -9,12 +9,13 @@
 """
 from __future__ import annotations
 
-from . import conditioning, recording, sweeps
+from . import conditioning, memory, recording, sweeps
 from .conditioning import Control
 from .counterfactual import Ablation, ablate
 from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
                      SamplingOutOfMemory)
 from .loading import DEFAULT_MODEL, load
+from .memory import SamplingMemoryError
 from .pipeline import Pipeline
 from .recording import (AttentionRecorder, RecordingBudgetError, ReplaceAttention, ResidualRecorder, Reweight,
                         attention_layer_names)
@@ -29,6 +30,6 @@ from .version import __version__
 __all__ = [
     "Ablation", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
-    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingOutOfMemory", "StepState", "WeightsMismatch", "__version__", "ablate",
-    "attention_layer_names", "conditioning", "load", "recording", "replay", "sweep", "sweeps",
+    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory", "StepState", "WeightsMismatch", "__version__", "ablate",
+    "attention_layer_names", "conditioning", "load", "memory", "recording", "replay", "sweep", "sweeps",
 ]

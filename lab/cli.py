@@ -44,11 +44,18 @@ def _info(args) -> int:
     return 0
 
 
-def _condition_from(kind: str, prompt_seed: int):
-    """A condition image of the shapes world for ``kind`` (from scene ``prompt_seed`` of the held-out split)."""
+def _condition_from(pipe, kind: str, prompt_seed: int):
+    """A condition image of the shapes world for ``kind`` (from scene ``prompt_seed`` of the held-out split);
+    other models need ``--control-image``."""
+    import numpy as np
+
     from lab.shapes import world
     ex = world.make_example(prompt_seed, 0, split="heldout")
-    return ex, ex[kind]
+    if pipe.name != "shapes" or kind not in ex or not isinstance(ex[kind], np.ndarray):
+        raise ValueError(f"--control {kind} needs --control-image PATH (a condition image at the model's size, "
+                         f"{pipe.default_size}x{pipe.default_size}): only the bundled shapes model makes its own "
+                         "conditions")
+    return ex[kind]
 
 
 def _sample(args) -> int:
@@ -59,13 +66,18 @@ def _sample(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    cond = None
+    if args.control and args.control_image:  # read before the model loads: a bad path fails at once
+        try:
+            cond = Image.open(args.control_image)
+            cond.load()
+        except OSError as e:
+            raise ValueError(f"--control-image {args.control_image}: {e}") from e
     pipe = lab.load(args.model, controlnet=args.control or None, device=args.device)
     control = None
     if args.control:
-        if args.control_image:
-            cond = Image.open(args.control_image)
-        else:
-            _, cond = _condition_from(args.control, args.seed)
+        if cond is None:
+            cond = _condition_from(pipe, args.control, args.seed)
             Image.fromarray(cond).save(out / f"condition-{args.control}.png")
         control = lab.Control(args.control, cond, scale=args.control_scale)
     run = pipe.sampler(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
@@ -155,6 +167,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileExistsError, ModelNotAvailable) as e:
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, MemoryError, ModelNotAvailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

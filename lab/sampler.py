@@ -37,11 +37,14 @@ from .conditioning import prepare as prepare_plugins
 from .conditioning.text import MICRO_KEYS
 from .errors import SamplingOutOfMemory
 from .finite import FiniteWatch
+from .memory import Estimate, SamplingMemoryError
+from .memory import check as check_memory
+from .memory import estimate as estimate_memory
 from .recording import Recording, RecordingContext
 from .recipe import Recipe
 from .run import Run
 from .schedulers import make_scheduler, predict_x0, scheduler_name, sigma_values, switch_scheduler
-from .settings import check_fork_changes, sampler_settings
+from .settings import check_fork_changes, check_memory_limit, sampler_settings
 from .state import Snapshot, StepState
 from .transfer import HostCopies, Records
 from .version import versions
@@ -60,7 +63,9 @@ class Sampler:
     ``crops_coords_top_left``, ``target_size`` with their ``negative_`` forms (SDXL, as diffusers),
     ``class_labels``/``null_class`` (a class embedding), ``conditioning`` (more :mod:`lab.conditioning` plug-ins),
     ``recorders`` (``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm in :meth:`run`), ``check_finite``
-    (``True``, ``"step"``, ``"end"``, ``False``: NaN/inf found where it appears, :mod:`lab.finite`)."""
+    (``True``, ``"step"``, ``"end"``, ``False``: NaN/inf found where it appears, :mod:`lab.finite`),
+    ``memory_limit`` (bytes; ``None``: the device's free memory; ``False``: no check) for the estimate made
+    before the first step (:mod:`lab.memory`)."""
 
     def __init__(self, pipe, prompt="", negative_prompt=None, *, steps: int = 30, guidance: float = 7.5,
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
@@ -69,8 +74,9 @@ class Sampler:
                  null_class=None, guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=None,
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, conditioning=(), recorders=(), progress: bool = True,
-                 check_finite: bool | str = True):
+                 check_finite: bool | str = True, memory_limit: int | bool | None = None):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "pipe")}
+        check_memory_limit(memory_limit)
         settings = sampler_settings(pipe, prompt, negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                                     seed=seed, generator=generator, height=height, width=width, batch=batch, eta=eta,
                                     strength=strength, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
@@ -178,6 +184,28 @@ class Sampler:
             hw, tokens = tuple(self._latents.shape[-2:]), self._text.tokens if self._text else None
             self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, hw, tokens, self._host,
                                                   self._nets))
+            try:
+                self._check_memory()
+            except SamplingMemoryError:
+                self._recording.bindings = None
+                raise
+
+    def memory_estimate(self) -> Estimate:
+        """What this sampler's remaining steps need besides the model (:func:`lab.memory.estimate`)."""
+        bindings = self._recording.bindings or []
+        recorded = sum(b.estimate_bytes() for b in bindings
+                       if hasattr(b, "estimate_bytes") and b.rec.record and b.rec.spill is None)
+        explicit = any(n.endswith("attn1") for b in bindings for n in b.attention_layers)
+        return estimate_memory(self.pipe, height=self.settings["height"], width=self.settings["width"],
+                               rows=self.layout.rows, steps=self.num_steps - self._i,
+                               nets=[p.control.net for p in self._nets], recordings=recorded, explicit_self=explicit)
+
+    def _check_memory(self) -> None:
+        limit = self._args.get("memory_limit")
+        if limit is not False:
+            check_memory(self.memory_estimate(), limit, self.device,
+                         what=f"sampling {self.settings['width']}x{self.settings['height']} x{self.layout.rows} rows "
+                              f"for {self.num_steps - self._i} steps")
 
     @torch.no_grad()
     def step(self) -> StepState:

@@ -30,6 +30,14 @@ def check_guidance_rescale(v) -> None:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {v}")
 
 
+def check_memory_limit(v) -> None:
+    if v is None or v is False:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"memory_limit must be a number of bytes > 0, None (the free memory) or False (no check), "
+                         f"got {v!r}")
+
+
 def nearest_multiple(v: int, f: int) -> int:
     return max(f, int(round(v / f)) * f)
 

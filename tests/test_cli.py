@@ -39,6 +39,24 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "not available offline" in out.stderr
 
 
+def test_control_flags_fail_early_and_clearly(tmp_path):
+    out = _cli("sample", "x", "--out", str(tmp_path), "--control", "scribble", "--control-image", "/no/such.png")
+    assert out.returncode == 2 and "--control-image /no/such.png" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("sample", "x", "--out", str(tmp_path), "--control", "scribble", "--control-image",
+               str(ROOT / "README.md"))
+    assert out.returncode == 2 and "cannot identify image file" in out.stderr
+    # a model of the user's own with a ControlNet but no condition image given: it cannot make one
+    from components import controlnet, tiny_sd_components
+    from diffusers import StableDiffusionPipeline
+    base = tiny_sd_components()
+    StableDiffusionPipeline(**base, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    controlnet(base["unet"]).save_pretrained(tmp_path / "sd" / "controlnet-canny")
+    out = _cli("sample", "x", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "sd"), "--control", "canny",
+               "--steps", "2")
+    assert out.returncode == 2 and "--control canny needs --control-image" in out.stderr, out.stderr[-1500:]
+
+
 def test_demo_writes_the_report(tmp_path):
     out = _cli("demo", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-2000:]

@@ -174,3 +174,4 @@ def test_format_1_files_load_with_a_warning(run, tmp_path):
     with pytest.warns(UserWarning, match="without checksums"):
         back = Run.load(tmp_path / "old.zarr")
     np.testing.assert_array_equal(back.steps[0].latents.numpy(), run.steps[0].latents.numpy())
+
