@@ -30,6 +30,7 @@ from .version import __version__
 __all__ = [
     "Ablation", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
-    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory", "StepState", "WeightsMismatch", "__version__", "ablate",
-    "attention_layer_names", "conditioning", "load", "memory", "recording", "replay", "sweep", "sweeps",
+    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
+    "StepState", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
+    "memory", "recording", "replay", "sweep", "sweeps",
 ]

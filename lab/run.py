@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import runfile
+from .runfile import is_run, read_tree, write_tree
 from .errors import RunFileError
 from .recipe import Recipe
 from .recipe import decode as recipe_decode
@@ -228,13 +228,13 @@ class Run:
         checksum manifest written last (:mod:`lab.runfile`). An existing latent-lab run at ``path`` is
         replaced only after the new one is complete; any other existing file or directory is left alone and
         a ``FileExistsError`` raised."""
-        return runfile.write(self.to_datatree(), path, overwrite=overwrite, is_ours=runfile.is_run)
+        return write_tree(self.to_datatree(), path, overwrite=overwrite, is_ours=is_run)
 
     @classmethod
     def load(cls, path, *, pipe=None) -> "Run":
         """Read a run written by :meth:`save`, every array checked against the manifest. Foreign, temporary,
         incomplete or corrupted files raise :class:`RunFileError` naming the file and the array."""
-        tree = runfile.read(path, newest_format=FORMAT)
+        tree = read_tree(path, newest_format=FORMAT)
         if "run" not in tree.children:
             raise RunFileError(f"{path} is not a latent-lab run: it has no /run group")
         run = cls.from_xarray(tree["run"].to_dataset(inherit=False), pipe=pipe)

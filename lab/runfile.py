@@ -3,7 +3,7 @@
 A run file is a zarr directory (or one netCDF file for ``.nc``) holding a :class:`xarray.DataTree`. Its
 integrity rests on a **manifest** (the root attribute ``latent_lab_manifest``): the shape, dtype and SHA-256
 of every array (coordinates included) and of every group's attributes. It is written last, after every array
-is on disk, so a store is a complete run only when its manifest is there, and :func:`read` checks each array
+is on disk, so a store is a complete run only when its manifest is there, and :func:`read_tree` checks each array
 against it. Whatever is missing or changed (a deleted chunk that would read back as NaN, a chunk cut in half,
 a deleted array or group, edited attributes) is a :class:`RunFileError` naming the file and the array.
 
@@ -62,7 +62,7 @@ def _attrs_digest(attrs: dict) -> str:
 
 
 def manifest(tree: xr.DataTree) -> dict:
-    """What :func:`read` will check: ``arrays`` (``/group/name`` -> shape, dtype, sha256) and ``attrs``
+    """What :func:`read_tree` will check: ``arrays`` (``/group/name`` -> shape, dtype, sha256) and ``attrs``
     (group -> sha256 of its attributes)."""
     arrays, attrs = {}, {}
     for node in tree.subtree:
@@ -76,7 +76,7 @@ def manifest(tree: xr.DataTree) -> dict:
 
 
 # ---------------------------------------------------------------------------- writing
-def write(tree: xr.DataTree, path, *, overwrite: bool = True, is_ours=None) -> Path:
+def write_tree(tree: xr.DataTree, path, *, overwrite: bool = True, is_ours=None) -> Path:
     """Write ``tree`` to ``path`` atomically (see the module docstring); ``is_ours(path)`` says whether an
     existing ``path`` may be replaced (anything else is a ``FileExistsError`` and is left alone)."""
     path = Path(path)
@@ -161,7 +161,7 @@ def is_run(path: Path) -> bool:
         return False
 
 
-def read(path, *, newest_format: int) -> xr.DataTree:
+def read_tree(path, *, newest_format: int) -> xr.DataTree:
     """The verified tree of the run at ``path`` (loaded into memory). Raises ``FileNotFoundError`` or
     :class:`RunFileError` (foreign, temporary, incomplete, corrupt or newer than ``newest_format``)."""
     path = Path(path)
