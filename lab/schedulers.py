@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 
+import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, PNDMScheduler)
@@ -99,7 +101,12 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> torch.T
     With "leading" spacing and ``steps_offset=1`` (SD's config) the grid at ``steps == T`` is 1..T, and T is
     past the end of the schedule (diffusers' own pipelines raise IndexError there). Then the offset is dropped,
     so the lecture's full chain runs on t = T-1, ..., 0. More steps than T is a ValueError naming T for
-    schedulers of discrete timesteps."""
+    schedulers of discrete timesteps.
+
+    "linspace" spacing rounds ``linspace(0, T-1, steps+1)``: near ``steps == T`` two steps land on one timestep
+    (dpm++2m at 1000 steps repeats t=500, its multistep update divides by the zero step and gives NaN). A grid
+    that repeats a timestep is replaced by ``steps`` distinct ones evenly spaced over T-1..0, where the
+    scheduler takes custom timesteps; elsewhere it is a ValueError naming the repeat."""
     T = scheduler.config.num_train_timesteps
     if steps > T and (not hasattr(scheduler, "sigmas") or isinstance(scheduler, DISCRETE)):
         raise ValueError(f"steps={steps} is more than the {T} timesteps of the training schedule "
@@ -108,6 +115,17 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> torch.T
     if int(scheduler.timesteps.max()) >= T and scheduler.config.get("steps_offset", 0):
         scheduler.register_to_config(steps_offset=0)
         scheduler.set_timesteps(steps, device=device)
+    t = scheduler.timesteps
+    if isinstance(scheduler, DISCRETE) or not hasattr(scheduler, "sigmas") or t.is_floating_point():
+        return t
+    values, counts = torch.unique(t, return_counts=True)
+    if bool((counts > 1).any()):
+        repeated = int(values[counts > 1][0])
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"{scheduler_name(scheduler)} at steps={steps} repeats timestep {repeated}; use fewer "
+                             "steps or another scheduler")
+        grid = np.linspace(T - 1, 0, steps).round().astype(np.int64).tolist()
+        scheduler.set_timesteps(device=device, timesteps=grid)
     return scheduler.timesteps
 
 

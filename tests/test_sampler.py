@@ -264,6 +264,19 @@ def test_the_lectures_full_ddpm_chain_runs(pipe):
     assert int(pipe.sampler(PROMPT, steps=10, scheduler="ddpm", height=16, width=16).timesteps[0]) == 901  # offset kept
 
 
+@pytest.mark.parametrize("steps", [1000, 999, 700])
+def test_dpm_solver_near_T_steps_gets_distinct_timesteps(pipe, steps):
+    """dpm++2m's "linspace" grid rounded to a repeated t=500 at 1000 steps: its second-order update divided by
+    the zero step and the run turned NaN at step 500. The lab gives it distinct timesteps over 999..0."""
+    s = pipe.sampler(PROMPT, steps=steps, guidance=1.0, scheduler="dpm++2m", seed=0, height=16, width=16,
+                     progress=False)
+    t = s.timesteps.tolist()
+    assert len(set(t)) == steps and t[0] == 999 and t == sorted(t, reverse=True)
+    if steps == 1000:
+        run = s.run()
+        assert bool(torch.isfinite(run.final_latents).all())
+
+
 def test_provenance_names_the_sigma_schedule_and_keeps_the_scheduler_config(pipe):
     """Issue 17: an Euler scheduler with Karras sigmas was recorded as "euler"; the run now says "euler+karras"
     and keeps the scheduler's whole config."""
