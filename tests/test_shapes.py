@@ -64,6 +64,36 @@ def test_evaluator_is_right_on_ground_truth():
     assert np.mean(ious) > 0.85 and min(ious) > 0.7
 
 
+def test_touching_scenes_abut_in_two_colours_and_leave_the_training_mix_alone():
+    for i in range(200):
+        ex = world.make_example(2, i, split="heldout", n_objects=2, touching=True)
+        a, b = ex["scene"].objects
+        assert a.colour != b.colour
+        ax0, ay0, ax1, ay1 = a.bbox
+        bx0, by0, bx1, by1 = b.bbox
+        gaps = (bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+        assert max(gaps) == pytest.approx(0.0, abs=1e-6)  # abutting on one side, not overlapping
+    # the default scenes are those the bundled model was trained on (byte-identical draws)
+    assert world.make_example(3, 7)["caption"] == world.make_example(3, 7, touching=False)["caption"]
+
+
+def test_the_oracle_separates_touching_objects_by_colour():
+    """Issue 18: two touching objects of different colours were one merged object. 1,000 such ground-truth
+    scenes (the eval's ``evaluator_accuracy_touching``), and the 1,000 usual ones, are read right."""
+    from lab.shapes.evaluate import oracle_accuracy
+    assert oracle_accuracy(1000, touching=True) >= 0.99
+    assert oracle_accuracy(1000) >= 0.99
+
+
+def test_the_oracle_after_a_vae_round_trip(shapes_pipe):
+    """The VAE blurs: small triangles lose their tip (they read as squares by template IoU) and colours drift
+    at seams (red and yellow blur to orange). On 200 scenes each: usual scenes >= 0.99, touching ones >= 0.93
+    (1.000 and 0.963 on 1,000; the issue's bar for touching ones is 0.99, not met yet)."""
+    from lab.shapes.evaluate import oracle_accuracy
+    assert oracle_accuracy(200, vae=shapes_pipe.vae) >= 0.99
+    assert oracle_accuracy(200, touching=True, vae=shapes_pipe.vae) >= 0.93
+
+
 def test_evaluator_catches_wrong_captions():
     ex = world.make_example(1, 3, split="heldout", n_objects=1)
     size, colour, shape = evaluator.parse_caption(ex["caption"])[0][0]

@@ -102,21 +102,20 @@ def is_held_out(objects, background) -> bool:
     return digest[0] < 26  # 26/256 ~ 10%
 
 
-def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None,
+                 touching: bool = False) -> Scene:
     """Draw one scene. ``split="train"`` never yields a held-out two-object combination;
-    ``split="heldout"`` yields only held-out ones when it draws two objects."""
+    ``split="heldout"`` yields only held-out ones when it draws two objects. ``touching=True`` (two objects)
+    puts the second one against a side of the first, bounding boxes abutting, in another colour (the oracle's
+    hard case; the training mix keeps objects apart)."""
     while True:
         n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
         background = str(rng.choice(list(BACKGROUNDS)))
         objects: list[ShapeObject] = []
         for _ in range(n):
             for _attempt in range(100):
-                size = str(rng.choice(list(SIZES)))
-                half = SIZES[size] / 2
-                cx = float(rng.uniform(half + 2, SIZE - half - 2))
-                cy = float(rng.uniform(half + 2, SIZE - half - 2))
-                obj = ShapeObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size, cx, cy)
-                if all(_apart(obj, o) for o in objects):
+                obj = (_against(rng, objects[0]) if touching and objects else _free(rng))
+                if obj is not None and all(_apart(obj, o, gap=0.0 if touching else 3.0) for o in objects):
                     objects.append(obj)
                     break
         if len(objects) != n:
@@ -125,6 +124,28 @@ def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: i
         if n == 2 and ((split == "train" and held) or (split == "heldout" and not held)):
             continue
         return Scene(tuple(objects), background, Scene.make_caption(objects, background))
+
+
+def _free(rng: np.random.Generator) -> ShapeObject:
+    size = str(rng.choice(list(SIZES)))
+    half = SIZES[size] / 2
+    cx = float(rng.uniform(half + 2, SIZE - half - 2))
+    cy = float(rng.uniform(half + 2, SIZE - half - 2))
+    return ShapeObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size, cx, cy)
+
+
+def _against(rng: np.random.Generator, first: ShapeObject) -> ShapeObject | None:
+    """An object whose bounding box abuts ``first``'s on a random side, in another colour (None: off the image)."""
+    size = str(rng.choice(list(SIZES)))
+    half, other = SIZES[size] / 2, SIZES[first.size] / 2
+    side = int(rng.integers(4))
+    slide = float(rng.uniform(-(half + other) / 2, (half + other) / 2))
+    dx, dy = [(half + other, slide), (-(half + other), slide), (slide, half + other), (slide, -(half + other))][side]
+    cx, cy = first.cx + dx, first.cy + dy
+    if not (half + 1 <= cx <= SIZE - half - 1 and half + 1 <= cy <= SIZE - half - 1):
+        return None
+    colour = str(rng.choice([c for c in COLOURS if c != first.colour]))
+    return ShapeObject(str(rng.choice(SHAPES)), colour, size, cx, cy)
 
 
 def word_groups(caption: str) -> list[int]:
@@ -236,11 +257,12 @@ def scribble(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(out[:, :, None], 3, axis=2)
 
 
-def make_example(seed: int, index: int, *, split: str = "train", n_objects: int | None = None) -> dict:
+def make_example(seed: int, index: int, *, split: str = "train", n_objects: int | None = None,
+                 touching: bool = False) -> dict:
     """Scene ``index`` of ``seed``: image, masks, caption, objects, and all three conditions."""
     split_tag = {"train": 0, "heldout": 1}[split]
-    rng = np.random.default_rng([seed, index, split_tag])
-    scene = sample_scene(rng, split=split, n_objects=n_objects)
+    rng = np.random.default_rng([seed, index, split_tag] + ([1] if touching else []))
+    scene = sample_scene(rng, split=split, n_objects=n_objects, touching=touching)
     image, masks = render(scene)
     return {
         "scene": scene,
