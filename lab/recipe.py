@@ -15,7 +15,7 @@ A :class:`~lab.ReplaceAttention` edit keeps its source run's recipe, so replayin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,6 @@ class Recipe:
     args: dict
     plan: tuple = ()
     why_not: str | None = None
-    sources: dict = field(default_factory=dict, compare=False)  # ReplaceAttention source runs, by id
 
     def encode(self) -> tuple[dict, dict[str, np.ndarray]]:
         return encode(self)
@@ -136,8 +135,6 @@ def decode(spec: dict, arrays: dict[str, np.ndarray]) -> Recipe:
     """The :class:`Recipe` of :func:`encode`'s output. Unknown tags or classes are a ``ValueError``."""
     if int(spec.get("version", 0)) > VERSION:
         raise ValueError(f"recipe version {spec['version']} is newer than this latent-lab ({VERSION})")
-    sources: dict = {}
-
     def dec(v):
         if isinstance(v, list):
             return [dec(x) for x in v]
@@ -177,16 +174,14 @@ def decode(spec: dict, arrays: dict[str, np.ndarray]) -> Recipe:
             return Reweight(dec(v["words"]), steps=dec(v["steps"]), layers=v["layers"])
         if tag == "edit" and v["class"] == "ReplaceAttention":
             inner = decode(v["source"], {k: dec(a) for k, a in v["source_arrays"].items()})
-            edit = _PendingReplace(inner, dec(v["steps"]), v["layers"])
-            sources[id(edit)] = inner
-            return edit
+            return _PendingReplace(inner, dec(v["steps"]), v["layers"])
         if tag == "missing":
             return None
         raise ValueError(f"unknown recipe entry {v.get('$')!r}")
 
     args = {k: dec(v) for k, v in spec["args"].items()}
     plan = tuple((int(p["step"]), {k: dec(v) for k, v in p["changes"].items()}) for p in spec["plan"])
-    return Recipe(args, plan, spec.get("why_not"), sources)
+    return Recipe(args, plan, spec.get("why_not"))
 
 
 @dataclass(frozen=True)

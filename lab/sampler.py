@@ -193,8 +193,7 @@ class Sampler:
     def memory_estimate(self) -> Estimate:
         """What this sampler's remaining steps need besides the model (:func:`lab.memory.estimate`)."""
         bindings = self._recording.bindings or []
-        recorded = sum(b.estimate_bytes() for b in bindings
-                       if hasattr(b, "estimate_bytes") and b.rec.record and b.rec.spill is None)
+        recorded = sum(b.memory_bytes() for b in bindings)
         explicit = any(n.endswith("attn1") for b in bindings for n in b.attention_layers)
         return estimate_memory(self.pipe, height=self.settings["height"], width=self.settings["width"],
                                rows=self.layout.rows, steps=self.num_steps - self._i,

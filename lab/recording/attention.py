@@ -151,6 +151,10 @@ class AttentionBinding(Binding):
                             n_tokens=meta["tokens"]["n_tokens"], heads=rec.heads, batch=meta["batch"],
                             halves=self.ctx.layout.halves(rec.half), dtype=rec.dtype, steps=len(self.steps))
 
+    def memory_bytes(self) -> int:
+        """In memory: none when edits only or spilled to disk."""
+        return self.estimate_bytes() if self.rec.record and self.rec.spill is None else 0
+
     def _check_budget(self):
         need, rec = self.estimate_bytes(), self.rec
         if need > rec.max_bytes:

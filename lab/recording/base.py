@@ -64,3 +64,7 @@ class Binding:
     def collect(self, step: int) -> dict:
         """This step's records by name (called once at the end of each step)."""
         return {}
+
+    def memory_bytes(self) -> int:
+        """Memory its records will hold over the run (:mod:`lab.memory`; 0 by default)."""
+        return 0

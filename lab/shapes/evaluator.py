@@ -109,7 +109,8 @@ def _by_colour(f: np.ndarray, comp: np.ndarray) -> list[tuple[np.ndarray, str]]:
     names = list(COLOURS)
     pal = np.asarray([COLOURS[c] for c in names], np.float32)
     ys, xs = np.nonzero(comp)
-    label = np.linalg.norm(f[ys, xs][:, None] - pal[None], axis=2).argmin(1)
+    dist = np.linalg.norm(f[ys, xs][:, None] - pal[None], axis=2)  # [pixels, colours]
+    label = dist.argmin(1)
     kept = []
     for j in np.argsort(-np.bincount(label, minlength=len(names))):
         if (label == j).sum() < MIN_AREA:
@@ -125,7 +126,7 @@ def _by_colour(f: np.ndarray, comp: np.ndarray) -> list[tuple[np.ndarray, str]]:
         inner = cv2.erode(comp.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         pix = f[inner] if inner.sum() >= 5 else f[comp]
         return [(comp, _nearest(np.median(pix, axis=0), COLOURS))]
-    nearest = np.linalg.norm(f[ys, xs][:, None] - pal[kept][None], axis=2).argmin(1)
+    nearest = dist[:, kept].argmin(1)
     parts = [(_blob(comp.shape, ys[nearest == q], xs[nearest == q]), names[j]) for q, j in enumerate(kept)]
     return [(m, c) for m, c in parts if m is not None]
 
