@@ -99,10 +99,10 @@ def unet_activations(net, hw: tuple[int, int], rows: int, itemsize: int,
     return skips * rows * itemsize, working * rows * itemsize, matrix * rows * 4  # probabilities in float32
 
 
-def estimate(pipe, *, height: int, width: int, rows: int, steps: int, nets=(), recordings: int = 0,
+def estimate(pipe, *, height: int, width: int, rows: int, batch: int, steps: int, nets=(), recordings: int = 0,
              explicit_self: bool = False) -> Estimate:
-    """What a sampler at ``height x width`` with ``rows`` UNet batch rows (both CFG halves) and ``steps``
-    steps needs besides the model (bytes, by part)."""
+    """What a sampler at ``height x width`` with ``batch`` images, ``rows`` UNet batch rows (both CFG halves)
+    and ``steps`` steps needs besides the model (bytes, by part)."""
     f = pipe.vae_scale_factor
     hw = (height // f, width // f)
     itemsize = torch.empty((), dtype=pipe.dtype).element_size()
@@ -112,7 +112,6 @@ def estimate(pipe, *, height: int, width: int, rows: int, steps: int, nets=(), r
         s, wk, _ = unet_activations(pipe.controlnets[name], hw, rows, itemsize)
         control += 2 * s + wk
     latent = pipe.unet.config.in_channels * hw[0] * hw[1] * itemsize
-    batch = rows // 2 if rows > 1 else rows
     history = steps * 7 * latent * batch  # latents, prev, x0, eps cond/uncond/guided, snapshot
     return Estimate({"fixed": FIXED, "activations": int(WORKSPACE * (skips + working)) + matrix,
                      "controlnets": int(WORKSPACE * control), "history": history,

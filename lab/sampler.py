@@ -196,7 +196,7 @@ class Sampler:
         recorded = sum(b.memory_bytes() for b in bindings)
         explicit = any(n.endswith("attn1") for b in bindings for n in b.attention_layers)
         return estimate_memory(self.pipe, height=self.settings["height"], width=self.settings["width"],
-                               rows=self.layout.rows, steps=self.num_steps - self._i,
+                               rows=self.layout.rows, batch=self.layout.batch, steps=self.num_steps - self._i,
                                nets=[p.control.net for p in self._nets], recordings=recorded, explicit_self=explicit)
 
     def _check_memory(self) -> None:

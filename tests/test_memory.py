@@ -32,6 +32,7 @@ def test_the_estimate_counts_size_batch_and_explicit_attention():
     small, big = est(), est(height=64, width=64)
     assert big.parts["activations"] > 3 * small.parts["activations"] - lab.memory.FIXED
     assert est(batch=2).parts["history"] == 2 * small.parts["history"]
+    assert est(batch=2, guidance=1.0).parts["history"] == 2 * small.parts["history"]  # no CFG half: same latents
     both = est(recorders=[lab.AttentionRecorder(kind="both")])
     assert both.parts["activations"] > small.parts["activations"]  # the self-attention matrix is made
     assert both.parts["recordings"] > 0
