@@ -39,10 +39,12 @@ def demo(args) -> int:
 def evaluate(args) -> int:
     """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks."""
     if args.what == "attention":
-        res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json)
+        res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json,
+                             model=args.model)
     else:
         from lab.shapes.evaluate import run_eval
-        res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json)
+        res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json,
+                       model=args.model)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -61,4 +63,7 @@ def register(sub) -> None:
     e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
     e.add_argument("--steps", type=int, default=30)
     e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--model", default="shapes",
+                   help="the bundled model or a pipeline directory (a training run's --export; eval shapes "
+                        "needs its controlnet-KIND subfolders)")
     e.set_defaults(func=evaluate)

@@ -21,11 +21,11 @@ from .attention import heatmap_iou, word_heatmap
 
 
 def attention_eval(n: int = 100, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, threshold: float = 0.4,
-                   json_path=None, chunk: int = 25, progress=print) -> dict:
+                   json_path=None, chunk: int = 25, progress=print, model="shapes") -> dict:
     import lab
     from lab.shapes import evaluator, world
     t0 = time.time()
-    pipe = lab.load("shapes")
+    pipe = lab.load(model)
     exs = [world.make_example(300, i, split="heldout") for i in range(n)]
     noun_ious, colour_ious, all_ious, found, total = [], [], [], 0, 0
     for a in range(0, n, chunk):
@@ -50,7 +50,7 @@ def attention_eval(n: int = 100, *, steps: int = 30, guidance: float = 5.0, seed
                 colour_ious.append(heatmap_iou(word_heatmap(run, colour, batch=b), same_colour, threshold))
                 all_ious.append(heatmap_iou(fg.astype(np.float32), mask, threshold))
         progress(f"{min(a + chunk, n)}/{n}: noun mIoU so far {np.mean(noun_ious) if noun_ious else float('nan'):.3f}")
-    res = {"n": n, "nouns_evaluated": len(noun_ious), "coverage": found / max(1, total),
+    res = {"model": str(model), "n": n, "nouns_evaluated": len(noun_ious), "coverage": found / max(1, total),
            "noun_miou": float(np.mean(noun_ious)) if noun_ious else None,
            "colour_miou": float(np.mean(colour_ious)) if colour_ious else None,
            "all_objects_miou": float(np.mean(all_ious)) if all_ious else None,

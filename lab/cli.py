@@ -95,7 +95,7 @@ def _train(args) -> int:
     from .shapes import train
     rows = train.train(args.stage, args.out, preset=args.preset, device=args.device,
                        export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
-                       seconds=args.seconds, pixel=args.pixel)
+                       seconds=args.seconds, pixel=args.pixel, two_share=args.two_share)
     for r in rows:
         print(r)
     return 0
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the pixel grounding loss (each word's map should cover its region; "
                         "default: the preset's)")
     t.add_argument("--seconds", type=float, default=None, help="wall-clock budget per stage (default: the preset's)")
+    t.add_argument("--two-share", type=float, default=None,
+                   help="share of two-object scenes in the training set (default 0.5, as the world draws; "
+                        "a harder mix for binding: 0.75)")
     t.set_defaults(func=_train)
     _add_registered(sub, p)
     return p

@@ -6,7 +6,15 @@ two-object captions are combinations training never saw) sampled with fixed seed
 * ``vae_psnr_db``: mean PSNR of VAE reconstructions (posterior mean) of n held-out images;
 * ``fidelity_single``: fraction of one-object captions whose sample shows exactly that colour and shape;
 * ``fidelity_double``: fraction of two-object captions whose sample shows both objects with every
-  attribute (size, colour, shape) right and nothing else;
+  attribute (size, colour, shape) right and nothing else (captions as the world draws them);
+* ``fidelity_double_per_category``: the same per caption category (:func:`lab.shapes.world.caption_category`:
+  two large / large and small / two small objects, each with different attributes, the same shape, the same
+  colour, or both), ``ceil(n / 12)`` captions each; ``fidelity_double_all``: their mean (category-balanced over
+  the grammar); ``fidelity_double_per_background`` over the same captions;
+* ``fidelity_double_two_large``: on ``n`` captions of two large objects (any relation, as the world draws them);
+* ``duplicate_rate``: fraction of the category captions whose two objects differ in colour or shape where the
+  sample shows one of them twice (same colour and shape; "a small purple square and a small blue circle" drawn
+  as two purple squares);
 * ``controlnet_iou[kind]``: mean IoU between the sample's foreground and the condition's object regions;
 * ``controlnet_fidelity``: fraction of controlled samples whose object colours match the caption
   (all kinds together; per kind in ``controlnet_fidelity_per_kind``);
@@ -18,12 +26,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import world
+from . import evaluator, world
 from .evaluator import evaluate, mask_iou
 
 
@@ -73,12 +82,48 @@ def oracle_accuracy(n: int = 1000, *, touching: bool = False, vae=None, seed: in
     return float(np.mean([bool(r["all_ok"] and r["background_ok"]) for r in ok]))
 
 
+CATEGORIES = tuple(f"{sizes}{rel}" for sizes in ("two_large", "large_small", "two_small")
+                   for rel in ("", "+same_shape", "+same_colour", "+same_shape+same_colour"))
+
+
+def category_captions(category: str, n: int, *, seed: int = 300, split: str = "heldout") -> list[str]:
+    """``n`` two-object captions of one :func:`lab.shapes.world.caption_category`, or of ``"two_large"``
+    captions of any relation (held-out combinations by default), drawn from the world in order of scene index
+    (fixed for a seed)."""
+    if category not in CATEGORIES and category != "two_large":
+        raise ValueError(f"unknown caption category {category!r}; expected 'two_large' or one of {CATEGORIES}")
+    out, i = [], 0
+    while len(out) < n:
+        attrs, background = world.sample_attributes(np.random.default_rng([seed, i, 1]), split=split, n_objects=2)
+        cat = world.caption_category(attrs)
+        if cat == category or (category == "two_large" and cat.split("+")[0] == "two_large"):
+            out.append(" and ".join(f"a {size} {colour} {shape}" for shape, colour, size in attrs)
+                       + f" on a {background} background")
+        i += 1
+        if i > 2_000_000:
+            raise RuntimeError(f"the world draws no {category!r} captions on split {split!r}")
+    return out
+
+
+def is_duplicate(caption: str, score: dict) -> bool:
+    """The sample shows one of the caption's two (different) objects twice: two detections of the same colour
+    and shape, which the caption names once."""
+    want = [(c, s) for _, c, s in evaluator.parse_caption(caption)[0]]
+    if len(want) != 2 or want[0] == want[1]:
+        return False
+    got = Counter((c, s) for _, c, s in score["detections"])
+    return any(got[w] >= 2 for w in want)
+
+
 def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, json_path=None,
-             kinds=world.CONDITION_KINDS, progress=print) -> dict:
+             kinds=world.CONDITION_KINDS, progress=print, model="shapes") -> dict:
+    """Every key of the module docstring for ``model`` (the bundled ``"shapes"`` or a pipeline directory
+    holding ``controlnet-KIND`` subfolders)."""
     import lab
     t0 = time.time()
-    pipe = lab.load("shapes", controlnet=list(kinds))
-    res: dict = {"n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed}
+    pipe = lab.load(model, controlnet=list(kinds))
+    res: dict = {"model": str(model), "n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim",
+                 "seed": seed}
     res["vae_psnr_db"] = vae_psnr(pipe.vae, n)
     progress(f"vae_psnr_db {res['vae_psnr_db']:.2f}")
 
@@ -101,6 +146,25 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
             res["fidelity_double_colours"] = float(np.mean([s["colour_ok"] for s in scores]))
         res[f"background_ok_{name}"] = float(np.mean([s["background_ok"] for s in scores]))
         progress(f"fidelity_{name} {res['fidelity_' + name]:.3f}")
+
+    per_cat = -(-n // len(CATEGORIES))
+    caps = [c for cat in CATEGORIES for c in category_captions(cat, per_cat)]
+    imgs = _sample_images(pipe, caps, steps=steps, guidance=guidance, seed=seed)
+    scores = [evaluate(im, c) for im, c in zip(imgs, caps)]
+    ok = np.array([s["all_ok"] for s in scores])
+    res["fidelity_double_per_category"] = {cat: float(ok[k * per_cat:(k + 1) * per_cat].mean())
+                                           for k, cat in enumerate(CATEGORIES)}
+    res["fidelity_double_all"] = float(np.mean(list(res["fidelity_double_per_category"].values())))
+    backgrounds = [evaluator.parse_caption(c)[1] for c in caps]
+    res["fidelity_double_per_background"] = {bg: float(ok[[b == bg for b in backgrounds]].mean())
+                                             for bg in world.BACKGROUNDS}
+    distinct = [k for k, c in enumerate(caps) if "same_shape+same_colour" not in CATEGORIES[k // per_cat]]
+    res["duplicate_rate"] = float(np.mean([is_duplicate(caps[k], scores[k]) for k in distinct]))
+    progress(f"fidelity_double_all {res['fidelity_double_all']:.3f} duplicate_rate {res['duplicate_rate']:.3f}")
+    two_large = category_captions("two_large", n, seed=301)
+    imgs = _sample_images(pipe, two_large, steps=steps, guidance=guidance, seed=seed)
+    res["fidelity_double_two_large"] = float(np.mean([evaluate(im, c)["all_ok"] for im, c in zip(imgs, two_large)]))
+    progress(f"fidelity_double_two_large {res['fidelity_double_two_large']:.3f}")
 
     res["controlnet_iou"], per_kind_fid, all_fid = {}, {}, []
     for kind in kinds:

@@ -66,6 +66,7 @@ class Preset:
     log_every: int = 25
     grounding: float = 0.0  # weight of the token grounding loss on cross-attention (0: plain L_LDM)
     pixel: float = 0.0  # weight of the pixel grounding loss (BCE of each token's map vs its region)
+    two_share: float = 0.5  # share of two-object scenes in the training set (the world's default: 0.5)
 
 
 PRESETS = {
@@ -123,7 +124,8 @@ def _save_ckpt(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device) -> Path | None:
+def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device,
+                    two_share: float = 0.5) -> Path | None:
     """Where the VAE encoding of a training set is kept between commands: ``$LATENT_LAB_CACHE`` (default
     ``~/.cache/latent-lab``; ``LATENT_LAB_CACHE=off`` disables it), named by a hash of the VAE's weights
     and config, of the world's generator source, the set's size and seed and the device type, so a changed
@@ -138,6 +140,8 @@ def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device
     config.pop("_name_or_path", None)  # where it was saved from: a copy of a VAE is the same VAE
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(f"{n_train}-{seed}-{device.type}".encode())
+    if two_share != 0.5:
+        h.update(f"two_share={two_share}".encode())
     return Path(root) / "encodings" / f"{h.hexdigest()[:20]}.pt"
 
 
@@ -180,7 +184,8 @@ class Trainer:
     def data(self) -> dict:
         if self._data is None:
             t0 = time.time()
-            d = world.generate(self.preset.n_train, self.seed, split="train", workers=self.preset.workers)
+            d = world.generate(self.preset.n_train, self.seed, split="train", workers=self.preset.workers,
+                               two_share=self.preset.two_share)
             self._data = {
                 "caption": d["caption"],
                 **{k: torch.from_numpy(d[k]).to(self.device) for k in ("image", *world.CONDITION_KINDS)},
@@ -302,7 +307,7 @@ class Trainer:
         if key not in self._stats:
             from diffusers import AutoencoderKL
             scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
-            cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device)
+            cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device, self.preset.two_share)
             if cache is not None and cache.exists():
                 ck = torch.load(cache, map_location=self.device)
                 mean, std = ck["mean"], ck["std"]
@@ -651,12 +656,13 @@ def write_preview_map(pipeline_dir: Path, n: int = 256) -> float:
 def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,
           export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
           base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None,
-          pixel: float | None = None) -> list[dict]:
+          pixel: float | None = None, two_share: float | None = None) -> list[dict]:
     """Run one stage (``vae``, ``unet``, ``controlnet-KIND``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
     directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
     ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's);
-    ``seconds``: each stage's wall-clock budget (default: the preset's)."""
+    ``seconds``: each stage's wall-clock budget (default: the preset's); ``two_share``: the share of
+    two-object scenes in the training set (default: the preset's, 0.5 as the world draws)."""
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
         if s not in STAGES:
@@ -666,6 +672,10 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         p = replace(p, grounding=grounding)
     if pixel is not None:
         p = replace(p, pixel=pixel)
+    if two_share is not None:
+        if not 0.0 <= two_share <= 1.0:
+            raise ValueError(f"two_share must be within [0, 1], got {two_share}")
+        p = replace(p, two_share=two_share)
     if seconds is not None:
         p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds)
     tr = Trainer(out, p, device, progress=progress, base=base)

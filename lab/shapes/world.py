@@ -90,53 +90,86 @@ class Scene:
 
 
 def _combo_key(objects, background) -> str:
-    parts = sorted(f"{o.size} {o.colour} {o.shape}" for o in objects)
+    parts = sorted(f"{o[2]} {o[1]} {o[0]}" if isinstance(o, tuple) else f"{o.size} {o.colour} {o.shape}"
+                   for o in objects)
     return "|".join(parts) + "|" + background
 
 
 def is_held_out(objects, background) -> bool:
-    """True for the ~10% of two-object combinations that training never sees (stable hash)."""
+    """True for the ~10% of two-object combinations that training never sees (stable hash). ``objects``:
+    :class:`ShapeObject` or ``(shape, colour, size)`` tuples."""
     if len(objects) < 2:
         return False
     digest = hashlib.sha1(_combo_key(objects, background).encode()).digest()
     return digest[0] < 26  # 26/256 ~ 10%
 
 
-def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None,
-                 touching: bool = False) -> Scene:
-    """Draw one scene. ``split="train"`` never yields a held-out two-object combination;
-    ``split="heldout"`` yields only held-out ones when it draws two objects. ``touching=True`` (two objects)
-    puts the second one against a side of the first, bounding boxes abutting, in another colour (the oracle's
-    hard case; the training mix keeps objects apart)."""
+def sample_attributes(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None,
+                      touching: bool = False, two_share: float = 0.5) -> tuple[list[tuple[str, str, str]], str]:
+    """What a scene shows, before any placement: ``[(shape, colour, size), ...]`` and the background. Each
+    attribute is uniform and independent (``touching``: the second object takes another colour than the
+    first); two objects with probability ``two_share`` unless ``n_objects`` says; ``split`` keeps held-out
+    two-object combinations out of ``"train"`` and only those in ``"heldout"``."""
     while True:
-        n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+        n = (2 if rng.random() < two_share else 1) if n_objects is None else n_objects
         background = str(rng.choice(list(BACKGROUNDS)))
-        objects: list[ShapeObject] = []
+        attrs: list[tuple[str, str, str]] = []
         for _ in range(n):
-            for _attempt in range(100):
-                obj = (_against(rng, objects[0]) if touching and objects else _free(rng))
+            shape, size = str(rng.choice(SHAPES)), str(rng.choice(list(SIZES)))
+            colours = [c for c in COLOURS if not (touching and attrs and c == attrs[0][1])]
+            attrs.append((shape, str(rng.choice(colours)), size))
+        held = is_held_out(attrs, background)
+        if n == 2 and ((split == "train" and held) or (split == "heldout" and not held)):
+            continue
+        return attrs, background
+
+
+def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None,
+                 touching: bool = False, two_share: float = 0.5) -> Scene:
+    """Draw one scene: its objects' attributes first (shape, colour, size, each uniform and independent;
+    two objects with probability ``two_share`` unless ``n_objects`` says), then places for them, so that every
+    caption the grammar allows comes out as often as its attributes say (two large objects in a quarter of the
+    two-object scenes; a placement that cannot fit is redrawn, not the attributes). ``split="train"`` never
+    yields a held-out two-object combination; ``split="heldout"`` yields only held-out ones when it draws two
+    objects. ``touching=True`` (two objects) puts the second one against a side of the first, bounding boxes
+    abutting, in another colour (the oracle's hard case; the training mix keeps objects 3 px apart)."""
+    while True:
+        attrs, background = sample_attributes(rng, split=split, n_objects=n_objects, touching=touching,
+                                              two_share=two_share)
+        objects = _place(rng, attrs, touching)
+        if objects is not None:
+            return Scene(tuple(objects), background, Scene.make_caption(objects, background))
+
+
+def _place(rng: np.random.Generator, attrs, touching: bool) -> list[ShapeObject] | None:
+    """Places for objects of the given (shape, colour, size): the first anywhere, each next one apart from
+    (or, ``touching``, against) the first; the whole placement is redrawn when one does not fit. Two large
+    objects (28 px, 3 px apart, on 64 px) fit only along opposite sides, so they take many tries."""
+    for _placement in range(400):
+        objects: list[ShapeObject] = []
+        for shape, colour, size in attrs:
+            for _attempt in range(20):
+                obj = (_against(rng, objects[0], shape, colour, size) if touching and objects
+                       else _free(rng, shape, colour, size))
                 if obj is not None and all(_apart(obj, o, gap=0.0 if touching else 3.0) for o in objects):
                     objects.append(obj)
                     break
-        if len(objects) != n:
-            continue
-        held = is_held_out(objects, background)
-        if n == 2 and ((split == "train" and held) or (split == "heldout" and not held)):
-            continue
-        return Scene(tuple(objects), background, Scene.make_caption(objects, background))
+            else:
+                break
+        if len(objects) == len(attrs):
+            return objects
+    return None
 
 
-def _free(rng: np.random.Generator) -> ShapeObject:
-    size = str(rng.choice(list(SIZES)))
+def _free(rng: np.random.Generator, shape: str, colour: str, size: str) -> ShapeObject:
     half = SIZES[size] / 2
     cx = float(rng.uniform(half + 2, SIZE - half - 2))
     cy = float(rng.uniform(half + 2, SIZE - half - 2))
-    return ShapeObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size, cx, cy)
+    return ShapeObject(shape, colour, size, cx, cy)
 
 
-def _against(rng: np.random.Generator, first: ShapeObject) -> ShapeObject | None:
-    """An object whose bounding box abuts ``first``'s on a random side, in another colour (None: off the image)."""
-    size = str(rng.choice(list(SIZES)))
+def _against(rng: np.random.Generator, first: ShapeObject, shape: str, colour: str, size: str) -> ShapeObject | None:
+    """An object whose bounding box abuts ``first``'s on a random side (None: off the image)."""
     half, other = SIZES[size] / 2, SIZES[first.size] / 2
     side = int(rng.integers(4))
     slide = float(rng.uniform(-(half + other) / 2, (half + other) / 2))
@@ -144,8 +177,23 @@ def _against(rng: np.random.Generator, first: ShapeObject) -> ShapeObject | None
     cx, cy = first.cx + dx, first.cy + dy
     if not (half + 1 <= cx <= SIZE - half - 1 and half + 1 <= cy <= SIZE - half - 1):
         return None
-    colour = str(rng.choice([c for c in COLOURS if c != first.colour]))
-    return ShapeObject(str(rng.choice(SHAPES)), colour, size, cx, cy)
+    return ShapeObject(shape, colour, size, cx, cy)
+
+
+def caption_category(scene) -> str:
+    """The caption category of a scene (or of ``(shape, colour, size)`` tuples), as the eval and the frequency
+    table name them: ``two_large``, ``two_small`` or ``large_small`` by sizes, with ``+same_shape`` /
+    ``+same_colour`` when the two objects share that attribute; one-object scenes are ``single``."""
+    objs = [(o.shape, o.colour, o.size) for o in scene.objects] if isinstance(scene, Scene) else list(scene)
+    if len(objs) < 2:
+        return "single"
+    (sa, ca, za), (sb, cb, zb) = objs
+    cat = {("large", "large"): "two_large", ("small", "small"): "two_small"}.get((za, zb), "large_small")
+    if sa == sb:
+        cat += "+same_shape"
+    if ca == cb:
+        cat += "+same_colour"
+    return cat
 
 
 def word_groups(caption: str) -> list[int]:
@@ -258,11 +306,11 @@ def scribble(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_example(seed: int, index: int, *, split: str = "train", n_objects: int | None = None,
-                 touching: bool = False) -> dict:
+                 touching: bool = False, two_share: float = 0.5) -> dict:
     """Scene ``index`` of ``seed``: image, masks, caption, objects, and all three conditions."""
     split_tag = {"train": 0, "heldout": 1}[split]
     rng = np.random.default_rng([seed, index, split_tag] + ([1] if touching else []))
-    scene = sample_scene(rng, split=split, n_objects=n_objects, touching=touching)
+    scene = sample_scene(rng, split=split, n_objects=n_objects, touching=touching, two_share=two_share)
     image, masks = render(scene)
     return {
         "scene": scene,
@@ -276,10 +324,10 @@ def make_example(seed: int, index: int, *, split: str = "train", n_objects: int 
 
 
 def _chunk(args):
-    seed, start, stop, split = args
+    seed, start, stop, split, two_share = args
     out = {k: [] for k in ("image", "caption", "scribble", "segmentation", "edges", "mask_union", "object_masks")}
     for i in range(start, stop):
-        ex = make_example(seed, i, split=split)
+        ex = make_example(seed, i, split=split, two_share=two_share)
         for k in ("image", "caption", "scribble", "segmentation", "edges"):
             out[k].append(ex[k])
         out["mask_union"].append(ex["masks"].any(0))
@@ -289,12 +337,13 @@ def _chunk(args):
     return out
 
 
-def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048) -> dict:
+def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048,
+             two_share: float = 0.5) -> dict:
     """``n`` examples as stacked arrays: ``image``/``scribble``/``segmentation``/``edges``
     ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool``, ``object_masks`` ``[n, 2, H, W] bool`` (in
     caption order; all False for a missing second object) and ``caption`` (list of str).
-    The result does not depend on ``workers`` or ``chunk``."""
-    jobs = [(seed, a, min(a + chunk, n), split) for a in range(0, n, chunk)]
+    ``two_share``: the share of two-object scenes. The result does not depend on ``workers`` or ``chunk``."""
+    jobs = [(seed, a, min(a + chunk, n), split, two_share) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_chunk, jobs))
