@@ -44,7 +44,7 @@ def evaluate(args) -> int:
     else:
         from lab.shapes.evaluate import run_eval
         res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json,
-                       model=args.model)
+                       model=args.model, attend_and_excite=args.attend_and_excite)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -66,4 +66,6 @@ def register(sub) -> None:
     e.add_argument("--model", default="shapes",
                    help="the bundled model or a pipeline directory (a training run's --export; eval shapes "
                         "needs its controlnet-KIND subfolders)")
+    e.add_argument("--attend-and-excite", action="store_true",
+                   help="eval shapes: also the two-object keys sampled with Attend-and-Excite on the shape words")
     e.set_defaults(func=evaluate)

@@ -14,6 +14,7 @@ from .conditioning import Control
 from .counterfactual import Ablation, ablate
 from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
                      SamplingOutOfMemory)
+from .guidance import AttendAndExcite
 from .loading import DEFAULT_MODEL, load
 from .memory import SamplingMemoryError
 from .pipeline import Pipeline
@@ -28,7 +29,7 @@ from .sweeps import sweep
 from .version import __version__
 
 __all__ = [
-    "Ablation", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
+    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
     "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
     "StepState", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",

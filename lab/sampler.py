@@ -37,6 +37,7 @@ from .conditioning import prepare as prepare_plugins
 from .conditioning.text import MICRO_KEYS
 from .errors import SamplingOutOfMemory
 from .finite import FiniteWatch
+from .guidance import check_guides, guided_step_latents
 from .memory import Estimate, SamplingMemoryError
 from .memory import check as check_memory
 from .memory import estimate as estimate_memory
@@ -65,7 +66,8 @@ class Sampler:
     ``recorders`` (``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm in :meth:`run`), ``check_finite``
     (``True``, ``"step"``, ``"end"``, ``False``: NaN/inf found where it appears, :mod:`lab.finite`),
     ``memory_limit`` (bytes; ``None``: the device's free memory; ``False``: no check) for the estimate made
-    before the first step (:mod:`lab.memory`)."""
+    before the first step (:mod:`lab.memory`), ``guides`` (gradient steps on the latents before a step:
+    :class:`lab.AttendAndExcite`, :mod:`lab.guidance`)."""
 
     def __init__(self, pipe, prompt="", negative_prompt=None, *, steps: int = 30, guidance: float = 7.5,
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
@@ -74,9 +76,10 @@ class Sampler:
                  null_class=None, guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=None,
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, conditioning=(), recorders=(), progress: bool = True,
-                 check_finite: bool | str = True, memory_limit: int | bool | None = None):
+                 check_finite: bool | str = True, memory_limit: int | bool | None = None, guides=()):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "pipe")}
         check_memory_limit(memory_limit)
+        guides = check_guides(guides)
         settings = sampler_settings(pipe, prompt, negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                                     seed=seed, generator=generator, height=height, width=width, batch=batch, eta=eta,
                                     strength=strength, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
@@ -93,7 +96,13 @@ class Sampler:
         self._begin(pipe, settings, tuple(plugins), s.layout, s.timesteps, generator, sched, s.latents,
                     recorders, progress, check_finite)
         self._external_generator = self._args["generator"] is not None
+        self._guides = guides
         self.truncated = dict(self._text.truncated) if self._text else {}
+        for g in guides:  # the subject words are in the prompt, the UNet has the maps: before any step
+            if self._text is None:
+                raise ValueError("guides need a text prompt (a sampler with text conditioning)")
+            g.subject_tokens(self._text.tokens, self.layout)
+            g.layers(pipe.unet)
 
     def _begin(self, pipe, settings, plugins, layout, timesteps, generator, scheduler, latents, recorders, progress,
                check_finite) -> None:
@@ -111,6 +120,7 @@ class Sampler:
         self._stop = threading.Event()
         self.interrupted = False
         self.history: list[StepState] = []
+        self._guide_notes: dict[int, list] = {}  # step -> what the guides did (losses, updates)
         self._snaps: list[Snapshot] = []
         self._plan: list[tuple[int, dict]] = []  # (step, changes) applied by forks, replayed exactly
         self._pending: list[tuple[int, dict]] = []
@@ -176,6 +186,8 @@ class Sampler:
 
     # ------------------------------------------------------------------ the loop
     recorders = property(lambda self: self._recording.recorders)
+    guide_log = property(lambda self: {i: n for i, n in sorted(self._guide_notes.items()) if i < self._i and n},
+                         doc="What the guides did at each step taken: their loss before updating, and the updates.")
     recording_meta = property(lambda self: self._recording.meta, doc="What the recorders describe (a run's).")
 
     def _bind(self) -> None:
@@ -240,6 +252,13 @@ class Sampler:
         sched, x, cfg = self.scheduler, self._latents, self.layout.cfg
         t, th = self.timesteps[i], self._t_host[i]
         rec = self._recording
+        if self._guides:  # gradient steps on x_t (Attend-and-Excite); the plug-ins' inputs without recording
+            def make_inputs(xx, quiet=StepInfo(i, t, th, sched, self.layout)):
+                inp = UNetInputs(sched.scale_model_input(torch.cat([xx] * 2) if cfg else xx, th), t)
+                for p in self._plugins:
+                    p.apply(inp, quiet)
+                return inp
+            x, self._guide_notes[i] = guided_step_latents(self, x, i, make_inputs)
         inputs = UNetInputs(sched.scale_model_input(torch.cat([x] * 2) if cfg else x, th), t)
         info = StepInfo(i, t, th, sched, self.layout,
                         observe_residuals=lambda net, d, m: rec.observe_residuals(net, i, d, m))
@@ -335,6 +354,7 @@ class Sampler:
                 "dtype": str(self.pipe.dtype).removeprefix("torch."), "controls": [p.describe() for p in nets],
                 "conditioning": [p.describe() for p in self._plugins if p not in nets],
                 "forks": [dict(step=k, **v) for k, v in self._plan],
+                "guides": [g.describe() for g in self._guides],
                 "weights": self.pipe.weights(sorted(self._nets_used)), "versions": versions()}
 
     # ------------------------------------------------------------------ time travel
@@ -369,6 +389,7 @@ class Sampler:
                    copy.deepcopy(snap.scheduler), snap.latents, self.recorders, self.progress, self.check_finite)
         new._args, new._external_generator, new.truncated = self._args, self._external_generator, dict(self.truncated)
         new._scheduler0, new._nets_used = self._scheduler0, self._nets_used | new._nets_used
+        new._guides = self._guides
         new._recording = Recording(self.recorders, copy.deepcopy(self.recording_meta))  # the inherited steps' meta
         new.history, new._snaps = self.history[:k], self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]

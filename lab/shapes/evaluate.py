@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..guidance import AttendAndExcite
 from . import evaluator, world
 from .evaluator import evaluate, mask_iou
 
 
-def _sample_images(pipe, captions, *, steps, guidance, seed, control=None, chunk=50) -> list[np.ndarray]:
+def _sample_images(pipe, captions, *, steps, guidance, seed, control=None, chunk=50, guides=()) -> list[np.ndarray]:
     import lab
     out = []
     for a in range(0, len(captions), chunk):
@@ -45,7 +46,7 @@ def _sample_images(pipe, captions, *, steps, guidance, seed, control=None, chunk
             kind, images = control
             ctl = lab.Control(kind, list(images[a:a + chunk]))
         run = pipe.sampler(captions[a:a + chunk], steps=steps, guidance=guidance, scheduler="ddim", seed=seed + a,
-                           control=ctl, progress=False).run()
+                           control=ctl, progress=False, guides=guides).run()
         out.extend(np.asarray(im) for im in run.images)
     return out
 
@@ -115,10 +116,38 @@ def is_duplicate(caption: str, score: dict) -> bool:
     return any(got[w] >= 2 for w in want)
 
 
+def binding_eval(pipe, n: int, *, steps: int, guidance: float, seed: int = 0, guides=(), progress=print) -> dict:
+    """The two-object keys over the grammar: ``fidelity_double_per_category``, ``fidelity_double_all``,
+    ``fidelity_double_per_background``, ``duplicate_rate`` and ``fidelity_double_two_large`` (module docstring),
+    sampled with ``guides`` (e.g. Attend-and-Excite on the shape words)."""
+    res: dict = {}
+    per_cat = -(-n // len(CATEGORIES))
+    caps = [c for cat in CATEGORIES for c in category_captions(cat, per_cat)]
+    imgs = _sample_images(pipe, caps, steps=steps, guidance=guidance, seed=seed, guides=guides)
+    scores = [evaluate(im, c) for im, c in zip(imgs, caps)]
+    ok = np.array([s["all_ok"] for s in scores])
+    res["fidelity_double_per_category"] = {cat: float(ok[k * per_cat:(k + 1) * per_cat].mean())
+                                           for k, cat in enumerate(CATEGORIES)}
+    res["fidelity_double_all"] = float(np.mean(list(res["fidelity_double_per_category"].values())))
+    backgrounds = [evaluator.parse_caption(c)[1] for c in caps]
+    res["fidelity_double_per_background"] = {bg: float(ok[[b == bg for b in backgrounds]].mean())
+                                             for bg in world.BACKGROUNDS}
+    distinct = [k for k, c in enumerate(caps) if "same_shape+same_colour" not in CATEGORIES[k // per_cat]]
+    res["duplicate_rate"] = float(np.mean([is_duplicate(caps[k], scores[k]) for k in distinct]))
+    tag = " (attend-and-excite)" if guides else ""
+    progress(f"fidelity_double_all {res['fidelity_double_all']:.3f} duplicate_rate {res['duplicate_rate']:.3f}{tag}")
+    two_large = category_captions("two_large", n, seed=301)
+    imgs = _sample_images(pipe, two_large, steps=steps, guidance=guidance, seed=seed, guides=guides)
+    res["fidelity_double_two_large"] = float(np.mean([evaluate(im, c)["all_ok"] for im, c in zip(imgs, two_large)]))
+    progress(f"fidelity_double_two_large {res['fidelity_double_two_large']:.3f}{tag}")
+    return res
+
+
 def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, json_path=None,
-             kinds=world.CONDITION_KINDS, progress=print, model="shapes") -> dict:
+             kinds=world.CONDITION_KINDS, progress=print, model="shapes", attend_and_excite: bool = False) -> dict:
     """Every key of the module docstring for ``model`` (the bundled ``"shapes"`` or a pipeline directory
-    holding ``controlnet-KIND`` subfolders)."""
+    holding ``controlnet-KIND`` subfolders); ``attend_and_excite``: the two-object keys again, sampled with
+    Attend-and-Excite on the shape words (:class:`lab.AttendAndExcite`), under ``"attend_and_excite"``."""
     import lab
     t0 = time.time()
     pipe = lab.load(model, controlnet=list(kinds))
@@ -147,24 +176,10 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
         res[f"background_ok_{name}"] = float(np.mean([s["background_ok"] for s in scores]))
         progress(f"fidelity_{name} {res['fidelity_' + name]:.3f}")
 
-    per_cat = -(-n // len(CATEGORIES))
-    caps = [c for cat in CATEGORIES for c in category_captions(cat, per_cat)]
-    imgs = _sample_images(pipe, caps, steps=steps, guidance=guidance, seed=seed)
-    scores = [evaluate(im, c) for im, c in zip(imgs, caps)]
-    ok = np.array([s["all_ok"] for s in scores])
-    res["fidelity_double_per_category"] = {cat: float(ok[k * per_cat:(k + 1) * per_cat].mean())
-                                           for k, cat in enumerate(CATEGORIES)}
-    res["fidelity_double_all"] = float(np.mean(list(res["fidelity_double_per_category"].values())))
-    backgrounds = [evaluator.parse_caption(c)[1] for c in caps]
-    res["fidelity_double_per_background"] = {bg: float(ok[[b == bg for b in backgrounds]].mean())
-                                             for bg in world.BACKGROUNDS}
-    distinct = [k for k, c in enumerate(caps) if "same_shape+same_colour" not in CATEGORIES[k // per_cat]]
-    res["duplicate_rate"] = float(np.mean([is_duplicate(caps[k], scores[k]) for k in distinct]))
-    progress(f"fidelity_double_all {res['fidelity_double_all']:.3f} duplicate_rate {res['duplicate_rate']:.3f}")
-    two_large = category_captions("two_large", n, seed=301)
-    imgs = _sample_images(pipe, two_large, steps=steps, guidance=guidance, seed=seed)
-    res["fidelity_double_two_large"] = float(np.mean([evaluate(im, c)["all_ok"] for im, c in zip(imgs, two_large)]))
-    progress(f"fidelity_double_two_large {res['fidelity_double_two_large']:.3f}")
+    res.update(binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress))
+    if attend_and_excite:
+        res["attend_and_excite"] = binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress,
+                                                guides=[AttendAndExcite(list(world.SHAPES))])
 
     res["controlnet_iou"], per_kind_fid, all_fid = {}, {}, []
     for kind in kinds:

@@ -1,0 +1,250 @@
+"""Guidance on the latents at sampling time: a gradient step on x_t before the denoising step.
+
+:class:`AttendAndExcite` (Chefer et al. 2023, "Attend-and-Excite"): a caption's subject tokens should each
+hold a strong cross-attention peak somewhere; a subject the model neglects (the missing object, or the one
+drawn as a copy of the other) has only weak attention everywhere. At the guided steps the conditional UNet is
+run with gradients, each subject token's map (averaged over heads and the cross-attention layers at
+``resolution``, a softmax over the caption's tokens without the start token, Gaussian-smoothed) gives its
+maximum ``a_s``, and
+
+    L = max_s (1 - a_s),        x_t <- x_t - alpha_i * dL/dx_t,    alpha_i = step_size * sqrt(1 - i / (2 n))
+
+(the paper's ``step_size * sqrt(scale)``, scale from 1.0 to 0.5 over the trajectory). At the ``refine``
+steps the update repeats until every subject's ``a_s`` reaches the threshold (at most ``max_refine`` times).
+
+    guide = lab.AttendAndExcite(["circle", "square"])
+    run = pipe.sampler("a red circle and a blue square", guides=[guide], seed=0).run()
+
+A guide belongs to one sampler (``Sampler(guides=...)``): it reads the sampler's batch layout and tokens,
+runs the UNet through the lab's attention dispatch with its own hooks, and leaves the UNet as it found it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .recording.dispatch import attend, attention_probs, dispatching, layer_name
+from .steps import check_steps, in_fraction_window
+
+
+@dataclass
+class AttendAndExcite:
+    """Attend-and-Excite on the subject ``words`` (each occurrence of each word in a prompt is a subject token;
+    a word absent from one prompt of a batch is skipped there, from every prompt is a ``KeyError``).
+
+    ``steps``: the guided window, fractions of the trajectory (the paper: the first 25 of 50 steps);
+    ``step_size``: alpha (the paper: 20); ``resolution``: the side of the cross-attention maps used (``None``:
+    16 where the UNet has 16x16 cross-attention maps, as the paper on Stable Diffusion, else the largest);
+    ``sigma``: the Gaussian smoothing (3x3 kernel); ``refine``: ``{fraction of the trajectory: threshold}``,
+    the paper's iterative refinement at steps 0, 10, 20 of 50; ``max_refine``: the most extra updates per
+    refine step (the paper: 20)."""
+
+    words: list = field(default_factory=list)
+    steps: tuple = (0.0, 0.5)
+    step_size: float = 20.0
+    resolution: int | None = None
+    sigma: float = 0.5
+    refine: dict = field(default_factory=lambda: {"0.0": 0.05, "0.2": 0.5, "0.4": 0.8})
+    max_refine: int = 20
+
+    kind = "attend-and-excite"
+
+    def __post_init__(self):
+        if isinstance(self.words, str):
+            self.words = [self.words]
+        self.words = [str(w) for w in self.words]
+        if not self.words:
+            raise ValueError("AttendAndExcite needs the subject words to excite, e.g. ['circle', 'square']")
+        check_steps(self.steps)
+        if not (isinstance(self.steps, tuple) and len(self.steps) == 2 and all(isinstance(v, float)
+                                                                               for v in self.steps)):
+            raise ValueError(f"AttendAndExcite's steps is a window of fractions such as (0.0, 0.5), got {self.steps!r}")
+        if not (math.isfinite(self.step_size) and self.step_size >= 0):
+            raise ValueError(f"step_size must be a finite number >= 0, got {self.step_size}")
+        self.refine = {str(float(k)): float(v) for k, v in dict(self.refine).items()}
+        if any(not 0.0 <= float(k) <= 1.0 or not 0.0 <= v <= 1.0 for k, v in self.refine.items()):
+            raise ValueError(f"refine maps fractions of the trajectory to thresholds, both in [0, 1]: {self.refine}")
+        if self.max_refine < 0:
+            raise ValueError(f"max_refine must be >= 0, got {self.max_refine}")
+
+    # ------------------------------------------------------------------ the sampler's side
+    def subject_tokens(self, tokens: dict, layout) -> list[list[int]]:
+        """For each conditional row of the batch, the token positions of the subject words."""
+        prompts = tokens["prompts"]
+        rows = []
+        for j in range(layout.batch):
+            words = [w.lower() for w in prompts[layout.prompt_of(j)]["words"]]
+            rows.append([t for t, w in enumerate(words) if w in {x.lower() for x in self.words}])
+        if not any(rows):
+            all_words = sorted({w for p in prompts for w in p["words"] if w})
+            raise KeyError(f"none of the subject words {self.words} is in the prompt ({all_words})")
+        return rows
+
+    def guide(self, x: torch.Tensor, i: int, n: int, run_cond) -> tuple[torch.Tensor, dict]:
+        """``x`` (one half, ``[batch, C, h, w]``) after this step's updates, and what was done
+        (``loss`` before, ``updates``). ``run_cond(x, hooks)`` runs the conditional UNet on ``x`` with the
+        attention hooks and returns the subject maxima ``[batch, subjects]`` (via :meth:`maxima`)."""
+        if not in_fraction_window(i, n, *self.steps):
+            return x, {}
+        alpha = self.step_size * math.sqrt(1.0 - i / (2.0 * n))
+        threshold = next((v for k, v in self.refine.items() if round(float(k) * n) == i), None)
+        updates, first = 0, None
+        for _ in range(1 + (self.max_refine if threshold is not None else 0)):
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                maxima = run_cond(xg)  # [batch, subjects]; subjects missing in a row are 1 (no loss)
+                loss = (1.0 - maxima).amax(dim=1)  # per row: the most neglected subject
+                if first is None:
+                    first = loss.detach()
+                if threshold is not None and updates > 0 and bool((loss <= 1.0 - threshold).all()):
+                    break
+                grad, = torch.autograd.grad(loss.sum(), xg)
+            x = (x - alpha * grad.to(x.dtype)).detach()
+            updates += 1
+            if threshold is None or bool((loss.detach() <= 1.0 - threshold).all()):
+                break
+        return x, {"loss": first.float().cpu(), "updates": updates}
+
+    def maxima(self, probs: list[torch.Tensor], subjects: list[list[int]], n_words: int) -> torch.Tensor:
+        """Each subject token's smoothed attention maximum ``[batch, max subjects]`` from the layers' cross-
+        attention probabilities ``[batch, heads, Q, K]`` (Q a square map): the paper's
+        ``aggregate_attention`` -> softmax(100 * A[:, 1:last]) -> Gaussian -> max."""
+        a = torch.stack([p.mean(1) for p in probs]).mean(0)  # [batch, Q, K]
+        side = int(math.isqrt(a.shape[1]))
+        k = max(len(s) for s in subjects)
+        out = torch.ones(a.shape[0], k, device=a.device, dtype=a.dtype)
+        kernel = _gaussian(self.sigma, a.device, a.dtype)
+        for b, toks in enumerate(subjects):
+            if not toks:
+                continue
+            text = a[b, :, 1:n_words[b] - 1] * 100  # without start and end tokens
+            text = text.softmax(-1)
+            for m, t in enumerate(toks):
+                amap = text[:, t - 1].reshape(1, 1, side, side)
+                amap = F.conv2d(F.pad(amap, (1, 1, 1, 1), mode="reflect"), kernel)
+                out[b, m] = amap.amax()
+        return out
+
+    def layers(self, unet) -> list[str]:
+        """The cross-attention layers whose maps are ``resolution`` on a side (square latents)."""
+        return [name for name, _ in _cross_layers(unet, self.resolution)]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "words": list(self.words), "steps": list(self.steps), "step_size": self.step_size,
+                "resolution": self.resolution, "refine": dict(self.refine), "max_refine": self.max_refine}
+
+
+def _gaussian(sigma: float, device, dtype) -> torch.Tensor:
+    r = torch.arange(3, device=device, dtype=dtype) - 1
+    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).reshape(1, 1, 3, 3)
+
+
+def _cross_layers(unet, resolution):
+    """``(layer name, map side)`` of the cross-attention layers at ``resolution`` (None: 16 if present, else
+    the largest), for a ``sample_size`` latent; map sides follow the UNet's down and up blocks."""
+    size = unet.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    sides = {}
+    for key in unet.attn_processors:
+        name = layer_name(key)
+        if not name.endswith("attn2"):
+            continue
+        parts = name.split(".")
+        if parts[1] == "down_blocks":
+            side = size // (2 ** int(parts[2]))
+        elif parts[1] == "up_blocks":
+            side = size // (2 ** (len(unet.config.block_out_channels) - 1 - int(parts[2])))
+        else:
+            side = size // (2 ** (len(unet.config.block_out_channels) - 1))
+        sides[name] = side
+    if not sides:
+        raise ValueError("this UNet has no cross-attention layers to guide")
+    want = resolution if resolution is not None else (16 if 16 in sides.values() else max(sides.values()))
+    chosen = [(n, s) for n, s in sides.items() if s == want]
+    if not chosen:
+        raise ValueError(f"this UNet has no {want}x{want} cross-attention maps at sample_size {size} "
+                         f"(it has {sorted(set(sides.values()))})")
+    return chosen
+
+
+def check_guides(guides) -> tuple:
+    """``guides`` as a tuple, each one a guide (:class:`AttendAndExcite`); TypeError naming what else was given."""
+    if isinstance(guides, AttendAndExcite):
+        guides = (guides,)
+    try:
+        guides = tuple(guides)
+    except TypeError:
+        raise TypeError(f"guides must be a list of guides such as lab.AttendAndExcite([...]), got {guides!r}") from None
+    bad = [g for g in guides if not isinstance(g, AttendAndExcite)]
+    if bad:
+        raise TypeError(f"guides must be lab.AttendAndExcite instances, got {bad!r}")
+    return guides
+
+
+class GuideHooks:
+    """The attention hooks of one guided UNet call: the chosen layers compute their probabilities explicitly
+    (kept in the autograd graph) and output ``probs @ V``, as :class:`lab.recording.dispatch.AttentionHooks`."""
+
+    def __init__(self, layers):
+        self.layers = frozenset(layers)
+        self.probs: list[torch.Tensor] = []
+
+    def core(self, name, attn, is_cross):
+        def run(query, key, value, mask):
+            probs = attention_probs(query, key, attn.scale, mask)
+            self.probs.append(probs)
+            return probs.to(value.dtype) @ value
+        return run
+
+
+def guided_step_latents(sampler, x: torch.Tensor, i: int, make_inputs) -> tuple[torch.Tensor, list[dict]]:
+    """Apply ``sampler``'s guides to ``x`` at step ``i``. ``make_inputs(x)`` builds the step's
+    :class:`~lab.conditioning.base.UNetInputs` for latents ``x`` (every plug-in applied), from which the
+    conditional half is taken."""
+    layout, unet = sampler.layout, sampler.pipe.unet
+    tokens = sampler._text.tokens if sampler._text else None
+    if tokens is None:
+        raise ValueError("Attend-and-Excite needs a text prompt (a sampler with text conditioning)")
+    notes = []
+    for g in sampler._guides:
+        layers = g.layers(unet)
+        subjects = g.subject_tokens(tokens, layout)
+        n_words = [_n_words(tokens["prompts"][layout.prompt_of(j)]) for j in range(layout.batch)]
+
+        def run_cond(xg, g=g, layers=layers, subjects=subjects, n_words=n_words):
+            inputs = make_inputs(xg)
+            cond = layout.half("cond")
+            hooks = GuideHooks(layers)
+            kw = inputs.unet_kwargs()
+            kw = {k: _rows(v, cond, layout.rows) for k, v in kw.items()}
+            with dispatching(unet, hooks.layers):
+                unet(inputs.sample[cond], inputs.timestep, **kw, cross_attention_kwargs={"lab_hooks": hooks})
+            return g.maxima(hooks.probs, subjects, n_words)
+
+        x, note = g.guide(x, i, sampler.num_steps, run_cond)
+        if note:
+            notes.append({"guide": g.kind, **note})
+    return x, notes
+
+
+def _n_words(row: dict) -> int:
+    """Tokens up to and including the end token (the paper's ``last``: start, the words, end)."""
+    idx = row["word_index"]
+    last = max((t for t, w in enumerate(idx) if w >= 0), default=0)
+    return last + 2
+
+
+def _rows(v, rows: slice, n: int):
+    """``v``'s conditional rows: tensors whose first dimension is the batch's ``n`` rows, in lists and dicts."""
+    if isinstance(v, torch.Tensor):
+        return v[rows] if v.dim() > 0 and v.shape[0] == n else v
+    if isinstance(v, (list, tuple)):
+        return [_rows(a, rows, n) for a in v]
+    if isinstance(v, dict):
+        return {k: _rows(a, rows, n) for k, a in v.items()}
+    return v
