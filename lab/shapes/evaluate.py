@@ -20,6 +20,8 @@ two-object captions are combinations training never saw) sampled with fixed seed
   (all kinds together; per kind in ``controlnet_fidelity_per_kind``);
 * ``evaluator_accuracy``: the oracle itself on 1,000 held-out ground-truth images; ``_touching``: on 1,000
   scenes of two touching objects of different colours; ``_vae``: after a VAE round trip (:func:`oracle_accuracy`);
+* ``attend_and_excite`` (with ``--attend-and-excite``): the two-object keys again, sampled with
+  :class:`lab.AttendAndExcite` on the shape words;
 * ``sample_seconds_50_steps``: one 50-step DDIM sample with classifier-free guidance at 64x64 (median of 3).
 """
 from __future__ import annotations

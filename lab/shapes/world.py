@@ -354,3 +354,16 @@ def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, c
         vals = [v for p in parts for v in p[k]]
         out[k] = vals if k == "caption" else np.stack(vals)
     return out
+
+
+def grammar_frequencies(n: int = 20_000, seed: int = 0, *, split: str = "train", two_share: float = 0.5) -> dict:
+    """How often the world draws each caption category (:func:`caption_category`) and background, over ``n``
+    scenes of ``split``: ``two_objects`` (share of all scenes), ``category`` (share of the two-object scenes),
+    ``background`` (share of all scenes). The README's table."""
+    from collections import Counter
+    scenes = [sample_scene(np.random.default_rng([seed, i, 0]), split=split, two_share=two_share) for i in range(n)]
+    two = [s for s in scenes if len(s.objects) == 2]
+    cats = Counter(caption_category(s) for s in two)
+    return {"n": n, "two_objects": len(two) / n,
+            "category": {k: v / len(two) for k, v in sorted(cats.items())},
+            "background": {k: v / n for k, v in sorted(Counter(s.background for s in scenes).items())}}
