@@ -85,20 +85,19 @@ class AttendAndExcite:
 
     def guide(self, x: torch.Tensor, i: int, n: int, run_cond) -> tuple[torch.Tensor, dict]:
         """``x`` (one half, ``[batch, C, h, w]``) after this step's updates, and what was done
-        (``loss`` before, ``updates``). ``run_cond(x, hooks)`` runs the conditional UNet on ``x`` with the
+        (``loss`` before them, ``losses`` at each evaluation ``[evaluations, batch]``, ``updates``). ``run_cond(x, hooks)`` runs the conditional UNet on ``x`` with the
         attention hooks and returns the subject maxima ``[batch, subjects]`` (via :meth:`maxima`)."""
         if not in_fraction_window(i, n, *self.steps):
             return x, {}
         alpha = self.step_size * math.sqrt(1.0 - i / (2.0 * n))
         threshold = next((v for k, v in self.refine.items() if round(float(k) * n) == i), None)
-        updates, first = 0, None
+        updates, losses = 0, []
         for _ in range(1 + (self.max_refine if threshold is not None else 0)):
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 maxima = run_cond(xg)  # [batch, subjects]; subjects missing in a row are 1 (no loss)
                 loss = (1.0 - maxima).amax(dim=1)  # per row: the most neglected subject
-                if first is None:
-                    first = loss.detach()
+                losses.append(loss.detach().float().cpu())
                 if threshold is not None and updates > 0 and bool((loss <= 1.0 - threshold).all()):
                     break
                 grad, = torch.autograd.grad(loss.sum(), xg)
@@ -106,7 +105,9 @@ class AttendAndExcite:
             updates += 1
             if threshold is None or bool((loss.detach() <= 1.0 - threshold).all()):
                 break
-        return x, {"loss": first.float().cpu(), "updates": updates}
+        # loss: before this step's first update; losses: before each update (and after the last one, when the
+        # refinement checked it)
+        return x, {"loss": losses[0], "losses": torch.stack(losses), "updates": updates}
 
     def maxima(self, probs: list[torch.Tensor], subjects: list[list[int]], n_words: int) -> torch.Tensor:
         """Each subject token's smoothed attention maximum ``[batch, max subjects]`` from the layers' cross-
