@@ -109,7 +109,7 @@ class AttendAndExcite:
         # refinement checked it)
         return x, {"loss": losses[0], "losses": torch.stack(losses), "updates": updates}
 
-    def maxima(self, probs: list[torch.Tensor], subjects: list[list[int]], n_words: int) -> torch.Tensor:
+    def maxima(self, probs: list[torch.Tensor], subjects: list[list[int]], n_words: list[int]) -> torch.Tensor:
         """Each subject token's smoothed attention maximum ``[batch, max subjects]`` from the layers' cross-
         attention probabilities ``[batch, heads, Q, K]`` (Q a square map): the paper's
         ``aggregate_attention`` -> softmax(100 * A[:, 1:last]) -> Gaussian -> max."""
@@ -208,9 +208,7 @@ def guided_step_latents(sampler, x: torch.Tensor, i: int, make_inputs) -> tuple[
     :class:`~lab.conditioning.base.UNetInputs` for latents ``x`` (every plug-in applied), from which the
     conditional half is taken."""
     layout, unet = sampler.layout, sampler.pipe.unet
-    tokens = sampler._text.tokens if sampler._text else None
-    if tokens is None:
-        raise ValueError("Attend-and-Excite needs a text prompt (a sampler with text conditioning)")
+    tokens = sampler._text.tokens  # the sampler refused guides without a text prompt
     notes = []
     for g in sampler._guides:
         layers = g.layers(unet)

@@ -100,8 +100,7 @@ def category_captions(category: str, n: int, *, seed: int = 300, split: str = "h
         attrs, background = world.sample_attributes(np.random.default_rng([seed, i, 1]), split=split, n_objects=2)
         cat = world.caption_category(attrs)
         if cat == category or (category == "two_large" and cat.split("+")[0] == "two_large"):
-            out.append(" and ".join(f"a {size} {colour} {shape}" for shape, colour, size in attrs)
-                       + f" on a {background} background")
+            out.append(world.Scene.make_caption([world.ShapeObject(*a, 0.0, 0.0) for a in attrs], background))
         i += 1
         if i > 2_000_000:
             raise RuntimeError(f"the world draws no {category!r} captions on split {split!r}")
