@@ -138,12 +138,33 @@ def test_the_oracle_separates_touching_objects_by_colour():
 
 
 def test_the_oracle_after_a_vae_round_trip(shapes_pipe):
-    """The VAE blurs: small triangles lose their tip (they read as squares by template IoU) and colours drift
-    at seams (red and yellow blur to orange). On 200 scenes each: usual scenes >= 0.99, touching ones >= 0.93
-    (1.000 and 0.963 on 1,000; the issue's bar for touching ones is 0.99, not met yet)."""
+    """The VAE blurs: small triangles lose their tip (they read as squares by template IoU), a touching
+    neighbour's seam cuts their base corners (the rest reads as a circle), and colours drift at seams (red and
+    yellow blur to orange). On 200 scenes each: usual scenes >= 0.99, touching ones >= 0.98 (on 1,000: 0.999
+    and 0.995; with seed 2, 1.000 and 0.993; 0.977 before the enclosing-triangle rule)."""
     from lab.shapes.evaluate import oracle_accuracy
     assert oracle_accuracy(200, vae=shapes_pipe.vae) >= 0.99
-    assert oracle_accuracy(200, touching=True, vae=shapes_pipe.vae) >= 0.93
+    assert oracle_accuracy(200, touching=True, vae=shapes_pipe.vae) >= 0.98
+
+
+def test_the_oracle_reads_a_cut_triangle_as_a_triangle():
+    """What a seam leaves of a triangle still fills its minimum enclosing triangle; circles and squares do not,
+    at both of the world's sizes, so the rule cannot turn them into triangles."""
+    for side in (16, 28):
+        tpl = evaluator._templates(side, side)
+        assert evaluator._triangle_fill(tpl["triangle"]) >= evaluator.TRIANGLE_FILL
+        assert evaluator._triangle_fill(tpl["circle"]) < evaluator.TRIANGLE_FILL
+        assert evaluator._triangle_fill(tpl["square"]) < evaluator.TRIANGLE_FILL
+    # a small triangle whose base a neighbour to its lower right cut: the corner rule has nothing to say and
+    # the template fit prefers the circle, which is how 0.02 of touching scenes were misread after the VAE
+    cut = evaluator._templates(16, 16)["triangle"].copy()
+    cut[11:, 9:] = False
+    cut = cut[:, :14]
+    assert evaluator._corner_shape(cut) is None
+    img = np.full((64, 64, 3), 128, np.uint8)
+    img[20:36, 20:34][cut] = world.COLOURS["red"]
+    (obj,) = evaluator.detect(img)[1]
+    assert obj.key == ("small", "red", "triangle")
 
 
 def test_evaluator_catches_wrong_captions():

@@ -5,7 +5,8 @@ foreground is every pixel far from it (RGB distance > 60), cleaned by a 3x3 open
 component larger than 30 px holds one object per colour (touching objects of different colours are split,
 :func:`_by_colour`). An object's colour is the palette colour nearest to the median of its interior (the
 component eroded by one pixel, so anti-aliased rims do not vote); its shape is what the bounding box's corners
-say (:func:`_corner_shape`), or else the template (inscribed circle, full square, upward triangle, all fitted
+say (:func:`_corner_shape`), or else a triangle when its pixels fill its minimum enclosing triangle
+(:func:`_triangle_fill`), or else the template (inscribed circle, full square, upward triangle, all fitted
 to the bounding box) with the highest IoU; its size is "large" when the bounding box's longer side is >= 22 px
 (the two sizes are 16 and 28 px at 64x64).
 """
@@ -25,6 +26,9 @@ from .world import BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, SIZES
 FG_DISTANCE = 60.0
 MIN_AREA = 30
 PURE_COLOUR = 45.0  # RGB distance of a split-off part's median colour to its palette colour
+# area / minimum enclosing triangle, on 2 x 1,000 ground-truth scenes as drawn and after a VAE round trip: large
+# triangles 0.86-1.06, circles and squares 0.53-0.73 but for a few small ones that a touching neighbour cut
+TRIANGLE_FILL = 0.8
 LARGE_SIDE = (SIZES["small"] + SIZES["large"]) // 2  # 22: between the two sizes (16 and 28 px)
 
 _CAPTION = re.compile(r"a (small|large) (\w+) (circle|square|triangle)")
@@ -152,7 +156,10 @@ def _describe(f: np.ndarray, comp: np.ndarray, colour: str) -> Detection:
     for shape, tpl in _templates(w, h).items():
         inter = np.logical_and(crop, tpl).sum()
         ious[shape] = inter / max(1, np.logical_or(crop, tpl).sum())
-    shape = _corner_shape(crop) or max(ious, key=ious.get)
+    shape = _corner_shape(crop)
+    if shape is None and _triangle_fill(crop) >= TRIANGLE_FILL:
+        shape = "triangle"
+    shape = shape or max(ious, key=ious.get)
     size = "large" if max(w, h) >= LARGE_SIDE else "small"
     return Detection(colour, shape, size, int(comp.sum()), (x, y, x + w, y + h), float(ious[shape]), comp)
 
@@ -195,6 +202,19 @@ def _corner_shape(crop: np.ndarray) -> str | None:
     if max(tl, tr, bl, br) <= empty:
         return "circle"
     return None
+
+
+def _triangle_fill(crop: np.ndarray) -> float:
+    """The mask's area over the area of its minimum enclosing triangle (OpenCV's, around the pixel centres).
+    Where a touching neighbour's seam cuts a small triangle, its base corners go and with them the corner rule
+    and the template fit (the rest looks round), but what remains still fills a triangle: a triangle cut by a
+    line is a triangle or a quadrilateral close to one. An ideal circle fills pi / (3 sqrt(3)) = 0.60 of
+    its minimum enclosing triangle, a square 1/2."""
+    pts = np.argwhere(crop)[:, ::-1].astype(np.float32)[:, None]
+    if len(pts) < 3:
+        return 0.0
+    _, tri = cv2.minEnclosingTriangle(pts)
+    return float(crop.sum()) / max(float(cv2.contourArea(tri)), 1.0)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
