@@ -211,7 +211,9 @@ def guided_step_latents(sampler, x: torch.Tensor, i: int, make_inputs) -> tuple[
     tokens = sampler._text.tokens  # the sampler refused guides without a text prompt
     notes = []
     for g in sampler._guides:
-        layers = g.layers(unet)
+        if not in_fraction_window(i, sampler.num_steps, *g.steps):
+            continue
+        layers = sampler._guide_layers[id(g)]
         subjects = g.subject_tokens(tokens, layout)
         n_words = [_n_words(tokens["prompts"][layout.prompt_of(j)]) for j in range(layout.batch)]
 

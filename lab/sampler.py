@@ -98,11 +98,15 @@ class Sampler:
         self._external_generator = self._args["generator"] is not None
         self._guides = guides
         self.truncated = dict(self._text.truncated) if self._text else {}
-        for g in guides:  # the subject words are in the prompt, the UNet has the maps: before any step
-            if self._text is None:
-                raise ValueError("guides need a text prompt (a sampler with text conditioning)")
+        if guides and self._text is None:
+            raise ValueError("guides need a text prompt (a sampler with text conditioning)")
+        # the UNet has the maps (found once), the subject words are in the prompt: checked before any step
+        self._guide_layers = {id(g): g.layers(pipe.unet) for g in guides}
+        self._check_guide_words()
+
+    def _check_guide_words(self) -> None:
+        for g in self._guides:
             g.subject_tokens(self._text.tokens, self.layout)
-            g.layers(pipe.unet)
 
     def _begin(self, pipe, settings, plugins, layout, timesteps, generator, scheduler, latents, recorders, progress,
                check_finite) -> None:
@@ -182,6 +186,8 @@ class Sampler:
             self.truncated.setdefault(prompt, dropped)
         if "control" in changes:
             self._recording.bindings = None  # residual recorders describe the new nets
+        if self._guides and (changes.keys() & set(Text.forkable)):
+            self._check_guide_words()  # a new prompt must still name the guides' subjects (KeyError)
         self._reset_schedule()
 
     # ------------------------------------------------------------------ the loop
@@ -389,7 +395,8 @@ class Sampler:
                    copy.deepcopy(snap.scheduler), snap.latents, self.recorders, self.progress, self.check_finite)
         new._args, new._external_generator, new.truncated = self._args, self._external_generator, dict(self.truncated)
         new._scheduler0, new._nets_used = self._scheduler0, self._nets_used | new._nets_used
-        new._guides = self._guides
+        new._guides, new._guide_layers = self._guides, self._guide_layers
+        new._guide_notes = {s: n for s, n in self._guide_notes.items() if s < k}  # the inherited steps' log
         new._recording = Recording(self.recorders, copy.deepcopy(self.recording_meta))  # the inherited steps' meta
         new.history, new._snaps = self.history[:k], self._snaps[:k]
         new._plan = [(s, c) for s, c in self._plan if s < k]

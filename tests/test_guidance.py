@@ -76,7 +76,14 @@ def test_guided_runs_replay_exactly_and_fork(tmp_path):
         assert torch.equal(a.latents, b.latents)
     fork = s.fork(at=2, guidance=2.0)
     assert fork._guides == s._guides
+    assert sorted(fork.guide_log) == [0, 1]  # the inherited steps' log comes along
+    assert fork.guide_log[1][0]["loss"].equal(s.guide_log[1][0]["loss"])
     assert fork.run().settings["guides"] == run.settings["guides"]
+    assert sorted(fork.guide_log) == sorted(s.guide_log)  # and its own steps are logged on top
+    # a fork whose new prompt lost the subject is refused when asked for, and the parent is untouched
+    with pytest.raises(KeyError, match="circle"):
+        s.fork(at=2, prompt="a red square")
+    assert s.position == s.num_steps and sorted(s.guide_log) == sorted(fork.guide_log)
 
 
 def test_map_resolution_follows_the_paper_or_the_largest():
