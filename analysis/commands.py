@@ -37,8 +37,13 @@ def demo(args) -> int:
 
 
 def evaluate(args) -> int:
-    """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks."""
-    if args.what == "attention":
+    """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks;
+    ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`)."""
+    if args.what == "tasks":
+        from lab.shapes.evaluate_tasks import TASKS, run_task_eval
+        res = run_task_eval(args.n or 200, tasks=args.tasks.split(",") if args.tasks else TASKS, steps=args.steps,
+                            guidance=args.guidance, json_path=args.json, model=args.model)
+    elif args.what == "attention":
         res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json,
                              model=args.model)
     else:
@@ -57,8 +62,10 @@ def register(sub) -> None:
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention"],
-                   help="shapes: the model's bars; attention: word heat maps vs object masks")
+    e.add_argument("what", choices=["shapes", "attention", "tasks"],
+                   help="shapes: the model's bars; attention: word heat maps vs object masks; tasks: the task "
+                        "table's models")
+    e.add_argument("--tasks", default=None, help="eval tasks: which, comma-separated (default: all)")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
     e.add_argument("--steps", type=int, default=30)

@@ -93,7 +93,11 @@ def _sample(args) -> int:
 
 def _train(args) -> int:
     from .shapes import train
-    rows = train.train(args.stage, args.out, preset=args.preset, device=args.device,
+    stage = args.stage
+    if args.task is not None:
+        stage = ",".join(f"task-{t}" for t in args.task.split(",")) if args.stage == "all" else \
+            f"{args.stage},{','.join(f'task-{t}' for t in args.task.split(','))}"
+    rows = train.train(stage, args.out, preset=args.preset, device=args.device,
                        export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
                        seconds=args.seconds, pixel=args.pixel, two_share=args.two_share)
     for r in rows:
@@ -129,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stage", default="all",
                    help="vae | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
                         "or several, comma-separated")
+    t.add_argument("--task", default=None,
+                   help="a model of the lecture's task table (lab.shapes.tasks): inpaint; fine-tunes the UNet of "
+                        "--base (or of --out) for it; with --stage, after those stages")
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])
     t.add_argument("--device", default=None)

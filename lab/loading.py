@@ -145,13 +145,27 @@ def quiet_libraries():
             tlog.enable_progress_bar()
 
 
-def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None):
+def _task_unet(path: Path, task: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+    sub = path / f"unet-{task}"
+    if not (sub / "config.json").exists():
+        have = sorted(p.name.removeprefix("unet-") for p in path.glob("unet-*") if (p / "config.json").exists())
+        raise ModelNotFound(f"{path} has no {task!r} task model (a unet-{task} folder); it has "
+                            f"{have or 'none'}. Train one with `python -m lab train shapes --task {task} --base "
+                            f"{path}`", [str(sub)])
+    with quiet_libraries():
+        return UNet2DConditionModel.from_pretrained(sub, dtype=dtype)
+
+
+def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None, task=None):
     """Load a pipeline into a :class:`lab.Pipeline`.
 
     ``name_or_path``: ``"shapes"`` (bundled), a local diffusers directory (SD 1.x/2.x, SDXL,
     inpainting layouts), or a Hugging Face repo id present in the local cache.
     ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``), a
     ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
+    ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
+    shapes model's ``"inpaint"``, :mod:`lab.shapes.tasks`): its UNet with the directory's other components.
     """
     from diffusers import DiffusionPipeline
 
@@ -165,6 +179,8 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
         extra.update(safety_checker=None, requires_safety_checker=False)
     if "feature_extractor" in index:
         extra["feature_extractor"] = None
+    if task is not None:
+        extra["unet"] = _task_unet(path, task, dt)
     try:
         with quiet_libraries():
             dpipe = DiffusionPipeline.from_pretrained(path, dtype=dt, local_files_only=True, **extra)

@@ -42,9 +42,11 @@ from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
 from . import configs, world
+from .tasks import TASKS, object_boxes
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
+TASK_STAGES = tuple(f"task-{t}" for t in TASKS)  # the task table's models (lab.shapes.tasks), on the text model's UNet
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class Trainer:
                 "caption": d["caption"],
                 **{k: torch.from_numpy(d[k]).to(self.device) for k in ("image", *world.CONDITION_KINDS)},
                 "group_masks": _group_masks(torch.from_numpy(d["object_masks"])).to(self.device),
+                "boxes": object_boxes(d["object_masks"]).to(self.device),
             }
             print(f"[data] {self.preset.n_train} scenes in {time.time() - t0:.1f}s", flush=True)
         return self._data
@@ -621,6 +624,10 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    for task in TASKS:  # the task table's UNets (lab.shapes.tasks), beside the text model's
+        if (src(f"unet-{task}") / "config.json").exists():
+            UNet2DConditionModel.from_pretrained(src(f"unet-{task}"), dtype=torch.float32).to(torch.float16) \
+                .save_pretrained(tmp / f"unet-{task}", safe_serialization=True)
     for kind in kinds:
         net_dir = src(f"controlnet-{kind}")
         if net_dir.exists():
@@ -665,8 +672,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     two-object scenes in the training set (default: the preset's, 0.5 as the world draws)."""
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
-        if s not in STAGES:
-            raise KeyError(f"unknown stage {s!r}; expected one of {STAGES}")
+        if s not in STAGES + TASK_STAGES:
+            raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
         p = replace(p, grounding=grounding)
@@ -685,6 +692,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_vae())
         elif s == "unet":
             out_rows.append(tr.train_unet())
+        elif s in TASK_STAGES:
+            from .tasks import train_task
+            out_rows.append(train_task(tr, s.removeprefix("task-")))
         else:
             out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init))
     if export_to is not None:

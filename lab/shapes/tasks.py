@@ -1,0 +1,178 @@
+"""The lecture's task table on the shapes world (issue 19): one latent diffusion design, other conditions.
+
+Each task model is the text model's UNet fine-tuned to take its task's condition, sharing the shipped VAE (and
+the text encoder where it serves). So far:
+
+=========  =========================================  ============================================================
+task       condition                                  how it enters
+=========  =========================================  ============================================================
+inpaint    a mask and the masked image (and a         concat, SD's 9-channel layout: ``[z_t, mask, E(masked)]``;
+           caption)                                   ``conv_in`` widened with zero-initialised channels
+=========  =========================================  ============================================================
+
+The inpainting UNet is a plain diffusers ``UNet2DConditionModel`` with ``in_channels=9`` (the layout of
+``runwayml/stable-diffusion-inpainting``), so the lab's sampler drives it through its ``Inpainting`` plug-in
+and diffusers' ``StableDiffusionInpaintPipeline`` loads it with the bundled VAE, text encoder and scheduler::
+
+    unet = UNet2DConditionModel.from_pretrained("lab/models/shapes", subfolder="unet-inpaint")
+    pipe = StableDiffusionInpaintPipeline.from_pretrained("lab/models/shapes", unet=unet, safety_checker=None)
+
+Training masks follow SD's inpainting recipe on this world: an object's box grown by 2-6 px (the eval's
+case: redraw what the caption says there), a random rectangle, or, one time in six, the whole image (so the
+model keeps text-to-image); the masked image is the image with the mask's pixels set to 0 (mid-gray in
+[-1, 1]), encoded by the VAE like the latents (``StableDiffusionInpaintPipeline.prepare_mask_latents``).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import configs, world
+
+TASKS = ("inpaint",)
+EXTRA_CHANNELS = {"inpaint": 5}  # concat tasks: channels appended to the 4 latent channels
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
+    return task
+
+
+def object_boxes(object_masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``[n, MAX_OBJECTS, H, W]`` bool -> ``[n, MAX_OBJECTS, 4]`` int16 boxes ``(x0, y0, x1, y1)``, exclusive
+    ends; ``-1`` rows for a missing object."""
+    m = torch.as_tensor(object_masks)
+    rows = m.any(3)  # [n, k, H]: rows with pixels
+    cols = m.any(2)  # [n, k, W]
+    ar = torch.arange(m.shape[-1])
+
+    def first_last(v):
+        has = v.any(-1)
+        first = torch.where(v, ar, m.shape[-1]).amin(-1)
+        last = torch.where(v, ar, -1).amax(-1) + 1
+        return first, last, has
+
+    y0, y1, has = first_last(rows)
+    x0, x1, _ = first_last(cols)
+    out = torch.stack([x0, y0, x1, y1], -1).to(torch.int16)
+    out[~has] = -1
+    return out
+
+
+def inpaint_masks(boxes: torch.Tensor, g: torch.Generator, *, size: int = world.SIZE,
+                  p_object: float = 0.6, p_full: float = 1 / 6) -> torch.Tensor:
+    """One training mask per scene, ``[b, 1, size, size]`` float (1: repaint): with ``p_object`` an object's
+    box grown by 2-6 px, with ``p_full`` the whole image, else a random rectangle of 12-44 px a side."""
+    b = len(boxes)
+    dev = boxes.device
+    u = torch.rand(b, generator=g, device=dev)
+    pick = torch.randint(0, 2, (b,), generator=g, device=dev)
+    present = boxes[:, :, 0] >= 0  # [b, k]
+    pick = torch.where(present[torch.arange(b, device=dev), pick], pick, 0)
+    box = boxes[torch.arange(b, device=dev), pick].float()  # [b, 4]
+    grow = torch.randint(2, 7, (b, 1), generator=g, device=dev).float()
+    obj = torch.cat([box[:, :2] - grow, box[:, 2:] + grow], 1)
+    side = torch.randint(12, 45, (b, 2), generator=g, device=dev).float()
+    corner = torch.rand(b, 2, generator=g, device=dev) * (size - side)
+    rect = torch.cat([corner, corner + side], 1)
+    full = torch.tensor([0.0, 0.0, size, size], device=dev).expand(b, 4)
+    chosen = torch.where((u < p_object)[:, None], obj, torch.where((u < p_object + p_full)[:, None], full, rect))
+    return box_masks(chosen, size)
+
+
+def box_masks(boxes: torch.Tensor, size: int = world.SIZE) -> torch.Tensor:
+    """``[b, 4]`` boxes ``(x0, y0, x1, y1)`` in pixels -> ``[b, 1, size, size]`` float masks (clipped)."""
+    ar = torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5
+    inx = (ar[None] >= boxes[:, 0:1]) & (ar[None] < boxes[:, 2:3])  # [b, W]
+    iny = (ar[None] >= boxes[:, 1:2]) & (ar[None] < boxes[:, 3:4])  # [b, H]
+    return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
+
+
+def widen_conv_in(unet, extra: int):
+    """A copy of ``unet`` whose ``conv_in`` takes ``extra`` more input channels, zero-initialised, so the new
+    model computes exactly what ``unet`` did until training gives the new channels weight (how SD's
+    inpainting and x4 upscaler UNets were started from SD)."""
+    from diffusers import UNet2DConditionModel
+    cfg = dict(unet.config)
+    cfg["in_channels"] = unet.config.in_channels + extra
+    new = UNet2DConditionModel.from_config(cfg).to(unet.device, unet.dtype)
+    state = copy.deepcopy(unet.state_dict())
+    w = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], 1)
+    new.load_state_dict(state)
+    return new
+
+
+def inpaint_inputs(vae, images_u8: torch.Tensor, masks: torch.Tensor, scale: float,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5 concat channels of SD's inpainting UNet for a batch: the mask at latent resolution (nearest, as
+    ``prepare_mask_latents``) and the VAE latents (sampled, scaled) of the image with the mask's pixels at 0."""
+    x = images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    masked = x * (masks < 0.5)
+    with torch.no_grad():
+        z = vae.encode(masked).latent_dist.sample(g) * scale
+    m = F.interpolate(masks, size=z.shape[-2:])
+    return m, z
+
+
+def train_task(tr, task: str) -> dict:
+    """Fine-tune the text model's UNet (``tr``'s ``unet``: this run's own, else its base's) for ``task`` on
+    ``tr``'s data, the text encoder and the VAE frozen; EMA weights to ``tr.out / f"unet-{task}"``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .train import _autocast
+
+    check_task(task)
+    p = tr.preset
+    stage = f"task-{task}"
+    scale, mean, std = tr._latent_stats(tr._component("vae"))
+    vae = AutoencoderKL.from_pretrained(tr._component("vae"), dtype=torch.float32).to(tr.device).eval()
+    vae.requires_grad_(False)
+    text = CLIPTextModel.from_pretrained(tr._component("text_encoder"), dtype=torch.float32).to(tr.device).eval()
+    text.requires_grad_(False)
+    base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(tr.device)
+    unet = widen_conv_in(base, EXTRA_CHANNELS[task]).train()
+    del base
+    ids = tr._token_ids(tr.data["caption"])
+    empty = tr._token_ids([""])[0]
+    boxes = tr.data["boxes"]
+    images = tr.data["image"]
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
+    abar = sched.alphas_cumprod.to(tr.device)
+    torch.manual_seed(tr.seed + 6)
+    g = tr._generator(tr.seed + 7)
+
+    def step_fn():
+        idx = tr._batch_idx(g, p.unet_batch)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=tr.device)) * scale
+        tok = ids[idx].clone()
+        tok[torch.rand(len(idx), generator=g, device=tr.device) < 0.1] = empty
+        masks = inpaint_masks(boxes[idx], g)
+        m, zm = inpaint_inputs(vae, images[idx], masks, scale, g)
+        eps = torch.randn(z0.shape, generator=g, device=tr.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=tr.device)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        with torch.no_grad(), _autocast(tr.device):
+            cond = text(tok).last_hidden_state
+        with _autocast(tr.device):
+            pred = unet(torch.cat([zt, m, zm], 1), t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred.float(), eps), {}
+
+    def state():
+        return {"unet": unet.state_dict(), "ema": ema.state_dict()}
+
+    def load(ck):
+        unet.load_state_dict(ck["unet"])
+        ema.load_state_dict(ck["ema"])
+
+    summary = tr._loop_with_ema(stage, list(unet.parameters()), p.unet_seconds, p.unet_lr, step_fn, state, load, g,
+                                [(ema, unet)])
+    ema.save_pretrained(tr.out / f"unet-{task}")
+    return summary

@@ -1,0 +1,89 @@
+"""The lecture's task table on the shapes world (issue 19): task models as real diffusers UNets on the text
+model's, trained by ``python -m lab train shapes --task NAME``, loaded by ``lab.load(..., task=NAME)`` and by
+plain diffusers, driven by the lab's sampler."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lab
+from lab.errors import ModelNotFound
+from lab.loading import BUNDLED
+from lab.shapes import tasks, train, world
+from lab.shapes.evaluate_tasks import inpaint_case
+
+
+def test_object_boxes_and_training_masks():
+    d = world.generate(16, seed=0)
+    boxes = tasks.object_boxes(d["object_masks"])
+    for i in range(16):
+        for k in range(world.MAX_OBJECTS):
+            m = d["object_masks"][i, k]
+            if not m.any():
+                assert boxes[i, k].tolist() == [-1, -1, -1, -1]
+                continue
+            ys, xs = np.nonzero(m)
+            assert boxes[i, k].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    g = torch.Generator().manual_seed(0)
+    masks = tasks.inpaint_masks(boxes.repeat(40, 1, 1), g)
+    share = masks.mean((1, 2, 3))
+    assert masks.shape == (640, 1, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert 0.1 < float((share == 1).float().mean()) < 0.25  # the whole image one time in six
+    # an object's mask covers that object: for the masks that are neither full nor random, some object is inside
+    covered = [any(bool((masks[i, 0][d["object_masks"][i % 16, k]] == 1).all())
+                   for k in range(2) if d["object_masks"][i % 16, k].any()) for i in range(640)]
+    assert np.mean(covered) > 0.6
+
+
+def test_widened_conv_in_computes_what_the_text_unet_did():
+    from diffusers import UNet2DConditionModel
+    base = UNet2DConditionModel.from_pretrained(BUNDLED["shapes"], subfolder="unet")
+    wide = tasks.widen_conv_in(base, 5)
+    assert wide.config.in_channels == 9 and wide.conv_in.weight.shape[1] == 9
+    z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 32, 128)
+    extra = torch.randn(2, 5, 16, 16)
+    with torch.no_grad():
+        ref = base(z, t, encoder_hidden_states=ctx).sample
+        out = wide(torch.cat([z, extra], 1), t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_inpaint_task_trains_exports_and_loads_both_ways(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    rows = train.train("task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["stage"] == "task-inpaint" and rows[0]["steps"] == 3
+    assert rows[0]["final_loss"] < 0.5  # a fine-tune of the converged text UNet, not a fresh one (~1)
+    model = tmp_path / "model"
+    assert (model / "unet-inpaint" / "diffusion_pytorch_model.safetensors").exists()
+    pipe = lab.load(model, task="inpaint")
+    assert pipe.kind == "inpaint" and pipe.unet.config.in_channels == 9
+    case = inpaint_case(400, 1)
+    from PIL import Image
+    image, mask = Image.fromarray(case["image"]), Image.fromarray(case["mask"].astype(np.uint8) * 255)
+    run = pipe.sampler(case["caption"], image=image, mask_image=mask, steps=4, guidance=5.0, scheduler="ddim",
+                       seed=0, progress=False).run()
+    # the documented plain-diffusers line loads the same UNet beside the bundled components and samples the
+    # same image from the same noise
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet-inpaint")
+    sd = StableDiffusionInpaintPipeline.from_pretrained(model, unet=unet, safety_checker=None,
+                                                       requires_safety_checker=False)
+    sd.scheduler = type(pipe.scheduler).from_config(sd.scheduler.config)
+    ref = sd(case["caption"], image=image, mask_image=mask, num_inference_steps=4, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ours = np.asarray(run.image).astype(np.float32) / 255
+    assert np.abs(ours - ref).max() < 2 / 255
+    # the CLI names it too
+    from lab.cli import build_parser
+    args = build_parser().parse_args(["train", "shapes", "--task", "inpaint", "--base", str(model)])
+    assert args.task == "inpaint"
+
+
+def test_task_errors_name_what_exists():
+    with pytest.raises(KeyError, match="unknown task 'class'"):
+        tasks.check_task("class")
+    with pytest.raises(KeyError, match="unknown stage"):
+        train.train("task-zebra", "/tmp/unused", preset="smoke", progress=False)
+    with pytest.raises(ModelNotFound, match="no 'zebra' task model"):
+        lab.load("shapes", task="zebra")
