@@ -154,7 +154,17 @@ def _task_unet(path: Path, task: str, dtype: torch.dtype):
                             f"{have or 'none'}. Train one with `python -m lab train shapes --task {task} --base "
                             f"{path}`", [str(sub)])
     with quiet_libraries():
-        return UNet2DConditionModel.from_pretrained(sub, dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(sub, dtype=dtype)
+    out = {"unet": unet}
+    if unet.config.num_class_embeds and unet.config.in_channels == unet.config.out_channels + 3:
+        # SD's x4 upscaler layout: the low-res image is noised by a scheduler of its own (StableDiffusionUpscalePipeline)
+        from diffusers import DDPMScheduler
+        lrs = path / "low_res_scheduler"
+        if not (lrs / "scheduler_config.json").exists():
+            raise IncompleteModel(f"the {task!r} model is an upscaler and needs {lrs}/scheduler_config.json",
+                                  [str(lrs)])
+        out["low_res_scheduler"] = DDPMScheduler.from_pretrained(lrs)
+    return out
 
 
 def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None, task=None):
@@ -165,7 +175,8 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
     ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``), a
     ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
     ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
-    shapes model's ``"inpaint"``, :mod:`lab.shapes.tasks`): its UNet with the directory's other components.
+    shapes model's ``"inpaint"`` and ``"sr"``, :mod:`lab.shapes.tasks`): its UNet with the directory's other
+    components (and an upscaler's ``low_res_scheduler`` folder).
     """
     from diffusers import DiffusionPipeline
 
@@ -179,8 +190,10 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
         extra.update(safety_checker=None, requires_safety_checker=False)
     if "feature_extractor" in index:
         extra["feature_extractor"] = None
+    task_parts = {}
     if task is not None:
-        extra["unet"] = _task_unet(path, task, dt)
+        task_parts = _task_unet(path, task, dt)
+        extra["unet"] = task_parts.pop("unet")
     try:
         with quiet_libraries():
             dpipe = DiffusionPipeline.from_pretrained(path, dtype=dt, local_files_only=True, **extra)
@@ -198,7 +211,7 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
             key = Path(key).name if os.path.sep in key else key
             with quiet_libraries():
                 nets[key] = load_controlnet(spec, path, dt)
-    components = dict(dpipe.components)
+    components = {**dpipe.components, **task_parts}  # what the task's pipeline class has beyond the model index
     if "controlnet" in components:  # a StableDiffusionControlNetPipeline directory
         cn = components.pop("controlnet")
         if cn is not None and not nets:

@@ -33,11 +33,14 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def _helper_class(components: dict):
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline,
+                           StableDiffusionXLPipeline)
     if components.get("text_encoder_2") is not None or components.get("tokenizer_2") is not None:
         return "sdxl", StableDiffusionXLPipeline
     if components["unet"].config.in_channels == 9:
         return "inpaint", StableDiffusionInpaintPipeline
+    if components.get("low_res_scheduler") is not None:  # SD's x4 upscaler layout: [z_t, noised low-res image]
+        return "upscale", StableDiffusionUpscalePipeline
     return "sd", StableDiffusionPipeline
 
 
@@ -46,7 +49,7 @@ class Pipeline:
 
     Attributes: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2`` for SDXL), ``tokenizer``,
     ``scheduler`` (the default one; samplers copy it), ``controlnets`` (dict name -> ControlNetModel),
-    ``kind`` (``"sd"``, ``"sdxl"`` or ``"inpaint"``), ``diffusers`` (the diffusers pipeline sharing
+    ``kind`` (``"sd"``, ``"sdxl"``, ``"inpaint"`` or ``"upscale"``), ``diffusers`` (the diffusers pipeline sharing
     these modules, used for its helpers and for equivalence checks).
     """
 
@@ -55,6 +58,8 @@ class Pipeline:
         self.kind, helper_cls = _helper_class(components)
         params = inspect.signature(helper_cls.__init__).parameters
         kwargs = {k: components.get(k) for k in params if k not in ("self", "requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")}
+        if "max_noise_level" in kwargs and kwargs["max_noise_level"] is None:  # a config value, not a module
+            kwargs["max_noise_level"] = params["max_noise_level"].default
         if "requires_safety_checker" in params:
             kwargs["requires_safety_checker"] = False
         if "add_watermarker" in params:
@@ -62,7 +67,12 @@ class Pipeline:
         for opt in ("safety_checker", "feature_extractor", "image_encoder"):
             if opt in kwargs:
                 kwargs[opt] = components.get(opt)
+        vae_scale = kwargs["vae"].config.scaling_factor if kwargs.get("vae") is not None else None
         self.diffusers = helper_cls(**kwargs)
+        if self.kind == "upscale" and vae_scale is not None:
+            # StableDiffusionUpscalePipeline sets the VAE's scaling factor to SD's upscaler's 0.08333 (that VAE's
+            # latents needed it); a model trained on its own VAE's factor keeps that one
+            self.vae.register_to_config(scaling_factor=vae_scale)
         self.diffusers.set_progress_bar_config(disable=True)
         self.components = components
         self.controlnets = dict(controlnets or {})

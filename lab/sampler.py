@@ -60,7 +60,8 @@ class Sampler:
     name of ``lab.SCHEDULERS`` or a diffusers scheduler; default the model's own), ``seed`` (seeds a CPU
     ``torch.Generator``: portable) or ``generator``, ``height``/``width`` (multiples of the VAE factor),
     ``batch`` (images per prompt), ``eta`` (DDIM), ``control`` (:func:`lab.conditioning.normalise_controls`),
-    ``image``/``mask_image``/``strength`` (inpainting), ``prompt_2``/``negative_prompt_2`` and ``original_size``,
+    ``image``/``mask_image``/``strength`` (inpainting), ``image``/``noise_level`` (an upscaler's low-res image
+    and its noise augmentation), ``prompt_2``/``negative_prompt_2`` and ``original_size``,
     ``crops_coords_top_left``, ``target_size`` with their ``negative_`` forms (SDXL, as diffusers),
     ``class_labels``/``null_class`` (a class embedding), ``conditioning`` (more :mod:`lab.conditioning` plug-ins),
     ``recorders`` (``bind(ctx)``, :mod:`lab.recording`), ``progress`` (tqdm in :meth:`run`), ``check_finite``
@@ -76,7 +77,8 @@ class Sampler:
                  null_class=None, guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=None,
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, conditioning=(), recorders=(), progress: bool = True,
-                 check_finite: bool | str = True, memory_limit: int | bool | None = None, guides=()):
+                 check_finite: bool | str = True, memory_limit: int | bool | None = None, guides=(),
+                 noise_level: int = 20):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "pipe")}
         check_memory_limit(memory_limit)
         guides = check_guides(guides)
@@ -88,7 +90,7 @@ class Sampler:
                                negative_prompt_2=negative_prompt_2, batch=batch, height=settings["height"],
                                width=settings["width"], control=control, image=image, mask_image=mask_image,
                                strength=strength, class_labels=class_labels, null_class=null_class,
-                               extra=conditioning, **{k: self._args[k] for k in MICRO_KEYS})
+                               extra=conditioning, noise_level=noise_level, **{k: self._args[k] for k in MICRO_KEYS})
         generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         sched = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         self._scheduler0 = type(sched).from_config(sched.config)  # the recipe's: a name may mean another config later

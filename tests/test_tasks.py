@@ -80,6 +80,42 @@ def test_inpaint_task_trains_exports_and_loads_both_ways(tmp_path):
     assert args.task == "inpaint"
 
 
+def test_sr_task_trains_exports_and_loads_both_ways(tmp_path):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from PIL import Image
+    rows = train.train("task-sr", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["stage"] == "task-sr" and rows[0]["final_loss"] < 0.5
+    model = tmp_path / "model"
+    pipe = lab.load(model, task="sr")
+    assert pipe.kind == "upscale" and pipe.unet.config.in_channels == 7
+    assert pipe.unet.config.num_class_embeds == tasks.MAX_NOISE_LEVEL + 1
+    own_scale = AutoencoderKL.load_config(model / "vae")["scaling_factor"]
+    assert pipe.vae.config.scaling_factor == own_scale  # not the SD upscaler's 0.08333
+    ex = world.make_example(500, 2, split="heldout")
+    low = tasks.low_res(torch.from_numpy(ex["image"][None]))
+    low = Image.fromarray(((low[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    run = pipe.sampler(ex["caption"], image=low, noise_level=30, steps=4, guidance=5.0, scheduler="ddim", seed=1,
+                       progress=False).run()
+    assert run.image.size == (64, 64) and run.settings["conditioning"][-1]["noise_level"] == 30
+    # the documented plain-diffusers lines: the same sample from the same seed
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet-sr")
+    lrs = DDPMScheduler.from_pretrained(model, subfolder="low_res_scheduler")
+    sd = StableDiffusionUpscalePipeline.from_pretrained(model, unet=unet, low_res_scheduler=lrs)
+    sd.vae.register_to_config(scaling_factor=own_scale)
+    sd.scheduler = type(pipe.scheduler).from_config(sd.scheduler.config)
+    ref = sd(ex["caption"], image=low, noise_level=30, num_inference_steps=4, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    assert np.abs(np.asarray(run.image).astype(np.float32) / 255 - ref).max() < 2 / 255
+    # what an upscaler cannot take is refused before any step
+    with pytest.raises(ValueError, match="upscales a 16x16 image"):
+        pipe.sampler(ex["caption"], image=Image.fromarray(ex["image"]), progress=False)
+    with pytest.raises(ValueError, match="noise_level must be an integer in"):
+        pipe.sampler(ex["caption"], image=low, noise_level=351, progress=False)
+    with pytest.raises(ValueError, match="needs image="):
+        pipe.sampler(ex["caption"], progress=False)
+
+
 def test_task_errors_name_what_exists():
     with pytest.raises(KeyError, match="unknown task 'class'"):
         tasks.check_task("class")

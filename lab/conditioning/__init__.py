@@ -2,7 +2,8 @@
 
     text.py        Text         prompts -> cross-attention (SD, SDXL pooled embeddings and time ids)
     classes.py     ClassLabel   class label -> the UNet's class embedding, a null class for guidance
-    concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout)
+    concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout), Upscale
+                                (SD's x4 upscaler: the noised low-res image, its noise level as class label)
     controlnet.py  ControlNet   residuals of one ControlNet (Control: net, image, scale, window, modes)
     base.py        the contract: Setup, UNetInputs, StepInfo, Conditioning
 
@@ -16,24 +17,28 @@ import torch
 from ..schedulers import set_timesteps
 from .base import Conditioning, Setup, StepInfo, UNetInputs
 from .classes import ClassLabel
-from .concat import Concat, Inpainting
+from .concat import Concat, Inpainting, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
 
 __all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "MODES", "STOP_WORDS",
-           "Setup", "StepInfo", "Text", "UNetInputs", "change", "condition_tensor", "content_words", "control_grid",
+           "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
 
 def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch, height, width, control, image,
-            mask_image, strength, class_labels=None, null_class=None, extra=(), **micro) -> list[Conditioning]:
+            mask_image, strength, class_labels=None, null_class=None, extra=(), noise_level=20,
+            **micro) -> list[Conditioning]:
     """The plug-ins of a sampler, in the order they apply: text (owns the batch), class label, concat kinds,
     extra ones, then ControlNets (they read the text embeddings and the latents without concat channels).
     ``micro``: SDXL's size conditioning (:data:`lab.conditioning.text.MICRO_KEYS`)."""
     if pipe.kind == "inpaint" and (image is None or mask_image is None):
         raise ValueError("an inpainting model needs image= and mask_image=")
-    if pipe.kind != "inpaint" and (image is not None or mask_image is not None):
-        raise ValueError(f"image=/mask_image= need an inpainting UNet (9 input channels); this is {pipe.kind!r}")
+    if pipe.kind == "upscale" and (image is None or mask_image is not None):
+        raise ValueError("an upscaler needs image= (the low-res image) and takes no mask_image=")
+    if pipe.kind not in ("inpaint", "upscale") and (image is not None or mask_image is not None):
+        raise ValueError(f"image=/mask_image= need an inpainting UNet (9 input channels) or an upscaler; this is "
+                         f"{pipe.kind!r}")
     extra = list(extra)
     bad = [p for p in extra if not isinstance(p, Conditioning)]
     if bad:
@@ -44,6 +49,8 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
         out.append(ClassLabel(class_labels, null_class))
     if pipe.kind == "inpaint":
         out.append(Inpainting(image, mask_image, strength))
+    if pipe.kind == "upscale":
+        out.append(Upscale(image, noise_level))
     out += extra
     nets = [ControlNet(c) for c in normalise_controls(control, pipe)]
     for p in nets:  # the condition images are checked now, before the text encoder runs

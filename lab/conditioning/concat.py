@@ -60,3 +60,50 @@ class Inpainting(Concat):
 
     def describe(self) -> dict:
         return {**super().describe(), "strength": self.strength}
+
+
+class Upscale(Concat):
+    """SD's x4 upscaler conditioning (``StableDiffusionUpscalePipeline``): the low-res image, noised to
+    ``noise_level`` by the model's own ``low_res_scheduler``, as 3 extra input channels at the latent size, and
+    the noise level as the UNet's class label (both guidance halves). The low-res image is the latent size:
+    a ``height`` x ``width`` sample takes a ``height / f`` x ``width / f`` image (f the VAE factor, 4 for SD's
+    upscaler and for the shapes world)."""
+
+    kind = "upscale"
+
+    def __init__(self, image, noise_level: int = 20):
+        super().__init__()
+        self.image, self.noise_level = image, noise_level
+        self._labels = None
+
+    def setup(self, s: Setup) -> None:
+        pipe, dp, layout = s.pipe, s.helper, s.layout
+        top = dp.config.max_noise_level
+        if isinstance(self.noise_level, bool) or not isinstance(self.noise_level, int) or \
+                not 0 <= self.noise_level <= top:
+            raise ValueError(f"noise_level must be an integer in [0, {top}] (the model's max_noise_level), "
+                             f"got {self.noise_level!r}")
+        f = pipe.vae_scale_factor
+        h, w = s.settings["height"] // f, s.settings["width"] // f
+        low = dp.image_processor.preprocess(self.image).to(s.device, s.dtype)
+        if tuple(low.shape[-2:]) != (h, w):
+            raise ValueError(f"the low-res image is {low.shape[-1]}x{low.shape[-2]}; a {s.settings['width']}x"
+                             f"{s.settings['height']} sample upscales a {w}x{h} image (the latent size, 1/{f})")
+        if len(low) not in (1, layout.n_prompts):
+            raise ValueError(f"{len(low)} low-res images for {layout.n_prompts} prompts: give one, or one per prompt")
+        from diffusers.utils.torch_utils import randn_tensor
+        level = torch.tensor([self.noise_level], dtype=torch.long, device=s.device)
+        noise = randn_tensor(low.shape, generator=s.generator, device=s.device, dtype=s.dtype)
+        low = pipe.components["low_res_scheduler"].add_noise(low, noise, level)  # as the pipeline, before latents
+        low = low.expand(layout.n_prompts, -1, -1, -1).repeat_interleave(layout.per_prompt, 0)
+        self.channels = (torch.cat([low] * 2) if layout.cfg else low,)
+        self._labels = level.repeat(self.channels[0].shape[0])
+        s.latents = dp.prepare_latents(layout.batch, pipe.vae.config.latent_channels, h, w, s.dtype, s.device,
+                                       s.generator)
+
+    def apply(self, x: UNetInputs, step: StepInfo) -> None:
+        super().apply(x, step)
+        x.class_labels = self._labels
+
+    def describe(self) -> dict:
+        return {**super().describe(), "noise_level": self.noise_level}

@@ -8,6 +8,9 @@ task       condition                                  how it enters
 =========  =========================================  ============================================================
 inpaint    a mask and the masked image (and a         concat, SD's 9-channel layout: ``[z_t, mask, E(masked)]``;
            caption)                                   ``conv_in`` widened with zero-initialised channels
+sr         a 16x16 image (and a caption), noised to   concat, SD's x4 upscaler layout: ``[z_t, noised low-res]``
+           a random level, the level as class label   (7 channels), the level through a zero-initialised class
+                                                      embedding (``num_class_embeds = max_noise_level + 1``)
 =========  =========================================  ============================================================
 
 The inpainting UNet is a plain diffusers ``UNet2DConditionModel`` with ``in_channels=9`` (the layout of
@@ -16,6 +19,19 @@ and diffusers' ``StableDiffusionInpaintPipeline`` loads it with the bundled VAE,
 
     unet = UNet2DConditionModel.from_pretrained("lab/models/shapes", subfolder="unet-inpaint")
     pipe = StableDiffusionInpaintPipeline.from_pretrained("lab/models/shapes", unet=unet, safety_checker=None)
+
+The upscaler is ``StableDiffusionUpscalePipeline``'s layout (f=4 makes the shapes VAE's latent grid the 16x16
+low-res image's, as SD's upscaler VAE does for its x4): diffusers loads it with the ``low_res_scheduler``
+folder, then the VAE's own scaling factor must be put back (that pipeline's constructor sets SD upscaler's
+0.08333, which our VAE's latents do not need)::
+
+    unet = UNet2DConditionModel.from_pretrained("lab/models/shapes", subfolder="unet-sr")
+    lrs = DDPMScheduler.from_pretrained("lab/models/shapes", subfolder="low_res_scheduler")
+    pipe = StableDiffusionUpscalePipeline.from_pretrained("lab/models/shapes", unet=unet, low_res_scheduler=lrs)
+    pipe.vae.register_to_config(scaling_factor=AutoencoderKL.load_config("lab/models/shapes/vae")["scaling_factor"])
+
+The low-res training images are the scenes area-averaged to 16x16 and noised by the low-res scheduler to a
+level drawn uniformly from [0, 350] (SD's ``max_noise_level``); sampling uses 20, the pipeline's default.
 
 Training masks follow SD's inpainting recipe on this world: an object's box grown by 2-6 px (the eval's
 case: redraw what the caption says there), a random rectangle, or, one time in six, the whole image (so the
@@ -32,8 +48,11 @@ import torch.nn.functional as F
 
 from . import configs, world
 
-TASKS = ("inpaint",)
-EXTRA_CHANNELS = {"inpaint": 5}  # concat tasks: channels appended to the 4 latent channels
+TASKS = ("inpaint", "sr")
+EXTRA_CHANNELS = {"inpaint": 5, "sr": 3}  # concat tasks: channels appended to the 4 latent channels
+MAX_NOISE_LEVEL = 350  # the upscaler's noise augmentation levels (StableDiffusionUpscalePipeline's default)
+LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+SR_FACTOR = 4  # 64x64 from 16x16
 
 
 def check_task(task: str) -> str:
@@ -92,19 +111,35 @@ def box_masks(boxes: torch.Tensor, size: int = world.SIZE) -> torch.Tensor:
     return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
 
 
-def widen_conv_in(unet, extra: int):
+def widen_conv_in(unet, extra: int, num_class_embeds: int | None = None):
     """A copy of ``unet`` whose ``conv_in`` takes ``extra`` more input channels, zero-initialised, so the new
     model computes exactly what ``unet`` did until training gives the new channels weight (how SD's
-    inpainting and x4 upscaler UNets were started from SD)."""
+    inpainting and x4 upscaler UNets were started from SD). ``num_class_embeds``: also a class embedding
+    (added to the time embedding), zero-initialised for the same reason."""
     from diffusers import UNet2DConditionModel
     cfg = dict(unet.config)
     cfg["in_channels"] = unet.config.in_channels + extra
+    if num_class_embeds is not None:
+        cfg["num_class_embeds"] = num_class_embeds
     new = UNet2DConditionModel.from_config(cfg).to(unet.device, unet.dtype)
     state = copy.deepcopy(unet.state_dict())
     w = state["conv_in.weight"]
     state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], 1)
+    if num_class_embeds is not None:
+        state["class_embedding.weight"] = torch.zeros_like(new.class_embedding.weight)
     new.load_state_dict(state)
     return new
+
+
+def low_res(images_u8: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, H, W, 3]`` scenes -> ``[B, 3, H/4, W/4]`` in [-1, 1], area-averaged: the upscaler's input."""
+    x = images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return F.avg_pool2d(x, SR_FACTOR)
+
+
+def low_res_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(**LOW_RES_SCHEDULER)
 
 
 def inpaint_inputs(vae, images_u8: torch.Tensor, masks: torch.Tensor, scale: float,
@@ -136,8 +171,10 @@ def train_task(tr, task: str) -> dict:
     text = CLIPTextModel.from_pretrained(tr._component("text_encoder"), dtype=torch.float32).to(tr.device).eval()
     text.requires_grad_(False)
     base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(tr.device)
-    unet = widen_conv_in(base, EXTRA_CHANNELS[task]).train()
+    unet = widen_conv_in(base, EXTRA_CHANNELS[task],
+                         num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
     del base
+    lrs = low_res_scheduler()
     ids = tr._token_ids(tr.data["caption"])
     empty = tr._token_ids([""])[0]
     boxes = tr.data["boxes"]
@@ -153,8 +190,15 @@ def train_task(tr, task: str) -> dict:
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=tr.device)) * scale
         tok = ids[idx].clone()
         tok[torch.rand(len(idx), generator=g, device=tr.device) < 0.1] = empty
-        masks = inpaint_masks(boxes[idx], g)
-        m, zm = inpaint_inputs(vae, images[idx], masks, scale, g)
+        labels = None
+        if task == "inpaint":
+            masks = inpaint_masks(boxes[idx], g)
+            extra = list(inpaint_inputs(vae, images[idx], masks, scale, g))
+        else:  # sr: the low-res scene, noised to a random level (the level is the class label)
+            low = low_res(images[idx])
+            labels = torch.randint(0, MAX_NOISE_LEVEL + 1, (len(idx),), generator=g, device=tr.device)
+            noise = torch.randn(low.shape, generator=g, device=tr.device)
+            extra = [lrs.add_noise(low, noise, labels.cpu()).to(tr.device)]
         eps = torch.randn(z0.shape, generator=g, device=tr.device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=tr.device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -162,7 +206,7 @@ def train_task(tr, task: str) -> dict:
         with torch.no_grad(), _autocast(tr.device):
             cond = text(tok).last_hidden_state
         with _autocast(tr.device):
-            pred = unet(torch.cat([zt, m, zm], 1), t, encoder_hidden_states=cond).sample
+            pred = unet(torch.cat([zt, *extra], 1), t, encoder_hidden_states=cond, class_labels=labels).sample
         return F.mse_loss(pred.float(), eps), {}
 
     def state():
@@ -175,4 +219,6 @@ def train_task(tr, task: str) -> dict:
     summary = tr._loop_with_ema(stage, list(unet.parameters()), p.unet_seconds, p.unet_lr, step_fn, state, load, g,
                                 [(ema, unet)])
     ema.save_pretrained(tr.out / f"unet-{task}")
+    if task == "sr":
+        lrs.save_pretrained(tr.out / "low_res_scheduler")
     return summary

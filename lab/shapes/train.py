@@ -628,6 +628,8 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
         if (src(f"unet-{task}") / "config.json").exists():
             UNet2DConditionModel.from_pretrained(src(f"unet-{task}"), dtype=torch.float32).to(torch.float16) \
                 .save_pretrained(tmp / f"unet-{task}", safe_serialization=True)
+    if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
+        shutil.copytree(src("low_res_scheduler"), tmp / "low_res_scheduler")
     for kind in kinds:
         net_dir = src(f"controlnet-{kind}")
         if net_dir.exists():
