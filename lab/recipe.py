@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conditioning.concat import SemanticMap
 from .conditioning.controlnet import Control
 from .guidance import AttendAndExcite
 from .recording import AttentionRecorder, ReplaceAttention, ResidualRecorder, Reweight
 
 VERSION = 1
 RECORDERS = {"AttentionRecorder": AttentionRecorder, "ResidualRecorder": ResidualRecorder}
+PLUGINS = {"SemanticMap": (SemanticMap, ("maps",))}  # lab's plug-ins for conditioning=, and their arguments
 PIL_MODES = ("RGB", "RGBA", "L", "LA", "1", "I", "F")  # modes Image.fromarray gives back from their arrays
 
 
@@ -92,6 +94,9 @@ class _Encoder:
             if v.mode not in PIL_MODES:
                 return self.refuse(f"{where}: a PIL image in mode {v.mode!r} (store it as RGB or an array)")
             return self.array(np.asarray(v), kind="pil", mode=v.mode)
+        if type(v).__name__ in PLUGINS and type(v) is PLUGINS[type(v).__name__][0]:
+            return {"$": "conditioning", "class": type(v).__name__,
+                    "args": {a: self(getattr(v, a), f"{where}.{a}") for a in PLUGINS[type(v).__name__][1]}}
         if isinstance(v, Control):
             return {"$": "control", **{f.name: self(getattr(v, f.name), f"{where}.{f.name}") for f in fields(v)}}
         from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -164,6 +169,8 @@ def decode(spec: dict, arrays: dict[str, np.ndarray]) -> Recipe:
             if v["kind"] == "torch":
                 return torch.from_numpy(a.copy()).to(getattr(torch, v["dtype"]))
             return a.copy()
+        if tag == "conditioning" and v["class"] in PLUGINS:
+            return PLUGINS[v["class"]][0](**{k: dec(x) for k, x in v["args"].items()})
         if tag == "control":
             return Control(**{k: dec(x) for k, x in v.items() if k != "$"})
         if tag == "scheduler":

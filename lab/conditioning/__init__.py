@@ -3,7 +3,8 @@
     text.py        Text         prompts -> cross-attention (SD, SDXL pooled embeddings and time ids)
     classes.py     ClassLabel   class label -> the UNet's class embedding, a null class for guidance
     concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout), Upscale
-                                (SD's x4 upscaler: the noised low-res image, its noise level as class label)
+                                (SD's x4 upscaler: the noised low-res image, its noise level as class label),
+                                SemanticMap (class probabilities at the latent grid: LDM's semantic synthesis)
     controlnet.py  ControlNet   residuals of one ControlNet (Control: net, image, scale, window, modes)
     base.py        the contract: Setup, UNetInputs, StepInfo, Conditioning
 
@@ -17,12 +18,12 @@ import torch
 from ..schedulers import set_timesteps
 from .base import Conditioning, Setup, StepInfo, UNetInputs
 from .classes import ClassLabel
-from .concat import Concat, Inpainting, Upscale
+from .concat import Concat, Inpainting, SemanticMap, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
 
 __all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "MODES", "STOP_WORDS",
-           "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
+           "SemanticMap", "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
 
@@ -68,11 +69,17 @@ def prepare(pipe, settings: dict, plugins: list, generator, scheduler) -> Setup:
         s.timesteps = set_timesteps(scheduler, settings["steps"], device=pipe.device)
         for p in plugins[1:]:
             p.setup(s)
+        extra = sum(int(c.shape[1]) for p in plugins if isinstance(p, Concat) for c in p.channels)
+        latent_channels = pipe.vae.config.latent_channels
+        if latent_channels + extra != pipe.unet.config.in_channels:
+            kinds = [p.kind for p in plugins if isinstance(p, Concat)]
+            raise ValueError(f"this UNet takes {pipe.unet.config.in_channels} input channels: {latent_channels} "
+                             f"latent channels and {pipe.unet.config.in_channels - latent_channels} concatenated "
+                             f"ones, but the conditioning gives {extra} ({kinds or 'no concat plug-in'}); pass the "
+                             "model's concat conditioning (e.g. conditioning=[lab.conditioning.SemanticMap(...)])")
         if s.latents is None:
-            extra = sum(int(c.shape[1]) for p in plugins if isinstance(p, Concat) for c in p.channels)
-            s.latents = s.helper.prepare_latents(s.layout.batch, pipe.unet.config.in_channels - extra,
-                                                 settings["height"], settings["width"], s.dtype, pipe.device,
-                                                 generator, None)
+            s.latents = s.helper.prepare_latents(s.layout.batch, latent_channels, settings["height"],
+                                                 settings["width"], s.dtype, pipe.device, generator, None)
     if pipe.kind == "sdxl" and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as StableDiffusionXLPipeline does
     return s

@@ -107,3 +107,41 @@ class Upscale(Concat):
 
     def describe(self) -> dict:
         return {**super().describe(), "noise_level": self.noise_level}
+
+
+class SemanticMap(Concat):
+    """A semantic map as concat channels (LDM's semantic synthesis, the lecture's "concat" row): ``maps``
+    ``[classes, H, W]`` or ``[n, classes, H, W]`` class probabilities (one-hot, or soft), one for all prompts
+    or one per prompt, at the latent size or a whole multiple of it (area-averaged down to the latent grid);
+    both guidance halves get it (only the text is dropped for guidance, as SD's inpainting does with its
+    mask). The model decides the classes and their order (the shapes world's: :func:`lab.shapes.tasks.segmap_onehot`)."""
+
+    kind = "segmap"
+
+    def __init__(self, maps):
+        super().__init__()
+        self.maps = maps
+
+    def setup(self, s: Setup) -> None:
+        import numpy as np
+        layout, f = s.layout, s.pipe.vae_scale_factor
+        m = self.maps if isinstance(self.maps, torch.Tensor) else torch.from_numpy(np.asarray(self.maps))
+        if not m.is_floating_point():
+            raise TypeError(f"a semantic map is class probabilities (float), got {m.dtype}")
+        if m.ndim == 3:
+            m = m[None]
+        if m.ndim != 4:
+            raise ValueError(f"a semantic map is [classes, H, W] or [n, classes, H, W], got shape {tuple(m.shape)}")
+        h, w = s.settings["height"] // f, s.settings["width"] // f
+        H, W = m.shape[-2:]
+        if H % h or W % w or H // h != W // w:
+            raise ValueError(f"the semantic map is {W}x{H}; this sample's latent grid is {w}x{h}: give it at that "
+                             "size or a whole multiple of it")
+        if len(m) not in (1, layout.n_prompts):
+            raise ValueError(f"{len(m)} semantic maps for {layout.n_prompts} prompts: give one, or one per prompt")
+        m = torch.nn.functional.avg_pool2d(m.float(), H // h).to(s.device, s.dtype)
+        m = m.expand(layout.n_prompts, -1, -1, -1).repeat_interleave(layout.per_prompt, 0)
+        self.channels = (torch.cat([m] * 2) if layout.cfg else m,)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "classes": int(self.channels[0].shape[1]) if self.channels else None}

@@ -12,6 +12,11 @@ Held-out scenes, fixed seeds, DDIM with classifier-free guidance, as ``eval shap
   level 20, the pipeline's default) against the scene; ``sr_bicubic_psnr_db``: the same for bicubic
   upsampling of the 16x16 image; ``sr_gain_over_bicubic_db``: their difference; ``sr_fidelity``: the fraction of
   samples where the oracle reads the scene's caption exactly (``sr_fidelity_bicubic`` for bicubic);
+* ``segmap_miou``: a held-out scene's segmentation map (and its caption) in, the sample's objects as the oracle
+  finds them out (each detection's mask labelled with its shape): per object class (circle, square, triangle)
+  the IoU of those regions with the map's, intersections and unions summed over the ``n`` scenes, then the mean
+  over the classes; ``segmap_miou_with_background`` counts the background as a fourth class;
+  ``segmap_fidelity``: the fraction of samples the oracle reads as the caption says;
 * ``weights_mb``: every bundled weight file, in MB.
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 
 from . import world
 from .evaluator import evaluate
-from .tasks import TASKS, box_masks, check_task, low_res
+from .tasks import SEG_CLASSES, TASKS, box_masks, check_task, low_res, segmap_onehot
 
 GROW = 3  # px the masked object's box is grown by
 
@@ -103,6 +108,35 @@ def sr_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int =
     return res
 
 
+def segmap_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, chunk: int = 50) -> dict:
+    """The ``segmap_*`` keys (module docstring) of a semantic-map ``pipe``."""
+    from ..conditioning import SemanticMap
+    exs = [world.make_example(600, i, split="heldout") for i in range(n)]
+    samples = []
+    for a in range(0, n, chunk):
+        part = exs[a:a + chunk]
+        maps = segmap_onehot(np.stack([e["segmentation"] for e in part]))
+        run = pipe.sampler([e["caption"] for e in part], conditioning=[SemanticMap(maps)], steps=steps,
+                           guidance=guidance, scheduler="ddim", seed=seed + a, progress=False).run()
+        samples += [np.asarray(im) for im in run.images]
+    inter, union = np.zeros(len(SEG_CLASSES)), np.zeros(len(SEG_CLASSES))
+    ok = []
+    for e, im in zip(exs, samples):
+        r = evaluate(im, e["caption"])
+        ok.append(bool(r["all_ok"] and r["background_ok"]))
+        pred = np.zeros(im.shape[:2], np.int64)  # background
+        for d in r["objects"]:
+            pred[d.mask] = SEG_CLASSES.index(d.shape)
+        want = segmap_onehot(e["segmentation"])[0].argmax(0).numpy()
+        for c in range(len(SEG_CLASSES)):
+            inter[c] += np.logical_and(pred == c, want == c).sum()
+            union[c] += np.logical_or(pred == c, want == c).sum()
+    iou = inter / np.maximum(union, 1)
+    return {"segmap_miou": float(iou[1:].mean()), "segmap_miou_with_background": float(iou.mean()),
+            "segmap_iou_per_class": {c: float(v) for c, v in zip(SEG_CLASSES, iou)},
+            "segmap_fidelity": float(np.mean(ok))}
+
+
 def weights_mb(root: Path | None = None) -> float:
     """Every weight file of the bundled models (``*.safetensors`` under ``lab/models``), in MB."""
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1] / "models"
@@ -125,6 +159,8 @@ def run_task_eval(n: int = 200, *, tasks=TASKS, steps: int = 30, guidance: float
             res.update(inpaint_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
         elif task == "sr":
             res.update(sr_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
+        elif task == "segmap":
+            res.update(segmap_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
         res[f"{task}_eval_seconds"] = round(time.time() - t, 1)
         progress(", ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith(task) and isinstance(v, float)))
     res["weights_mb"] = weights_mb()

@@ -11,6 +11,8 @@ inpaint    a mask and the masked image (and a         concat, SD's 9-channel lay
 sr         a 16x16 image (and a caption), noised to   concat, SD's x4 upscaler layout: ``[z_t, noised low-res]``
            a random level, the level as class label   (7 channels), the level through a zero-initialised class
                                                       embedding (``num_class_embeds = max_noise_level + 1``)
+segmap     the segmentation map (background, circle,  concat: the one-hot map area-averaged to the 16x16 latent
+           square, triangle) and a caption            grid (4 channels, :class:`lab.conditioning.SemanticMap`)
 =========  =========================================  ============================================================
 
 The inpainting UNet is a plain diffusers ``UNet2DConditionModel`` with ``in_channels=9`` (the layout of
@@ -33,6 +35,9 @@ folder, then the VAE's own scaling factor must be put back (that pipeline's cons
 The low-res training images are the scenes area-averaged to 16x16 and noised by the low-res scheduler to a
 level drawn uniformly from [0, 350] (SD's ``max_noise_level``); sampling uses 20, the pipeline's default.
 
+The semantic-map model is driven with ``conditioning=[lab.conditioning.SemanticMap(segmap_onehot(seg))]``;
+its caption is dropped three times in ten in training, so the map alone (``prompt=""``) also works.
+
 Training masks follow SD's inpainting recipe on this world: an object's box grown by 2-6 px (the eval's
 case: redraw what the caption says there), a random rectangle, or, one time in six, the whole image (so the
 model keeps text-to-image); the masked image is the image with the mask's pixels set to 0 (mid-gray in
@@ -48,8 +53,9 @@ import torch.nn.functional as F
 
 from . import configs, world
 
-TASKS = ("inpaint", "sr")
-EXTRA_CHANNELS = {"inpaint": 5, "sr": 3}  # concat tasks: channels appended to the 4 latent channels
+TASKS = ("inpaint", "sr", "segmap")
+SEG_CLASSES = tuple(world.SEG_PALETTE)  # background, circle, square, triangle: the semantic map's channels
+EXTRA_CHANNELS = {"inpaint": 5, "sr": 3, "segmap": len(SEG_CLASSES)}  # concat tasks: channels appended to the 4 latent channels
 MAX_NOISE_LEVEL = 350  # the upscaler's noise augmentation levels (StableDiffusionUpscalePipeline's default)
 LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 SR_FACTOR = 4  # 64x64 from 16x16
@@ -137,6 +143,18 @@ def low_res(images_u8: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, SR_FACTOR)
 
 
+def segmap_onehot(seg_u8) -> torch.Tensor:
+    """The world's segmentation images (``uint8 [H, W, 3]`` or ``[B, H, W, 3]``, :data:`world.SEG_PALETTE`
+    colours) -> one-hot ``float [B, classes, H, W]`` in :data:`SEG_CLASSES` order (each pixel its nearest
+    palette colour)."""
+    x = torch.as_tensor(np.asarray(seg_u8)).float()
+    if x.ndim == 3:
+        x = x[None]
+    pal = torch.tensor([world.SEG_PALETTE[c] for c in SEG_CLASSES], dtype=torch.float32, device=x.device)
+    idx = torch.cdist(x.reshape(-1, 3), pal).argmin(1).reshape(x.shape[:3])
+    return F.one_hot(idx, len(SEG_CLASSES)).permute(0, 3, 1, 2).float()
+
+
 def low_res_scheduler():
     from diffusers import DDPMScheduler
     return DDPMScheduler(**LOW_RES_SCHEDULER)
@@ -179,6 +197,7 @@ def train_task(tr, task: str) -> dict:
     empty = tr._token_ids([""])[0]
     boxes = tr.data["boxes"]
     images = tr.data["image"]
+    segs = tr.data["segmentation"]
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
     abar = sched.alphas_cumprod.to(tr.device)
@@ -189,11 +208,13 @@ def train_task(tr, task: str) -> dict:
         idx = tr._batch_idx(g, p.unet_batch)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=tr.device)) * scale
         tok = ids[idx].clone()
-        tok[torch.rand(len(idx), generator=g, device=tr.device) < 0.1] = empty
+        tok[torch.rand(len(idx), generator=g, device=tr.device) < (0.3 if task == "segmap" else 0.1)] = empty
         labels = None
         if task == "inpaint":
             masks = inpaint_masks(boxes[idx], g)
             extra = list(inpaint_inputs(vae, images[idx], masks, scale, g))
+        elif task == "segmap":
+            extra = [F.avg_pool2d(segmap_onehot(segs[idx]), configs.IMAGE_SIZE // configs.LATENT_SIZE)]
         else:  # sr: the low-res scene, noised to a random level (the level is the class label)
             low = low_res(images[idx])
             labels = torch.randint(0, MAX_NOISE_LEVEL + 1, (len(idx),), generator=g, device=tr.device)
