@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .recording.dispatch import attend, attention_probs, dispatching, layer_name
+from .recording.dispatch import attention_probs, dispatching, layer_name
 from .steps import check_steps, in_fraction_window
 
 

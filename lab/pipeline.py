@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import warnings
 import weakref
 from pathlib import Path
 
@@ -68,7 +69,9 @@ class Pipeline:
             if opt in kwargs:
                 kwargs[opt] = components.get(opt)
         vae_scale = kwargs["vae"].config.scaling_factor if kwargs.get("vae") is not None else None
-        self.diffusers = helper_cls(**kwargs)
+        with warnings.catch_warnings():  # the upscaler's "wrong scaling_factor" notice: handled just below
+            warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
+            self.diffusers = helper_cls(**kwargs)
         if self.kind == "upscale" and vae_scale is not None:
             # StableDiffusionUpscalePipeline sets the VAE's scaling factor to SD's upscaler's 0.08333 (that VAE's
             # latents needed it); a model trained on its own VAE's factor keeps that one

@@ -302,8 +302,8 @@ def test_residual_viewer_steps_outside_the_control_window(shapes_pipe):
 
 
 # ---------------------------------------------------------------------------- studio
-def test_studio_generate_equals_the_plain_call(shapes_pipe):
-    st = widgets.Studio(shapes_pipe, steps=5, seed=7, control="scribble")
+def test_studio_generate_equals_the_plain_call(shapes_pipe, tmp_path):
+    st = widgets.Studio(shapes_pipe, steps=5, seed=7, control="scribble", workdir=tmp_path / "studio")
     st.pad.add_stroke([(10, 10), (54, 10), (54, 54), (10, 54), (10, 10)])
     st.scale.value, st.window.value, st.mode.value = 0.8, (0.0, 0.6), "prompt"
     run = st.generate(wait=True)
@@ -314,6 +314,17 @@ def test_studio_generate_equals_the_plain_call(shapes_pipe):
     plain = shapes_pipe.sampler(**kw, progress=False).run()
     assert torch.equal(plain.final_latents, run.final_latents), "the studio is a thin wrapper over lab"
     assert "pipe.sampler(" in st.code.value and "seed=7" in st.code.value
+    # the code it shows runs as it stands (issue 25: `pad` was undefined and the residual recorder left out)
+    # and makes the same run: the model load, the drawing from its PNG, both recorders
+    assert "lab.ResidualRecorder(maps=True)" in st.code_text and "lab.load('shapes'" in st.code_text
+    ns: dict = {}
+    exec(st.code_text, ns)
+    assert torch.equal(ns["run"].final_latents, run.final_latents)
+    assert ns["run"].residual_map("scribble", 2, 1) is not None  # maps recorded: the residual recorder is there
+    # a new Generate clears the last run's result and views while it is live
+    st.viewer.follow = lambda sampler, on_done: None  # keep the new run from starting: look at the page as it is
+    st.generate()
+    assert st.results.children == () and "sampling 5 steps" in st.image_caption.value
     st.control.value = "none"
     assert "control" not in st.sampler_kwargs()
 

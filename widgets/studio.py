@@ -5,9 +5,16 @@
 Generate builds a :class:`lab.Sampler` from the controls (the pad's drawing is the ControlNet
 condition when a net is chosen), runs it in a background thread with the trajectory viewer following
 it, and shows the image, the attention explorer and (with control) the residual viewer at the end.
-Each Generate also prints the equivalent plain ``lab`` call, so a run made here can be repeated in a script.
+Each Generate also shows the equivalent plain ``lab`` code, so a run made here can be repeated in a script: it
+loads the same model, saves the pad's drawing as a PNG under ``workdir`` (named by its content) and opens it
+from there, and names every recorder the Studio used (:attr:`Studio.code_text`; it runs as it stands).
 """
 from __future__ import annotations
+
+import hashlib
+import html
+import io
+from pathlib import Path
 
 import ipywidgets as W
 import numpy as np
@@ -31,9 +38,11 @@ class Studio(ErrorsMixin, W.VBox):
     def __init__(self, pipe, *, prompt: str = "a large red circle and a small blue square on a gray background",
                  negative_prompt: str = "", steps: int = 20, guidance: float = 5.0, seed: int = 0,
                  scheduler: str | None = None, control: str | None = None, panels=("x0", "image", "latents", "noise"),
-                 raise_errors: bool | None = None):
+                 workdir="runs/studio", raise_errors: bool | None = None):
         self._init_errors(raise_errors)
         self.pipe = pipe
+        self.workdir = Path(workdir)
+        self.code_text = ""  # the equivalent plain code of the last Generate
         nets = list(pipe.controlnets)
         if control is not None and control not in nets:
             raise KeyError(f"no ControlNet {control!r} loaded; loaded: {nets or 'none'}")
@@ -105,7 +114,13 @@ class Studio(ErrorsMixin, W.VBox):
         if "control" in kw:
             recorders.append(lab.ResidualRecorder(maps=True))
         sampler = self.pipe.sampler(**kw, recorders=recorders, progress=False)
-        self.code.value = "<pre style='font-size:11px'>" + _as_code(kw) + "</pre>"
+        self.code_text = self._as_code(kw, recorders)
+        self.code.value = ("<details><summary>the same run in plain <code>lab</code> code</summary>"
+                           "<pre style='font-size:11px'>" + html.escape(self.code_text) + "</pre></details>")
+        # the previous run's result and views go while this one is live (issue 25: they stayed, as if current)
+        self.image.value = png(np.full((8, 8, 3), 235, np.uint8))
+        self.image_caption.value = f"sampling {kw['steps']} steps, seed {kw['seed']}: the trajectory is below"
+        self.results.children = ()
         self.viewer.follow(sampler, on_done=self._finished)
         if wait:
             run = self.viewer.wait()
@@ -149,13 +164,38 @@ class Studio(ErrorsMixin, W.VBox):
         return next((v for v in self.results.children if isinstance(v, ResidualViewer)), None)
 
 
-def _as_code(kw: dict) -> str:
-    parts = [repr(kw["prompt"])]
-    for k in ("negative_prompt", "steps", "guidance", "seed", "scheduler"):
-        if kw.get(k) is not None:
-            parts.append(f"{k}={kw[k]!r}")
-    if "control" in kw:
-        c = kw["control"]
-        parts.append(f"control=lab.Control({c.net!r}, pad.image, scale={c.scale}, start={c.start}, end={c.end}, "
-                     f"mode={c.mode!r})")
-    return "run = pipe.sampler(" + ", ".join(parts) + ",\n                   recorders=[lab.AttentionRecorder()]).run()"
+    def _as_code(self, kw: dict, recorders) -> str:
+        """Plain ``lab`` code that makes the same run: the model load, the condition image (saved under
+        :attr:`workdir` by the hash of its pixels), the sampler call with every recorder used."""
+        lines = ["import lab"]
+        nets = sorted(self.pipe.controlnets)
+        net_arg = f", controlnet={nets!r}" if nets else ""
+        if self.pipe.path is not None or self.pipe.name in lab.loading.BUNDLED:
+            source = self.pipe.name if self.pipe.name in lab.loading.BUNDLED else str(self.pipe.path)
+            lines.append(f"pipe = lab.load({source!r}{net_arg})")
+        else:
+            lines.append("# pipe: the lab.Pipeline this Studio was given (built from components, not from a directory)")
+        parts = [repr(kw["prompt"])]
+        for k in ("negative_prompt", "steps", "guidance", "seed", "scheduler"):
+            if kw.get(k) is not None:
+                parts.append(f"{k}={kw[k]!r}")
+        if "control" in kw:
+            c = kw["control"]
+            lines.insert(1, "from PIL import Image")
+            path = self._save_condition(c.image)
+            parts.append(f"control=lab.Control({c.net!r}, Image.open({str(path)!r}), scale={c.scale}, "
+                         f"start={c.start}, end={c.end}, mode={c.mode!r})")
+        rec = ", ".join("lab.ResidualRecorder(maps=True)" if isinstance(r, lab.ResidualRecorder)
+                        else "lab.AttentionRecorder()" for r in recorders)
+        lines.append("run = pipe.sampler(" + ", ".join(parts) + f",\n                   recorders=[{rec}]).run()")
+        return "\n".join(lines)
+
+    def _save_condition(self, image) -> Path:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        path = self.workdir / f"condition-{hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:12]}.png"
+        if not path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return path

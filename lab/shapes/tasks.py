@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import configs, world
+from . import world
 
 TASKS = ("inpaint", "sr", "segmap")
 SEG_CLASSES = tuple(world.SEG_PALETTE)  # background, circle, square, triangle: the semantic map's channels
@@ -170,76 +170,3 @@ def inpaint_inputs(vae, images_u8: torch.Tensor, masks: torch.Tensor, scale: flo
         z = vae.encode(masked).latent_dist.sample(g) * scale
     m = F.interpolate(masks, size=z.shape[-2:])
     return m, z
-
-
-def train_task(tr, task: str) -> dict:
-    """Fine-tune the text model's UNet (``tr``'s ``unet``: this run's own, else its base's) for ``task`` on
-    ``tr``'s data, the text encoder and the VAE frozen; EMA weights to ``tr.out / f"unet-{task}"``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from .train import _autocast
-
-    check_task(task)
-    p = tr.preset
-    stage = f"task-{task}"
-    scale, mean, std = tr._latent_stats(tr._component("vae"))
-    vae = AutoencoderKL.from_pretrained(tr._component("vae"), dtype=torch.float32).to(tr.device).eval()
-    vae.requires_grad_(False)
-    text = CLIPTextModel.from_pretrained(tr._component("text_encoder"), dtype=torch.float32).to(tr.device).eval()
-    text.requires_grad_(False)
-    base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(tr.device)
-    unet = widen_conv_in(base, EXTRA_CHANNELS[task],
-                         num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
-    del base
-    lrs = low_res_scheduler()
-    ids = tr._token_ids(tr.data["caption"])
-    empty = tr._token_ids([""])[0]
-    boxes = tr.data["boxes"]
-    images = tr.data["image"]
-    segs = tr.data["segmentation"]
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
-    abar = sched.alphas_cumprod.to(tr.device)
-    torch.manual_seed(tr.seed + 6)
-    g = tr._generator(tr.seed + 7)
-
-    def step_fn():
-        idx = tr._batch_idx(g, p.unet_batch)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=tr.device)) * scale
-        tok = ids[idx].clone()
-        tok[torch.rand(len(idx), generator=g, device=tr.device) < (0.3 if task == "segmap" else 0.1)] = empty
-        labels = None
-        if task == "inpaint":
-            masks = inpaint_masks(boxes[idx], g)
-            extra = list(inpaint_inputs(vae, images[idx], masks, scale, g))
-        elif task == "segmap":
-            extra = [F.avg_pool2d(segmap_onehot(segs[idx]), configs.IMAGE_SIZE // configs.LATENT_SIZE)]
-        else:  # sr: the low-res scene, noised to a random level (the level is the class label)
-            low = low_res(images[idx])
-            labels = torch.randint(0, MAX_NOISE_LEVEL + 1, (len(idx),), generator=g, device=tr.device)
-            noise = torch.randn(low.shape, generator=g, device=tr.device)
-            extra = [lrs.add_noise(low, noise, labels.cpu()).to(tr.device)]
-        eps = torch.randn(z0.shape, generator=g, device=tr.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=tr.device)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        with torch.no_grad(), _autocast(tr.device):
-            cond = text(tok).last_hidden_state
-        with _autocast(tr.device):
-            pred = unet(torch.cat([zt, *extra], 1), t, encoder_hidden_states=cond, class_labels=labels).sample
-        return F.mse_loss(pred.float(), eps), {}
-
-    def state():
-        return {"unet": unet.state_dict(), "ema": ema.state_dict()}
-
-    def load(ck):
-        unet.load_state_dict(ck["unet"])
-        ema.load_state_dict(ck["ema"])
-
-    summary = tr._loop_with_ema(stage, list(unet.parameters()), p.unet_seconds, p.unet_lr, step_fn, state, load, g,
-                                [(ema, unet)])
-    ema.save_pretrained(tr.out / f"unet-{task}")
-    if task == "sr":
-        lrs.save_pretrained(tr.out / "low_res_scheduler")
-    return summary

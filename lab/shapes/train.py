@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
 from . import configs, world
-from .tasks import TASKS, object_boxes
+from .tasks import (EXTRA_CHANNELS, MAX_NOISE_LEVEL, TASKS, check_task, inpaint_inputs, inpaint_masks, low_res,
+                    low_res_scheduler, object_boxes, segmap_onehot, widen_conv_in)
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -525,6 +526,78 @@ class Trainer:
         net.save_pretrained(self.out / stage)
         return summary
 
+    # ---------------------------------------------------------------- the task table
+    def train_task(self, task: str) -> dict:
+        """A model of the task table (:mod:`lab.shapes.tasks`): the text model's UNet (this run's own, else the
+        base's) with ``conv_in`` widened for the task's concat channels, fine-tuned on this trainer's data, the text
+        encoder and the VAE frozen; EMA weights to ``out / f"unet-{task}"``."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        check_task(task)
+        p = self.preset
+        stage = f"task-{task}"
+        scale, mean, std = self._latent_stats(self._component("vae"))
+        vae = AutoencoderKL.from_pretrained(self._component("vae"), dtype=torch.float32).to(self.device).eval()
+        vae.requires_grad_(False)
+        text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device).eval()
+        text.requires_grad_(False)
+        base = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
+        unet = widen_conv_in(base, EXTRA_CHANNELS[task],
+                             num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
+        del base
+        lrs = low_res_scheduler()
+        ids = self._token_ids(self.data["caption"])
+        empty = self._token_ids([""])[0]
+        boxes = self.data["boxes"]
+        images = self.data["image"]
+        segs = self.data["segmentation"]
+        ema = copy.deepcopy(unet).requires_grad_(False)
+        sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
+        abar = sched.alphas_cumprod.to(self.device)
+        torch.manual_seed(self.seed + 6)
+        g = self._generator(self.seed + 7)
+
+        def step_fn():
+            idx = self._batch_idx(g, p.unet_batch)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)) * scale
+            tok = ids[idx].clone()
+            tok[torch.rand(len(idx), generator=g, device=self.device) < (0.3 if task == "segmap" else 0.1)] = empty
+            labels = None
+            if task == "inpaint":
+                masks = inpaint_masks(boxes[idx], g)
+                extra = list(inpaint_inputs(vae, images[idx], masks, scale, g))
+            elif task == "segmap":
+                extra = [F.avg_pool2d(segmap_onehot(segs[idx]), configs.IMAGE_SIZE // configs.LATENT_SIZE)]
+            else:  # sr: the low-res scene, noised to a random level (the level is the class label)
+                low = low_res(images[idx])
+                labels = torch.randint(0, MAX_NOISE_LEVEL + 1, (len(idx),), generator=g, device=self.device)
+                noise = torch.randn(low.shape, generator=g, device=self.device)
+                extra = [lrs.add_noise(low, noise, labels.cpu()).to(self.device)]
+            eps = torch.randn(z0.shape, generator=g, device=self.device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=self.device)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            with torch.no_grad(), _autocast(self.device):
+                cond = text(tok).last_hidden_state
+            with _autocast(self.device):
+                pred = unet(torch.cat([zt, *extra], 1), t, encoder_hidden_states=cond, class_labels=labels).sample
+            return F.mse_loss(pred.float(), eps), {}
+
+        def state():
+            return {"unet": unet.state_dict(), "ema": ema.state_dict()}
+
+        def load(ck):
+            unet.load_state_dict(ck["unet"])
+            ema.load_state_dict(ck["ema"])
+
+        summary = self._loop_with_ema(stage, list(unet.parameters()), p.unet_seconds, p.unet_lr, step_fn, state, load, g,
+                                    [(ema, unet)])
+        ema.save_pretrained(self.out / f"unet-{task}")
+        if task == "sr":
+            lrs.save_pretrained(self.out / "low_res_scheduler")
+        return summary
+
     # ---------------------------------------------------------------- export
     def export(self, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
         """Write the diffusers pipeline directory (fp16 safetensors) with ``controlnet-KIND`` subfolders."""
@@ -695,8 +768,7 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         elif s == "unet":
             out_rows.append(tr.train_unet())
         elif s in TASK_STAGES:
-            from .tasks import train_task
-            out_rows.append(train_task(tr, s.removeprefix("task-")))
+            out_rows.append(tr.train_task(s.removeprefix("task-")))
         else:
             out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init))
     if export_to is not None:
