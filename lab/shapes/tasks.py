@@ -36,7 +36,8 @@ The low-res training images are the scenes area-averaged to 16x16 and noised by 
 level drawn uniformly from [0, 350] (SD's ``max_noise_level``); sampling uses 20, the pipeline's default.
 
 The semantic-map model is driven with ``conditioning=[lab.conditioning.SemanticMap(segmap_onehot(seg))]``;
-its caption is dropped three times in ten in training, so the map alone (``prompt=""``) also works.
+its caption is dropped three times in ten in training, so that it also learns the map alone (``prompt=""``; the
+eval measures it with captions only).
 
 Training masks follow SD's inpainting recipe on this world: an object's box grown by 2-6 px (the eval's
 case: redraw what the caption says there), a random rectangle, or, one time in six, the whole image (so the
