@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 from pathlib import Path
 
 import ipywidgets as W
@@ -191,11 +190,9 @@ class Studio(ErrorsMixin, W.VBox):
         return "\n".join(lines)
 
     def _save_condition(self, image) -> Path:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
+        """The drawing as a PNG named by its pixels (written once; the same drawing reuses the file)."""
         path = self.workdir / f"condition-{hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:12]}.png"
         if not path.exists():
             self.workdir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            image.save(path, format="PNG")
         return path

@@ -73,8 +73,7 @@ def inpaint_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: 
                      for d in r["objects"])
         ok.append(bool(r["all_ok"] and r["background_ok"] and inside))
         outside = ~cv2.dilate(c["mask"].astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-        mse = ((im[outside].astype(np.float64) - c["image"][outside]) / 255.0) ** 2
-        psnr.append(10 * np.log10(1.0 / max(mse.mean(), 1e-10)))
+        psnr.append(_psnr(im[outside], c["image"][outside]))
     return {"inpaint_fidelity": float(np.mean(ok)), "inpaint_outside_psnr_db": float(np.mean(psnr))}
 
 
