@@ -40,8 +40,8 @@ def evaluate(args) -> int:
     """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks;
     ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`)."""
     if args.what == "tasks":
-        from lab.shapes.evaluate_tasks import TASKS, run_task_eval
-        res = run_task_eval(args.n or 200, tasks=args.tasks.split(",") if args.tasks else TASKS, steps=args.steps,
+        from lab.shapes.evaluate_tasks import EVAL_TASKS, run_task_eval
+        res = run_task_eval(args.n or 200, tasks=args.tasks.split(",") if args.tasks else EVAL_TASKS, steps=args.steps,
                             guidance=args.guidance, json_path=args.json, model=args.model)
     elif args.what == "attention":
         res = attention_eval(args.n or 100, steps=args.steps, guidance=args.guidance, json_path=args.json,

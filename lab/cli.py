@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vae | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
                         "or several, comma-separated")
     t.add_argument("--task", default=None,
-                   help="a model of the lecture's task table (lab.shapes.tasks): inpaint; fine-tunes the UNet of "
-                        "--base (or of --out) for it; with --stage, after those stages")
+                   help="models of the lecture's task table (lab.shapes.tasks), comma-separated: inpaint, sr, "
+                        "segmap (concat), class, layout (tokens by cross-attention), uncond; fine-tunes the UNet "
+                        "of --base (or of --out) for each; with --stage, after those stages")
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])
     t.add_argument("--device", default=None)

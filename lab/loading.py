@@ -147,9 +147,25 @@ def quiet_libraries():
 
 def _task_unet(path: Path, task: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
+    from .token_encoders import PARTIAL_FILE, TOKEN_ENCODERS, load_partial
     sub = path / f"unet-{task}"
+    if (sub / PARTIAL_FILE).exists():
+        # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
+        with quiet_libraries():
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
+        load_partial(unet, sub / PARTIAL_FILE)
+        out = {"unet": unet}
+        name = f"{task}_embedder"
+        if name in TOKEN_ENCODERS:
+            if not (path / name / "config.json").exists():
+                raise IncompleteModel(f"the {task!r} model reads tokens made by {path / name}, which is missing",
+                                      [str(path / name)])
+            with quiet_libraries():
+                out[name] = TOKEN_ENCODERS[name].from_pretrained(path / name).to(dtype)
+        return out
     if not (sub / "config.json").exists():
-        have = sorted(p.name.removeprefix("unet-") for p in path.glob("unet-*") if (p / "config.json").exists())
+        have = sorted(p.name.removeprefix("unet-") for p in path.glob("unet-*")
+                      if (p / "config.json").exists() or (p / PARTIAL_FILE).exists())
         raise ModelNotFound(f"{path} has no {task!r} task model (a unet-{task} folder); it has "
                             f"{have or 'none'}. Train one with `python -m lab train shapes --task {task} --base "
                             f"{path}`", [str(sub)])
@@ -175,8 +191,8 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
     ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``), a
     ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
     ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
-    shapes model's ``"inpaint"`` and ``"sr"``, :mod:`lab.shapes.tasks`): its UNet with the directory's other
-    components (and an upscaler's ``low_res_scheduler`` folder).
+    shapes model's ``"segmap"``, ``"class"``, ..., :mod:`lab.shapes.tasks`): its UNet with the directory's other
+    components (and an upscaler's ``low_res_scheduler`` folder, a class or layout model's token encoder).
     """
     from diffusers import DiffusionPipeline
 

@@ -38,6 +38,10 @@ def _helper_class(components: dict):
                            StableDiffusionXLPipeline)
     if components.get("text_encoder_2") is not None or components.get("tokenizer_2") is not None:
         return "sdxl", StableDiffusionXLPipeline
+    if components.get("class_embedder") is not None:  # class tokens by cross-attention (lab.shapes.tasks)
+        return "class", StableDiffusionPipeline
+    if components.get("layout_embedder") is not None:  # box tokens by cross-attention (lab.shapes.tasks)
+        return "layout", StableDiffusionPipeline
     if components["unet"].config.in_channels == 9:
         return "inpaint", StableDiffusionInpaintPipeline
     if components.get("low_res_scheduler") is not None:  # SD's x4 upscaler layout: [z_t, noised low-res image]
@@ -50,7 +54,8 @@ class Pipeline:
 
     Attributes: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2`` for SDXL), ``tokenizer``,
     ``scheduler`` (the default one; samplers copy it), ``controlnets`` (dict name -> ControlNetModel),
-    ``kind`` (``"sd"``, ``"sdxl"``, ``"inpaint"`` or ``"upscale"``), ``diffusers`` (the diffusers pipeline sharing
+    ``kind`` (``"sd"``, ``"sdxl"``, ``"inpaint"``, ``"upscale"``, or ``"class"`` / ``"layout"``: class or box
+    tokens by cross-attention, the ``class_embedder`` / ``layout_embedder`` component), ``diffusers`` (the diffusers pipeline sharing
     these modules, used for its helpers and for equivalence checks).
     """
 
@@ -121,6 +126,9 @@ class Pipeline:
         if dtype is not None:
             self.dtype = dtype
         self.diffusers.to(self.device, self.dtype)
+        for name in ("class_embedder", "layout_embedder"):
+            if self.components.get(name) is not None:
+                self.components[name].to(self.device, self.dtype)
         for net in self.controlnets.values():
             net.to(self.device, self.dtype)
         return self

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conditioning.classes import Layout
 from .conditioning.concat import SemanticMap
 from .conditioning.controlnet import Control
 from .guidance import AttendAndExcite
@@ -29,7 +30,7 @@ from .recording import AttentionRecorder, ReplaceAttention, ResidualRecorder, Re
 
 VERSION = 1
 RECORDERS = {"AttentionRecorder": AttentionRecorder, "ResidualRecorder": ResidualRecorder}
-PLUGINS = {"SemanticMap": (SemanticMap, ("maps",))}  # lab's plug-ins for conditioning=, and their arguments
+PLUGINS = {"SemanticMap": (SemanticMap, ("maps",)), "Layout": (Layout, ("boxes",))}  # lab's plug-ins for conditioning=, and their arguments
 PIL_MODES = ("RGB", "RGBA", "L", "LA", "1", "I", "F")  # modes Image.fromarray gives back from their arrays
 
 

@@ -150,6 +150,13 @@ class Sampler:
     _nets = property(lambda self: tuple(p for p in self._plugins if isinstance(p, ControlNet)))
     _text = property(lambda self: next((p for p in self._plugins if isinstance(p, Text)), None))
 
+    @property
+    def _context_tokens(self) -> dict | None:
+        """The token table of the cross-attention context the UNet reads: the last CA plug-in's that has one
+        (class tokens replace the text's)."""
+        return next((p.tokens for p in reversed(self._plugins) if p.enters == "CA" and getattr(p, "tokens", None)),
+                    None)
+
     def control_grid(self, control) -> np.ndarray:
         """The ``[blocks, steps]`` weights ``control`` (a :class:`lab.Control` of a loaded net) applies here."""
         return control_grid(self._plugins, control, self.num_steps)
@@ -201,7 +208,7 @@ class Sampler:
     def _bind(self) -> None:
         """Bind the recorders to this sampler (once; again after a fork changes them)."""
         if self._recording.bindings is None:
-            hw, tokens = tuple(self._latents.shape[-2:]), self._text.tokens if self._text else None
+            hw, tokens = tuple(self._latents.shape[-2:]), self._context_tokens
             self._recording.bind(RecordingContext(self.pipe, self.num_steps, self.layout, hw, tokens, self._host,
                                                   self._nets))
             try:

@@ -49,6 +49,22 @@ def test_widened_conv_in_computes_what_the_text_unet_did():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_split_conv_in_is_the_same_convolution_with_its_own_parameters():
+    conv = torch.nn.Conv2d(9, 16, 3, padding=1)
+    split = tasks.SplitConvIn(conv, 4)
+    x = torch.randn(2, 9, 8, 8)
+    assert torch.allclose(split(x), conv(x), atol=1e-6)
+    # the new channels' kernel is its own parameter: an optimiser step on it leaves the old channels alone
+    opt = torch.optim.SGD([split.new_weight], lr=1.0)
+    split(x).square().mean().backward()
+    opt.step()
+    assert torch.equal(split.old_weight, conv.weight[:, :4]) and not torch.equal(split.new_weight, conv.weight[:, 4:])
+    merged = split.merged()
+    assert isinstance(merged, torch.nn.Conv2d) and merged.weight.shape == conv.weight.shape
+    with torch.no_grad():
+        assert torch.allclose(merged(x), split(x), atol=1e-6)
+
+
 def test_inpaint_task_trains_exports_and_loads_both_ways(tmp_path):
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
     rows = train.train("task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
@@ -162,9 +178,190 @@ def test_segmap_task_trains_and_matches_a_hand_written_loop(tmp_path):
 
 
 def test_task_errors_name_what_exists():
-    with pytest.raises(KeyError, match="unknown task 'class'"):
-        tasks.check_task("class")
+    with pytest.raises(KeyError, match="unknown task 'zebra'"):
+        tasks.check_task("zebra")
     with pytest.raises(KeyError, match="unknown stage"):
         train.train("task-zebra", "/tmp/unused", preset="smoke", progress=False)
     with pytest.raises(ModelNotFound, match="no 'zebra' task model"):
         lab.load("shapes", task="zebra")
+
+
+def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
+    """The class model (class tokens by cross-attention over the text UNet with its K/V fine-tuned) against the
+    loop written out by hand from the files on disk: the text UNet, the K/V over it, the class tokens."""
+    import json
+
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from analysis import word_heatmap
+    rows = train.train("task-class", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["stage"] == "task-class" and rows[0]["steps"] == 3
+    model = tmp_path / "model"
+    kv = load_file(str(model / "unet-class" / tasks.PARTIAL_FILE))
+    assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
+    assert all(v.dtype == torch.float16 for v in kv.values())
+    cfg = json.loads((model / "class_embedder" / "config.json").read_text())
+    assert cfg["num_classes"] == len(tasks.CLASSES) == 2 * 6 * 3 and cfg["class_names"][0] == "small red circle"
+    pipe = lab.load(model, task="class")
+    assert pipe.kind == "class"
+    labels = [tasks.class_index("large", "blue", "triangle"), tasks.class_index("small", "green", "square")]
+    rec = lab.AttentionRecorder()
+    run = pipe.sampler(class_labels=labels, steps=3, guidance=4.0, scheduler="ddim", seed=5, recorders=[rec],
+                       progress=False).run()
+    with torch.no_grad():  # by hand, from the files
+        unet = UNet2DConditionModel.from_pretrained(model / "unet")
+        unet.load_state_dict(kv, strict=False)
+        enc = load_file(str(model / "class_embedder" / "diffusion_pytorch_model.safetensors"))
+        table, frame = enc["table.weight"].float(), enc["frame"].float()
+
+        def context(label):
+            return torch.cat([frame[:1], table[label][None], frame[2:]])[None]
+
+        ctx = torch.cat([context(cfg["num_classes"])] * 2 + [context(v) for v in labels])
+        sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        sched.set_timesteps(3)
+        lat = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(5)) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            eu, ec = unet(sched.scale_model_input(torch.cat([lat] * 2), t), t, encoder_hidden_states=ctx).sample.chunk(2)
+            lat = sched.step(eu + 4.0 * (ec - eu), t, lat).prev_sample
+    assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-5)
+    # the class token is a word of the run's attention record: its map is a heat map like a caption word's
+    heat = word_heatmap(run, "large blue triangle", batch=0)
+    assert heat.shape == (64, 64) and float(heat.max()) == 1.0
+    with pytest.raises(KeyError, match="small green square"):
+        word_heatmap(run, "large blue triangle", batch=1)  # the second image is a small green square
+    # and a saved run replays
+    again = lab.replay(run.save(tmp_path / "class.zarr"), pipe)
+    assert torch.equal(again.steps[-1].latents, run.steps[-1].latents)
+    # bad inputs: named, before any step
+    with pytest.raises(ValueError, match="needs class_labels"):
+        pipe.sampler(progress=False)
+    with pytest.raises(ValueError, match="takes class_labels= only"):
+        pipe.sampler("a red circle", class_labels=1, progress=False)
+    with pytest.raises(ValueError, match="outside the model's 36 classes"):
+        pipe.sampler(class_labels=[36], progress=False)
+    with pytest.raises(TypeError, match="list of ints"):
+        pipe.sampler(class_labels=["large red circle"], progress=False)
+    with pytest.raises(ValueError, match="need a class model"):
+        lab.load(model).sampler("a red circle", conditioning=[lab.conditioning.ClassTokens(1)], progress=False)
+    assert tasks.hyperparameter_table(model).loc["conditioning", "class"] == "CA"
+
+
+def test_layout_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
+    """The layout model (box tokens by cross-attention, the UNet's transformer blocks fine-tuned) against the
+    loop written out by hand from the files on disk, box tokens computed from the saved weights."""
+    import json
+
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from analysis import word_heatmap
+    from lab.conditioning import Layout
+    rows = train.train("task-layout", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["stage"] == "task-layout" and rows[0]["steps"] == 3
+    model = tmp_path / "model"
+    part = load_file(str(model / "unet-layout" / tasks.PARTIAL_FILE))
+    assert part and all(".attentions." in k for k in part) and any(".attn1.to_q." in k for k in part)
+    cfg = json.loads((model / "layout_embedder" / "config.json").read_text())
+    assert cfg["label_names"] == list(tasks.LAYOUT_LABELS) and len(cfg["label_names"]) == 18
+    pipe = lab.load(model, task="layout")
+    assert pipe.kind == "layout"
+    layouts = [[("red circle", (4, 6, 32, 34)), ("blue square", (40, 40, 56, 56))], [("green triangle", (10, 30, 38, 58))]]
+    run = pipe.sampler(conditioning=[Layout(layouts)], steps=3, guidance=4.0, scheduler="ddim", seed=6,
+                       recorders=[lab.AttentionRecorder()], progress=False).run()
+    with torch.no_grad():  # by hand, from the files
+        unet = UNet2DConditionModel.from_pretrained(model / "unet")
+        unet.load_state_dict(part, strict=False)
+        w = {k: v.float() for k, v in load_file(str(model / "layout_embedder" / "diffusion_pytorch_model.safetensors")).items()}
+
+        def token(label, box):
+            x = torch.tensor(box, dtype=torch.float32) / 64
+            ang = x[:, None] * (2.0 ** torch.arange(8) * torch.pi)
+            f = torch.cat([ang.sin(), ang.cos()], -1).flatten()
+            hidden = torch.nn.functional.silu(f @ w["box.0.weight"].T + w["box.0.bias"])
+            return w["labels.weight"][tasks.LAYOUT_LABELS.index(label)] + hidden @ w["box.2.weight"].T + w["box.2.bias"]
+
+        def context(lay):
+            ctx = w["frame"].clone()
+            for j, (label, box) in enumerate(lay):
+                ctx[1 + j] = token(label, box)
+            return ctx[None]
+
+        ctx = torch.cat([context([]), context([]), context(layouts[0]), context(layouts[1])])
+        sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        sched.set_timesteps(3)
+        lat = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(6)) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            eu, ec = unet(sched.scale_model_input(torch.cat([lat] * 2), t), t, encoder_hidden_states=ctx).sample.chunk(2)
+            lat = sched.step(eu + 4.0 * (ec - eu), t, lat).prev_sample
+    assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-4)
+    assert word_heatmap(run, "blue square", batch=0).shape == (64, 64)  # each box token has its map
+    again = lab.replay(run.save(tmp_path / "layout.zarr"), pipe)
+    assert torch.equal(again.steps[-1].latents, run.steps[-1].latents)
+    # bad inputs: named, before any step
+    for boxes, err, match in [([("red zebra", (0, 0, 8, 8))], ValueError, "unknown box label 'red zebra'"),
+                              ([("red circle", (0, 0, 80, 8))], ValueError, "outside the 64x64 sample"),
+                              ([("red circle", (9, 0, 8, 8))], ValueError, "x0 < x1"),
+                              ([("red circle", (0, 0, 8, 8))] * 3, ValueError, "at most 2"),
+                              ([("red circle", (0, 0, float("nan"), 8))], ValueError, "x0 < x1"),
+                              ([("red circle", "box")], TypeError, "a box is")]:
+        with pytest.raises(err, match=match):
+            pipe.sampler(conditioning=[Layout(boxes)], progress=False)
+    with pytest.raises(ValueError, match="needs one conditioning"):
+        pipe.sampler(progress=False)
+    with pytest.raises(ValueError, match="no prompt"):
+        pipe.sampler("a red circle", conditioning=[Layout(layouts[1])], progress=False)
+
+
+def test_attribute_histograms_and_their_distance_read_the_world():
+    """The unconditional row's measure: the oracle's attribute histograms of world scenes are the world's own
+    (read back exactly), two samples of one world are close, and a one-object world is far on the count."""
+    from lab.shapes.evaluate_tasks import UNCOND_ATTRIBUTES, attribute_histograms, total_variation
+    exs = [world.make_example(11, i, two_share=0.75) for i in range(120)]
+    h = attribute_histograms(e["image"] for e in exs)
+    assert set(h) == set(UNCOND_ATTRIBUTES)
+    assert all(abs(sum(v.values()) - 1) < 1e-9 for v in h.values())
+    n_two = sum(len(e["scene"].objects) == 2 for e in exs)
+    assert abs(h["count"].get("2", 0) - n_two / len(exs)) < 0.02  # the oracle counts objects right
+    other = attribute_histograms(world.make_example(12, i, two_share=0.75)["image"] for i in range(120))
+    ones = attribute_histograms(world.make_example(13, i, n_objects=1)["image"] for i in range(120))
+    assert np.mean([total_variation(h[a], other[a]) for a in UNCOND_ATTRIBUTES]) < 0.1
+    assert total_variation(h["count"], ones["count"]) > 0.6
+    assert total_variation({"a": 1.0}, {"b": 1.0}) == 1.0 and total_variation({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0
+
+
+def test_hyperparameter_table_reads_the_bundled_models():
+    table = tasks.hyperparameter_table()
+    assert list(table.index) == list(tasks.TABLE_ROWS)
+    assert {"text", "uncond", "segmap"} <= set(table.columns)
+    assert table.loc["f", "text"] == 4 and table.loc["z-shape", "text"] == "16x16x4"
+    assert table.loc["conditioning", "segmap"].startswith("concat") and table.loc["conditioning", "text"] == "CA"
+    assert table.loc["channel multiplier", "text"] == "1,1.5,2" and table.loc["diffusion steps", "text"] == 1000
+    assert isinstance(table.loc["iterations", "segmap"], int) and table.loc["iterations", "segmap"] > 0
+
+
+def test_uncond_task_trains_and_runs_in_plain_diffusers(tmp_path):
+    """The unconditional model: the text UNet's transformer blocks fine-tuned on the empty caption only; plain
+    StableDiffusionPipeline with that UNet and prompt "" draws what the lab's sampler draws."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    rows = train.train("task-uncond", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                       export_to=tmp_path / "model", progress=False)
+    assert rows[0]["stage"] == "task-uncond" and rows[0]["trained_params"] == sum(
+        v.numel() for v in load_file(str(tmp_path / "model" / "unet-uncond" / tasks.PARTIAL_FILE)).values())
+    pipe = lab.load(tmp_path / "model", task="uncond")
+    assert pipe.kind == "sd"
+    run = pipe.sampler(["", ""], steps=3, guidance=1.0, scheduler="ddim", seed=4, progress=False).run()
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "model", subfolder="unet")
+    unet.load_state_dict(load_file(str(tmp_path / "model" / "unet-uncond" / tasks.PARTIAL_FILE)), strict=False)
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "model", unet=unet)
+    sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    sd.set_progress_bar_config(disable=True)
+    ref = sd(["", ""], num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(4)).images
+    assert torch.allclose(run.steps[-1].prev_latents, ref, atol=1e-5)
+    with pytest.raises(KeyError, match="whole UNet"):
+        tasks.trained_subset(unet, "inpaint")

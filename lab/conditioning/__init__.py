@@ -2,6 +2,8 @@
 
     text.py        Text         prompts -> cross-attention (SD, SDXL pooled embeddings and time ids)
     classes.py     ClassLabel   class label -> the UNet's class embedding, a null class for guidance
+                   ClassTokens  class label -> cross-attention tokens (a class model's class_embedder)
+                   Layout       labelled boxes -> cross-attention tokens (a layout model's layout_embedder)
     concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout), Upscale
                                 (SD's x4 upscaler: the noised low-res image, its noise level as class label),
                                 SemanticMap (class probabilities at the latent grid: LDM's semantic synthesis)
@@ -17,12 +19,12 @@ import torch
 
 from ..schedulers import set_timesteps
 from .base import Conditioning, Setup, StepInfo, UNetInputs
-from .classes import ClassLabel
+from .classes import ClassLabel, ClassTokens, Layout
 from .concat import Concat, Inpainting, SemanticMap, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
 
-__all__ = ["ClassLabel", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "MODES", "STOP_WORDS",
+__all__ = ["ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "Layout", "MODES", "STOP_WORDS",
            "SemanticMap", "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
@@ -44,10 +46,26 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     bad = [p for p in extra if not isinstance(p, Conditioning)]
     if bad:
         raise TypeError(f"conditioning= takes lab.conditioning.Conditioning plug-ins, not {type(bad[0]).__name__}")
+    if pipe.kind == "class":  # class tokens replace the text: the prompts only count the images
+        if class_labels is None:
+            raise ValueError("a class model needs class_labels= (one class index per image, or one for all)")
+        if prompt != "" or negative_prompt is not None or null_class is not None:
+            raise ValueError("a class model takes class_labels= only: no prompt, negative_prompt or null_class "
+                             "(its class_embedder has the null class)")
+        if not isinstance(class_labels, int):
+            prompt = [""] * len(class_labels)
+    if pipe.kind == "layout":  # box tokens replace the text: the prompts only count the images
+        layouts = [p for p in extra if isinstance(p, Layout)]
+        if len(layouts) != 1:
+            raise ValueError("a layout model needs one conditioning=[lab.conditioning.Layout(boxes)]")
+        if prompt != "" or negative_prompt is not None:
+            raise ValueError("a layout model takes its boxes only (conditioning=[Layout(...)]): no prompt or "
+                             "negative_prompt")
+        prompt = [""] * layouts[0].n_layouts
     out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch,
                                     micro=micro)]
     if class_labels is not None:
-        out.append(ClassLabel(class_labels, null_class))
+        out.append(ClassTokens(class_labels) if pipe.kind == "class" else ClassLabel(class_labels, null_class))
     if pipe.kind == "inpaint":
         out.append(Inpainting(image, mask_image, strength))
     if pipe.kind == "upscale":

@@ -17,6 +17,20 @@ Held-out scenes, fixed seeds, DDIM with classifier-free guidance, as ``eval shap
   the IoU of those regions with the map's, intersections and unions summed over the ``n`` scenes, then the mean
   over the classes; ``segmap_miou_with_background`` counts the background as a fourth class;
   ``segmap_fidelity``: the fraction of samples the oracle reads as the caption says;
+* ``uncond_attribute_tv``: the unconditional model (``unet-uncond``; without one, the text model's empty
+  caption), ``n`` samples without guidance: the total-variation distance between the oracle's histogram of each
+  attribute (objects per image, shape, colour, size, background) on the samples and on 2,000 scenes of the world
+  the model was trained on (three in four with two objects), the mean over the five attributes
+  (``uncond_attribute_tv_max``: the largest; ``uncond_tv_per_attribute``, both histograms); ``uncond_text_*``:
+  the same for the text model's empty caption (caption dropout trains that branch jointly, as classifier-free
+  guidance needs);
+* ``class_accuracy``: the class model (:class:`~lab.shapes.tasks.ClassTokenEncoder`), the 36 classes in turn:
+  the fraction of samples where the oracle reads exactly one object of the class's size, colour and shape
+  (``class_colour_shape_accuracy``: size not counted; ``class_one_object``: exactly one object);
+* ``layout_box_iou50``: the layout model (:class:`~lab.shapes.tasks.LayoutTokenEncoder`), a held-out scene's
+  objects as labelled boxes in: the fraction of requested boxes the oracle finds drawn, an object of the box's
+  colour and shape whose box has IoU >= 0.5 with it (each detection used once); ``layout_mean_iou``: the mean
+  of those best IoUs (0 where none); ``layout_scene_exact``: every box found and nothing else drawn;
 * ``weights_mb``: every bundled weight file, in MB.
 """
 from __future__ import annotations
@@ -27,11 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelNotFound
 from . import world
 from .evaluator import evaluate
-from .tasks import SEG_CLASSES, TASKS, box_masks, check_task, low_res, segmap_onehot
+from .tasks import CLASSES, SEG_CLASSES, TASKS, box_masks, check_task, class_name, low_res, segmap_onehot
 
 GROW = 3  # px the masked object's box is grown by
+EVAL_TASKS = TASKS
+UNCOND_TWO_SHARE = 0.75  # the bundled text model's training mix (round 4: --two-share 0.75)
 
 
 def inpaint_case(seed: int, index: int) -> dict:
@@ -136,13 +153,112 @@ def segmap_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: i
             "segmap_fidelity": float(np.mean(ok))}
 
 
+def class_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, chunk: int = 50) -> dict:
+    """The ``class_*`` keys (module docstring) of a class ``pipe``: the classes in turn, ``n`` samples."""
+    labels = [i % len(CLASSES) for i in range(n)]
+    samples = []
+    for a in range(0, n, chunk):
+        run = pipe.sampler(class_labels=labels[a:a + chunk], steps=steps, guidance=guidance, scheduler="ddim",
+                           seed=seed + a, progress=False).run()
+        samples += [np.asarray(im) for im in run.images]
+    rs = [evaluate(im, f"a {class_name(v)}") for v, im in zip(labels, samples)]
+    return {"class_accuracy": float(np.mean([r["all_ok"] for r in rs])),
+            "class_colour_shape_accuracy": float(np.mean([r["shape_ok"] and r["n_detected"] == 1 for r in rs])),
+            "class_one_object": float(np.mean([r["n_detected"] == 1 for r in rs]))}
+
+
+def box_iou(a, b) -> float:
+    """IoU of two boxes ``(x0, y0, x1, y1)``."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def layout_case(seed: int, index: int) -> list:
+    """A held-out scene's layout: ``[(label, (x0, y0, x1, y1)), ...]``, labels ``"red circle"``."""
+    scene = world.make_example(seed, index, split="heldout")["scene"]
+    return [(f"{o.colour} {o.shape}", tuple(float(v) for v in o.bbox)) for o in scene.objects]
+
+
+def layout_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, chunk: int = 50) -> dict:
+    """The ``layout_*`` keys (module docstring) of a layout ``pipe``."""
+    from ..conditioning import Layout
+    from .evaluator import detect
+    cases = [layout_case(800, i) for i in range(n)]
+    samples = []
+    for a in range(0, n, chunk):
+        run = pipe.sampler(conditioning=[Layout(cases[a:a + chunk])], steps=steps, guidance=guidance,
+                           scheduler="ddim", seed=seed + a, progress=False).run()
+        samples += [np.asarray(im) for im in run.images]
+    hits, ious, exact = [], [], []
+    for lay, im in zip(cases, samples):
+        _, dets, _ = detect(im)
+        free = list(dets)
+        for label, box in lay:  # each requested box: the best unused detection of its label
+            cands = [(box_iou(box, d.bbox), k) for k, d in enumerate(free) if f"{d.colour} {d.shape}" == label]
+            best, k = max(cands, default=(0.0, None))
+            hits.append(best >= 0.5)
+            ious.append(best)
+            if k is not None:
+                free.pop(k)
+        exact.append(len(dets) == len(lay) and all(hits[-len(lay):]))
+    return {"layout_box_iou50": float(np.mean(hits)), "layout_mean_iou": float(np.mean(ious)),
+            "layout_scene_exact": float(np.mean(exact))}
+
+
+UNCOND_ATTRIBUTES = ("count", "shape", "colour", "size", "background")
+
+
+def attribute_histograms(images) -> dict[str, dict[str, float]]:
+    """What the oracle reads in ``images``: for each of :data:`UNCOND_ATTRIBUTES` the share of each value
+    (``count``: objects per image, 3 and more together; shape, colour, size: over all detected objects;
+    background: per image)."""
+    from collections import Counter
+
+    from .evaluator import detect
+    counts = {a: Counter() for a in UNCOND_ATTRIBUTES}
+    for im in images:
+        bg, dets, _ = detect(np.asarray(im))
+        counts["count"][str(min(len(dets), 3))] += 1
+        counts["background"][bg] += 1
+        for d in dets:
+            size, colour, shape = d.key
+            counts["size"][size] += 1
+            counts["colour"][colour] += 1
+            counts["shape"][shape] += 1
+    return {a: {k: v / max(sum(c.values()), 1) for k, v in sorted(c.items())} for a, c in counts.items()}
+
+
+def total_variation(p: dict, q: dict) -> float:
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def uncond_eval(pipe, n: int, *, steps: int = 30, seed: int = 0, two_share: float = UNCOND_TWO_SHARE,
+                n_world: int = 2000, chunk: int = 50) -> dict:
+    """The ``uncond_*`` keys (module docstring): ``n`` samples of ``pipe`` with the empty caption and no guidance
+    against ``n_world`` scenes of the world the model was trained on (``two_share`` two-object scenes)."""
+    samples = []
+    for a in range(0, n, chunk):
+        run = pipe.sampler([""] * min(chunk, n - a), steps=steps, guidance=1.0, scheduler="ddim", seed=seed + a,
+                           progress=False).run()
+        samples += [np.asarray(im) for im in run.images]
+    got = attribute_histograms(samples)
+    want = attribute_histograms(world.make_example(700, i, two_share=two_share)["image"] for i in range(n_world))
+    tv = {a: total_variation(got[a], want[a]) for a in UNCOND_ATTRIBUTES}
+    return {"uncond_attribute_tv": float(np.mean(list(tv.values()))), "uncond_attribute_tv_max": max(tv.values()),
+            "uncond_tv_per_attribute": tv, "uncond_histograms": got, "uncond_world_histograms": want,
+            "uncond_world_two_share": two_share}
+
+
 def weights_mb(root: Path | None = None) -> float:
     """Every weight file of the bundled models (``*.safetensors`` under ``lab/models``), in MB."""
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1] / "models"
     return round(sum(f.stat().st_size for f in root.rglob("*.safetensors")) / 1e6, 2)
 
 
-def run_task_eval(n: int = 200, *, tasks=TASKS, steps: int = 30, guidance: float = 5.0, seed: int = 0,
+def run_task_eval(n: int = 200, *, tasks=EVAL_TASKS, steps: int = 30, guidance: float = 5.0, seed: int = 0,
                   model="shapes", json_path=None, progress=print) -> dict:
     """The keys of the module docstring for ``tasks`` of ``model`` (the bundled ``"shapes"`` or a pipeline
     directory with ``unet-TASK`` subfolders)."""
@@ -151,10 +267,23 @@ def run_task_eval(n: int = 200, *, tasks=TASKS, steps: int = 30, guidance: float
     res: dict = {"model": str(model), "n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim",
                  "seed": seed, "tasks": list(tasks)}
     for task in tasks:
-        check_task(task)
         t = time.time()
-        pipe = lab.load(model, task=task)
-        if task == "inpaint":
+        if task == "uncond":
+            # the text model's empty caption, and the unconditional model fine-tuned from it where there is one
+            text_branch = uncond_eval(lab.load(model), n, steps=steps, seed=seed)
+            res.update({k.replace("uncond_", "uncond_text_", 1): v for k, v in text_branch.items()})
+            try:
+                res.update(uncond_eval(lab.load(model, task="uncond"), n, steps=steps, seed=seed), uncond_model="unet-uncond")
+            except ModelNotFound:
+                res.update(text_branch, uncond_model="the text model's empty caption")
+        else:
+            check_task(task)
+            pipe = lab.load(model, task=task)
+        if task == "class":
+            res.update(class_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
+        elif task == "layout":
+            res.update(layout_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
+        elif task == "inpaint":
             res.update(inpaint_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))
         elif task == "sr":
             res.update(sr_eval(pipe, n, steps=steps, guidance=guidance, seed=seed))

@@ -6,6 +6,14 @@ the text encoder where it serves). So far:
 =========  =========================================  ============================================================
 task       condition                                  how it enters
 =========  =========================================  ============================================================
+class      a class: (size, colour, shape) of a        CA: a learned class token in a frame of 32
+           one-object scene; a null class             (:class:`ClassTokenEncoder`); the UNet's cross-attention K/V
+                                                      fine-tuned, the rest of the text UNet as it is
+uncond     none                                       - (the text UNet's transformer blocks fine-tuned on the
+                                                      empty caption's context)
+layout     up to two boxes, each labelled with a      CA: a token per box, label embedding + MLP of the box's
+           colour and shape ("red circle")            Fourier features (:class:`LayoutTokenEncoder`); the UNet's
+                                                      transformer blocks fine-tuned
 inpaint    a mask and the masked image (and a         concat, SD's 9-channel layout: ``[z_t, mask, E(masked)]``;
            caption)                                   ``conv_in`` widened with zero-initialised channels
 sr         a 16x16 image (and a caption), noised to   concat, SD's x4 upscaler layout: ``[z_t, noised low-res]``
@@ -35,6 +43,22 @@ folder, then the VAE's own scaling factor must be put back (that pipeline's cons
 The low-res training images are the scenes area-averaged to 16x16 and noised by the low-res scheduler to a
 level drawn uniformly from [0, 350] (SD's ``max_noise_level``); sampling uses 20, the pipeline's default.
 
+The class model is the text UNet with its cross-attention key and value projections replaced (Custom
+Diffusion's choice of weights: the only ones that read the context; 0.3 MB in fp16) and a class token encoder;
+the layout model replaces every transformer block (2.6 MB) and reads box tokens (:class:`LayoutTokenEncoder`);
+``lab.load("shapes", task="class")`` puts them together, ``pipe.sampler(class_labels=[...])`` samples (guidance
+against the null class). Plain diffusers and safetensors::
+
+    unet = UNet2DConditionModel.from_pretrained("lab/models/shapes", subfolder="unet")
+    unet.load_state_dict(load_file("lab/models/shapes/unet-class/unet_partial.safetensors"), strict=False)
+    enc = load_file("lab/models/shapes/class_embedder/diffusion_pytorch_model.safetensors")
+    context = torch.cat([enc["frame"][:1], enc["table.weight"][label][None], enc["frame"][2:]])[None]
+
+The unconditional model is the text UNet with its transformer blocks fine-tuned on the empty caption alone
+(``unet-uncond``, a partial file like the class model's; sampled with ``prompt=""`` and no guidance). The text
+model's own empty caption is an unconditional model too (caption dropout trains it), but a biased one; ``eval
+tasks`` measures both.
+
 The semantic-map model is driven with ``conditioning=[lab.conditioning.SemanticMap(segmap_onehot(seg))]``;
 its caption is dropped three times in ten in training, so that it also learns the map alone (``prompt=""``; the
 eval measures it with captions only).
@@ -52,14 +76,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..token_encoders import PARTIAL_FILE, TOKEN_ENCODERS as _ENCODERS, ClassTokenEncoder, LayoutTokenEncoder, load_partial
 from . import world
 
-TASKS = ("inpaint", "sr", "segmap")
+TASKS = ("inpaint", "sr", "segmap", "class", "layout", "uncond")
+CONCAT_TASKS = ("inpaint", "sr", "segmap")
 SEG_CLASSES = tuple(world.SEG_PALETTE)  # background, circle, square, triangle: the semantic map's channels
 EXTRA_CHANNELS = {"inpaint": 5, "sr": 3, "segmap": len(SEG_CLASSES)}  # concat tasks: channels appended to the 4 latent channels
 MAX_NOISE_LEVEL = 350  # the upscaler's noise augmentation levels (StableDiffusionUpscalePipeline's default)
 LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 SR_FACTOR = 4  # 64x64 from 16x16
+CAPTION_DROP = {"inpaint": 0.1, "sr": 0.3, "segmap": 0.3}  # training: the caption's drop rate (guidance, and the
+# condition alone: the low-res image and the map say most of what the caption does)
+NEW_LR_MULT = 10.0  # training: the new zero-initialised inputs (conv_in's extra channels, the noise-level
+# embedding) learn at this multiple of the UNet's rate; at 1x they moved 0.002-0.01 in 400-500 steps against the
+# pretrained channels' 0.08 mean weight, and the inpainting and upscaling models barely used their conditions
+
+
+#: the class model's classes: every one-object scene's (size, colour, shape); index len(CLASSES) is the null class
+CLASSES = tuple((size, colour, shape) for size in world.SIZES for colour in world.COLOURS for shape in world.SHAPES)
+CLASS_SLOT = 1  # the class token's place in its context (after the start token, where a caption's first word goes)
+TOKEN_LR_MULT = 3.0  # training: a CA task's token encoder's rate against the UNet's
+TRAINING_RECORD = "lab_training.json"  # in each exported model folder: its last training (steps, seconds, batch, lr)
+TOKEN_TASKS = {"class": "class_embedder", "layout": "layout_embedder"}  # CA tasks: where their token encoder lives
+LAYOUT_LABELS = tuple(f"{colour} {shape}" for colour in world.COLOURS for shape in world.SHAPES)  # a box's label
+
+
+def class_name(index: int) -> str:
+    """``"large red circle"`` for a class index (``"null"`` for the null class)."""
+    return " ".join(CLASSES[index]) if index < len(CLASSES) else "null"
+
+
+def class_index(size: str, colour: str, shape: str) -> int:
+    return CLASSES.index((size, colour, shape))
 
 
 def check_task(task: str) -> str:
@@ -138,6 +187,56 @@ def widen_conv_in(unet, extra: int, num_class_embeds: int | None = None):
     return new
 
 
+TOKEN_ENCODERS = {task: _ENCODERS[folder] for task, folder in TOKEN_TASKS.items()}
+
+
+def class_encoder(text_encoder, tokenizer) -> ClassTokenEncoder:
+    """The class model's tokens, started from the text encoder (:class:`lab.token_encoders.ClassTokenEncoder`)."""
+    return ClassTokenEncoder.from_text_encoder(text_encoder, tokenizer, [class_name(i) for i in range(len(CLASSES))],
+                                               slot=CLASS_SLOT)
+
+
+def layout_encoder(text_encoder, tokenizer) -> LayoutTokenEncoder:
+    """The layout model's tokens, started from the text encoder (:class:`lab.token_encoders.LayoutTokenEncoder`)."""
+    return LayoutTokenEncoder.from_text_encoder(text_encoder, tokenizer, LAYOUT_LABELS, max_objects=world.MAX_OBJECTS,
+                                                image_size=world.SIZE)
+
+
+def trained_subset(unet, task: str) -> dict[str, torch.Tensor]:
+    """The UNet weights a task fine-tunes over the text UNet, by name: the class model its cross-attention key
+    and value projections (the only weights that read the context: Custom Diffusion's choice); the layout model
+    every transformer block (queries too: where a box is must be read off the latents' positions); the
+    unconditional model the same blocks, with the empty caption's context only."""
+    def keep(k):
+        return (".attn2.to_k." in k or ".attn2.to_v." in k) if task == "class" else ".attentions." in k
+    if task not in (*TOKEN_TASKS, "uncond"):
+        raise KeyError(f"{task!r} fine-tunes the whole UNet; a subset is for 'class', 'layout' and 'uncond'")
+    return {k: v for k, v in unet.state_dict().items() if keep(k)}
+
+
+class SplitConvIn(torch.nn.Module):
+    """A widened UNet's ``conv_in`` while it trains: the pretrained channels' kernel and the new channels'
+    kernel as two parameters (so the new ones, zero at the start, can learn at their own rate), computing exactly
+    the one convolution; :meth:`merged` gives the plain ``Conv2d`` back for saving."""
+
+    def __init__(self, conv: torch.nn.Conv2d, old_channels: int):
+        super().__init__()
+        w = conv.weight.detach()
+        self.old_weight = torch.nn.Parameter(w[:, :old_channels].clone())
+        self.new_weight = torch.nn.Parameter(w[:, old_channels:].clone())
+        self.bias = torch.nn.Parameter(conv.bias.detach().clone())
+        self.stride, self.padding = conv.stride, conv.padding
+
+    def forward(self, x):
+        return F.conv2d(x, torch.cat([self.old_weight, self.new_weight], 1), self.bias, self.stride, self.padding)
+
+    def merged(self) -> torch.nn.Conv2d:
+        w = torch.cat([self.old_weight, self.new_weight], 1).detach()
+        conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=self.stride, padding=self.padding)
+        conv.to(w.device, w.dtype).load_state_dict({"weight": w, "bias": self.bias.detach()})
+        return conv
+
+
 def low_res(images_u8: torch.Tensor) -> torch.Tensor:
     """``uint8 [B, H, W, 3]`` scenes -> ``[B, 3, H/4, W/4]`` in [-1, 1], area-averaged: the upscaler's input."""
     x = images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -171,3 +270,80 @@ def inpaint_inputs(vae, images_u8: torch.Tensor, masks: torch.Tensor, scale: flo
         z = vae.encode(masked).latent_dist.sample(g) * scale
     m = F.interpolate(masks, size=z.shape[-2:])
     return m, z
+
+
+TABLE_ROWS = ("condition", "f", "z-shape", "|Z|", "diffusion steps", "noise schedule", "model size", "channels",
+              "depth", "channel multiplier", "number of heads", "batch size", "iterations", "learning rate",
+              "conditioning", "(C)A-resolutions", "embedding dimension", "transformer depth", "trained parameters",
+              "training time", "weights (fp16)")
+_CONDITIONS = {"text": ("caption", "CA"), "uncond": ("none (the empty caption)", "-"),
+               "class": ("class token (+ frame)", "CA"), "layout": ("boxes with labels", "CA"), "inpaint": ("mask + masked image", "concat (+ CA text)"),
+               "sr": ("16x16 image + noise level", "concat (+ CA text)"),
+               "segmap": ("semantic map", "concat (+ CA text)")}
+
+
+def hyperparameter_table(path=None):
+    """The lecture's hyper-parameter table (LDM's, task by task) for the models in ``path`` (default: the bundled
+    shapes model), read from their configs and training records (:data:`TRAINING_RECORD`): a pandas DataFrame,
+    rows :data:`TABLE_ROWS`, one column per model there (text, uncond (the text model's empty caption unless
+    there is an unconditional model), and each task model). ``iterations``,
+    ``batch size``, ``learning rate`` and ``training time`` are the model's last training (a task model's
+    fine-tune from the text model; the text model's last round)."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from ..loading import resolve_path
+    root = Path(resolve_path(path or "shapes"))
+    vae = AutoencoderKL.load_config(root / "vae")
+    sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    f = 2 ** (len(vae["block_out_channels"]) - 1)
+    base_cfg = UNet2DConditionModel.load_config(root / "unet")
+    n_base = sum(t.numel() for t in load_file(str(root / "unet" / "diffusion_pytorch_model.safetensors")).values())
+
+    def mb(folder):
+        return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 1e6
+
+    def column(name, cfg, folder, extra_params=0, record_dir=None, weights=0.0):
+        chans = list(cfg["block_out_channels"])
+        size = cfg["sample_size"]
+        res = [size // 2 ** i for i, b in enumerate(cfg["down_block_types"]) if "CrossAttn" in b]
+        if "CrossAttn" in (cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+            res.append(size // 2 ** (len(chans) - 1))
+        n_unet = n_base + (cfg["in_channels"] - base_cfg["in_channels"]) * chans[0] * 9  # conv_in's new channels
+        if cfg.get("num_class_embeds"):
+            n_unet += cfg["num_class_embeds"] * chans[0] * 4
+        rec_path = Path(record_dir or folder) / TRAINING_RECORD
+        rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        cond, how = _CONDITIONS[name]
+        return {"condition": cond, "f": f, "z-shape": f"{size}x{size}x{vae['latent_channels']}",
+                "|Z|": "- (KL)", "diffusion steps": sched["num_train_timesteps"],
+                "noise schedule": sched["beta_schedule"].replace("_", " "),
+                "model size": f"{(n_unet + extra_params) / 1e6:.2f}M", "channels": chans[0],
+                "depth": cfg["layers_per_block"], "channel multiplier": ",".join(f"{c / chans[0]:g}" for c in chans),
+                "number of heads": cfg["attention_head_dim"], "batch size": rec.get("batch", "?"),
+                "iterations": rec.get("steps", "?"), "learning rate": rec.get("lr", "?"), "conditioning": how,
+                "(C)A-resolutions": ", ".join(map(str, sorted(set(res), reverse=True))),
+                "embedding dimension": cfg["cross_attention_dim"],
+                "transformer depth": cfg.get("transformer_layers_per_block", 1),
+                "trained parameters": f"{rec['trained_params'] / 1e6:.2f}M" if "trained_params" in rec else "?",
+                "training time": f"{rec['seconds'] / 60:.0f} min {rec.get('device', '')}" if "seconds" in rec else "?",
+                "weights (fp16)": f"{weights:.2f} MB"}
+
+    cols = {"text": column("text", base_cfg, root / "unet", weights=mb(root / "unet") + mb(root / "text_encoder")),
+            "uncond": column("uncond", base_cfg, root / "unet", weights=0.0)}
+    for task in TASKS:
+        folder = root / f"unet-{task}"
+        if (folder / "config.json").exists():
+            cols[task] = column(task, UNet2DConditionModel.load_config(folder), folder, weights=mb(folder))
+        elif (folder / PARTIAL_FILE).exists() and task == "uncond":  # replaces the text model's empty caption
+            cols[task] = column(task, base_cfg, folder, weights=mb(folder))
+            cols[task]["condition"] = "none"
+        elif (folder / PARTIAL_FILE).exists():
+            enc = root / TOKEN_TASKS[task]
+            n_enc = sum(t.numel() for f in enc.glob("*.safetensors") for t in load_file(str(f)).values())
+            cols[task] = column(task, base_cfg, folder, n_enc, weights=mb(folder) + mb(enc))
+    return pd.DataFrame(cols).loc[list(TABLE_ROWS)]

@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
 from . import configs, world
-from .tasks import (EXTRA_CHANNELS, MAX_NOISE_LEVEL, TASKS, check_task, inpaint_inputs, inpaint_masks, low_res,
-                    low_res_scheduler, object_boxes, segmap_onehot, widen_conv_in)
+from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS,
+                    TOKEN_ENCODERS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
+                    class_encoder, class_index, inpaint_inputs, layout_encoder, inpaint_masks, low_res, low_res_scheduler, object_boxes,
+                    segmap_onehot, trained_subset, widen_conv_in)
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -213,9 +215,13 @@ class Trainer:
         return torch.randint(0, self.preset.n_train, (batch,), generator=g, device=self.device)
 
     # ---------------------------------------------------------------- loop
-    def _loop(self, stage: str, params, seconds: float, lr: float, step_fn, state_fn, load_fn, batch_g):
+    def _loop(self, stage: str, params, seconds: float, lr: float, step_fn, state_fn, load_fn, batch_g,
+              batch: int | None = None):
         ckpt_path = self.out / "ckpt" / f"{stage}.pt"
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if stage == "vae" else 1e-2)
+        # params: tensors, or param groups whose "lr_mult" scales the schedule's learning rate for that group
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0 if stage == "vae" else 1e-2)
+        params = [q for grp in opt.param_groups for q in grp["params"]]
         step, elapsed = 0, 0.0
         ck = _load_ckpt(ckpt_path)
         if ck is not None:
@@ -232,7 +238,7 @@ class Trainer:
         running = None
         while elapsed < seconds and (max_steps is None or step < max_steps):
             for grp in opt.param_groups:
-                grp["lr"] = _cosine_lr(lr, elapsed / seconds)
+                grp["lr"] = _cosine_lr(lr, elapsed / seconds) * grp.get("lr_mult", 1.0)
             loss, extra = step_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,7 +262,10 @@ class Trainer:
         _save_ckpt(ckpt_path, {**state_fn(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                                "gen": batch_g.get_state()})
         summary = {"stage": stage, "steps": step, "seconds": round(elapsed, 1), "final_loss": running,
-                   "device": str(self.device)}
+                   "device": str(self.device), "batch": batch, "lr": lr, "ema_decay": self.preset.ema_decay,
+                   "lr_mults": sorted({grp.get("lr_mult", 1.0) for grp in opt.param_groups}),
+                   "trained_params": sum(q.numel() for q in params), "n_train": self.preset.n_train,
+                   "base": os.path.relpath(self.base) if self.base.is_absolute() else str(self.base)}
         (self.out / "logs" / f"{stage}.summary.json").write_text(json.dumps(summary, indent=2))
         print(f"[{stage}] {step} steps in {elapsed:.0f}s, loss {running}", flush=True)
         return summary
@@ -285,7 +294,7 @@ class Trainer:
 
         summary = self._loop("vae", list(vae.parameters()), p.vae_seconds, p.vae_lr, step_fn,
                              lambda: {"model": vae.state_dict()},
-                             lambda ck: vae.load_state_dict(ck["model"]), g)
+                             lambda ck: vae.load_state_dict(ck["model"]), g, p.vae_batch)
         # scaling factor so that scaled latents have unit variance (SD's 0.18215 is found the same way)
         with torch.no_grad():
             z = self._encode(vae, images[:4096], sample=True)
@@ -437,7 +446,7 @@ class Trainer:
             ema_text.load_state_dict(ck["ema_text"])
 
         summary = self._loop_with_ema("unet", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
-                                      [(ema_unet, unet), (ema_text, text)])
+                                      [(ema_unet, unet), (ema_text, text)], p.unet_batch)
         if grounding:
             from diffusers.models.attention_processor import AttnProcessor2_0
             ema_unet.set_attn_processor(AttnProcessor2_0())
@@ -446,7 +455,7 @@ class Trainer:
         self._save_scheduler()
         return summary
 
-    def _loop_with_ema(self, stage, params, seconds, lr, step_fn, state_fn, load_fn, g, pairs):
+    def _loop_with_ema(self, stage, params, seconds, lr, step_fn, state_fn, load_fn, g, pairs, batch=None):
         decay = self.preset.ema_decay
         counter = {"n": 0}
 
@@ -459,7 +468,7 @@ class Trainer:
             counter["n"] += 1
             return step_fn()
 
-        summary = self._loop(stage, params, seconds, lr, wrapped, state_fn, load_fn, g)
+        summary = self._loop(stage, params, seconds, lr, wrapped, state_fn, load_fn, g, batch)
         d = min(decay, (1 + counter["n"]) / (10 + counter["n"]))
         for ema, model in pairs:
             _ema_update(ema, model, d)
@@ -522,7 +531,8 @@ class Trainer:
             return F.mse_loss(pred.float(), eps), {}
 
         summary = self._loop(stage, list(net.parameters()), p.controlnet_seconds, p.controlnet_lr, step_fn,
-                             lambda: {"model": net.state_dict()}, lambda ck: net.load_state_dict(ck["model"]), g)
+                             lambda: {"model": net.state_dict()}, lambda ck: net.load_state_dict(ck["model"]), g,
+                             p.controlnet_batch)
         net.save_pretrained(self.out / stage)
         return summary
 
@@ -535,6 +545,8 @@ class Trainer:
         from transformers import CLIPTextModel
 
         check_task(task)
+        if task in (*TOKEN_TASKS, "uncond"):
+            return self._train_tokens(task)
         p = self.preset
         stage = f"task-{task}"
         scale, mean, std = self._latent_stats(self._component("vae"))
@@ -545,7 +557,11 @@ class Trainer:
         base = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
         unet = widen_conv_in(base, EXTRA_CHANNELS[task],
                              num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
+        unet.conv_in = SplitConvIn(unet.conv_in, base.config.in_channels)
         del base
+        fast = [unet.conv_in.new_weight] + ([unet.class_embedding.weight] if task == "sr" else [])
+        params = [{"params": [q for q in unet.parameters() if all(q is not f for f in fast)]},
+                  {"params": fast, "lr_mult": NEW_LR_MULT}]
         lrs = low_res_scheduler()
         ids = self._token_ids(self.data["caption"])
         empty = self._token_ids([""])[0]
@@ -562,7 +578,7 @@ class Trainer:
             idx = self._batch_idx(g, p.unet_batch)
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)) * scale
             tok = ids[idx].clone()
-            tok[torch.rand(len(idx), generator=g, device=self.device) < (0.3 if task == "segmap" else 0.1)] = empty
+            tok[torch.rand(len(idx), generator=g, device=self.device) < CAPTION_DROP[task]] = empty
             labels = None
             if task == "inpaint":
                 masks = inpaint_masks(boxes[idx], g)
@@ -591,11 +607,106 @@ class Trainer:
             unet.load_state_dict(ck["unet"])
             ema.load_state_dict(ck["ema"])
 
-        summary = self._loop_with_ema(stage, list(unet.parameters()), p.unet_seconds, p.unet_lr, step_fn, state, load, g,
-                                    [(ema, unet)])
+        summary = self._loop_with_ema(stage, params, p.unet_seconds, p.unet_lr, step_fn, state, load, g, [(ema, unet)],
+                                      p.unet_batch)
+        ema.conv_in = ema.conv_in.merged()
         ema.save_pretrained(self.out / f"unet-{task}")
         if task == "sr":
             lrs.save_pretrained(self.out / "low_res_scheduler")
+        return summary
+
+    def _train_tokens(self, task: str) -> dict:
+        """A CA task model: tokens made from the condition (:data:`lab.shapes.tasks.TOKEN_ENCODERS`, started from
+        the text encoder) read by the text model's UNet through cross-attention, with the UNet weights of
+        :func:`~lab.shapes.tasks.trained_subset` fine-tuned and the rest frozen. ``class``: the one-object scenes
+        of this trainer's data, their (size, colour, shape) the label; ``layout``: every scene, its objects'
+        boxes and (colour, shape) labels, in either order. The condition is dropped to the null one time in
+        ten (guidance). EMA weights to ``out / "unet-TASK" / PARTIAL_FILE`` and ``out / "TASK_embedder"``."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from safetensors.torch import save_file
+        from transformers import CLIPTextModel
+
+        from .evaluator import parse_caption
+        p = self.preset
+        scale, mean, std = self._latent_stats(self._component("vae"))
+        text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device).eval()
+        if task == "uncond":  # no condition: every scene with the empty caption's context
+            with torch.no_grad():
+                empty = text(self._token_ids([""])).last_hidden_state.float()
+            encoder = torch.nn.Module()
+        else:
+            encoder = (class_encoder if task == "class" else layout_encoder)(text, self.tokenizer()).to(self.device).train()
+        del text
+        unet = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
+        unet.requires_grad_(False)
+        names = set(trained_subset(unet, task))
+        trained = [q for name, q in unet.named_parameters() if name in names]
+        for q in trained:
+            q.requires_grad_(True)
+        parsed = [parse_caption(c)[0] for c in self.data["caption"]]
+        if task == "uncond":
+            pool = torch.arange(len(parsed), device=self.device)
+        elif task == "class":
+            pool = torch.tensor([i for i, objs in enumerate(parsed) if len(objs) == 1], device=self.device)
+            labels = torch.tensor([class_index(*parsed[i][0]) for i in pool.tolist()], device=self.device)
+        else:
+            pool = torch.arange(len(parsed), device=self.device)
+            labels = torch.tensor([[LAYOUT_LABELS.index(f"{c} {sh}") for _, c, sh in objs] + [-1] * (world.MAX_OBJECTS - len(objs))
+                                   for objs in parsed], device=self.device)
+        boxes = self.data["boxes"].float()
+        print(f"[task-{task}] {len(pool)} scenes, {len(trained)} UNet tensors trained "
+              f"({sum(q.numel() for q in trained) / 1e6:.2f}M)", flush=True)
+        ema_enc = copy.deepcopy(encoder).requires_grad_(False)
+        ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
+        abar = sched.alphas_cumprod.to(self.device)
+        torch.manual_seed(self.seed + 8)
+        g = self._generator(self.seed + 9)
+
+        def step_fn():
+            j = torch.randint(0, len(pool), (p.unet_batch,), generator=g, device=self.device)
+            idx = pool[j]
+            # contiguous: the cached latent statistics can be channels-last, and torch's CPU GroupNorm backward
+            # for channels-last inputs crashes (segfault) when the norm's own weights train (the layout model's)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)).contiguous() * scale
+            drop = torch.rand(len(j), generator=g, device=self.device) < 0.1
+            if task == "uncond":
+                ctx = empty.expand(len(j), -1, -1)
+            elif task == "class":
+                ctx = encoder(torch.where(drop, encoder.null_class, labels[j]))
+            else:
+                lab, box = labels[j], boxes[idx]
+                swap = (torch.rand(len(j), generator=g, device=self.device) < 0.5) & (lab[:, 1] >= 0)
+                lab = torch.where(swap[:, None], lab.flip(1), lab)
+                box = torch.where(swap[:, None, None], box.flip(1), box)
+                ctx = encoder(box, torch.where(drop[:, None], -1, lab))
+            eps = torch.randn(z0.shape, generator=g, device=self.device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(j),), generator=g, device=self.device)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            with _autocast(self.device):
+                pred = unet(zt, t, encoder_hidden_states=ctx).sample
+            return F.mse_loss(pred.float(), eps), {}
+
+        def state():
+            return {"encoder": encoder.state_dict(), "unet": trained_subset(unet, task),
+                    "ema_encoder": ema_enc.state_dict(), "ema_unet": trained_subset(ema_unet, task)}
+
+        def load(ck):
+            encoder.load_state_dict(ck["encoder"])
+            ema_enc.load_state_dict(ck["ema_encoder"])
+            unet.load_state_dict(ck["unet"], strict=False)
+            ema_unet.load_state_dict(ck["ema_unet"], strict=False)
+
+        params = [{"params": trained}] + ([{"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
+                                          if task != "uncond" else [])
+        summary = self._loop_with_ema(f"task-{task}", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
+                                      [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
+        if task != "uncond":
+            ema_enc.save_pretrained(self.out / TOKEN_TASKS[task])
+        (self.out / f"unet-{task}").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in trained_subset(ema_unet, task).items()},
+                  str(self.out / f"unet-{task}" / PARTIAL_FILE))
         return summary
 
     # ---------------------------------------------------------------- export
@@ -701,6 +812,15 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
         if (src(f"unet-{task}") / "config.json").exists():
             UNet2DConditionModel.from_pretrained(src(f"unet-{task}"), dtype=torch.float32).to(torch.float16) \
                 .save_pretrained(tmp / f"unet-{task}", safe_serialization=True)
+    for task in (*TOKEN_TASKS, "uncond"):  # task models as weights over the text UNet (and their token encoder)
+        if (src(f"unet-{task}") / PARTIAL_FILE).exists():
+            from safetensors.torch import load_file, save_file
+            (tmp / f"unet-{task}").mkdir()
+            save_file({k: v.half().contiguous() for k, v in load_file(str(src(f"unet-{task}") / PARTIAL_FILE)).items()},
+                      str(tmp / f"unet-{task}" / PARTIAL_FILE))
+            if task in TOKEN_TASKS:
+                folder = TOKEN_TASKS[task]
+                TOKEN_ENCODERS[task].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
     if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
         shutil.copytree(src("low_res_scheduler"), tmp / "low_res_scheduler")
     for kind in kinds:
@@ -708,6 +828,12 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
         if net_dir.exists():
             ControlNetModel.from_pretrained(net_dir, dtype=torch.float32).to(torch.float16).save_pretrained(
                 tmp / f"controlnet-{kind}", safe_serialization=True)
+    for name in [p.name for p in tmp.iterdir() if p.is_dir()]:  # each model's last training, for the task table
+        stage = name.replace("unet-", "task-") if name.startswith("unet-") else name
+        log = work / "logs" / f"{stage}.summary.json"
+        record = log if log.exists() else base / name / TRAINING_RECORD
+        if record.exists():
+            shutil.copy(record, tmp / name / TRAINING_RECORD)
     write_preview_map(tmp)
     # transformers loads a model in the dtype its config names; diffusers models load in fp32. Name fp32
     # so that a plain ``StableDiffusionPipeline.from_pretrained(dest)`` gets one dtype throughout

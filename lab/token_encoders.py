@@ -1,0 +1,134 @@
+"""Token encoders: conditions other than text made into a cross-attention context (the lecture's "CA" rows for
+class labels and layouts), and task models stored as the weights they changed over a text UNet.
+
+A token encoder is a diffusers ``ModelMixin`` saved in a folder named for its kind (:data:`TOKEN_ENCODERS`:
+``class_embedder``, ``layout_embedder``) beside the UNet; its output replaces the text encoder's states
+(:class:`lab.conditioning.ClassTokens`, :class:`lab.conditioning.Layout`). A task model that changed only part
+of the text UNet ships that part as :data:`PARTIAL_FILE` under the UNet's own parameter names
+(``load_state_dict(strict=False)`` in plain diffusers; :func:`load_partial`). The shapes world's models and
+their training are :mod:`lab.shapes.tasks`.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+PARTIAL_FILE = "unet_partial.safetensors"  # unet-TASK/: the UNet weights a fine-tune changed, by the UNet's names
+
+
+def _states(text_encoder, tokenizer, texts) -> torch.Tensor:
+    n = tokenizer.model_max_length
+    ids = tokenizer(list(texts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state.float().cpu()
+
+
+def _phrase_states(text_encoder, tokenizer, prefix: str, phrases) -> torch.Tensor:
+    """Each phrase's mean text state, read in a caption's place (``"{prefix} {phrase}"``): ``[len(phrases), dim]``."""
+    start = 1 + len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    states = _states(text_encoder, tokenizer, [f"{prefix} {p}" for p in phrases])
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in phrases]
+    return torch.stack([s[start:start + k].mean(0) for s, k in zip(states, lengths)])
+
+
+class ClassTokenEncoder(ModelMixin, ConfigMixin):
+    """Class labels -> a cross-attention context (LDM's ``ClassEmbedder``: a learned token per class, the seed's
+    CA row for class labels), ``[B, length, dim]``: a learned frame of ``length`` tokens with the class's token at
+    ``slot``. The frame starts as the text encoder's states of the empty caption and each class token as the mean
+    state of its words ("large red circle"), so fine-tuning starts from the text model reading a one-phrase
+    caption; the null class (index ``num_classes``, for guidance) starts as the empty caption's own state there.
+    A frame rather than one token: with a single key, cross-attention's softmax is 1 everywhere and the class can
+    only shift every pixel alike; beside the frame's tokens its map shows where the class is read.
+    ``class_names``: what each index draws (``"large red circle"``)."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, num_classes: int = 36, dim: int = 128, length: int = 32, slot: int = 1,
+                 class_names: tuple = ()):
+        super().__init__()
+        self.table = torch.nn.Embedding(num_classes + 1, dim)  # the last row: the null class
+        self.frame = torch.nn.Parameter(torch.zeros(length, dim))
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        s = self.config.slot
+        frame = self.frame.expand(len(labels), -1, -1)
+        return torch.cat([frame[:, :s], self.table(labels)[:, None], frame[:, s + 1:]], 1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_text_encoder(cls, text_encoder, tokenizer, class_names, *, slot: int = 1) -> "ClassTokenEncoder":
+        """Started from the text encoder (class docstring): ``class_names`` are phrases (``"large red circle"``)."""
+        n = tokenizer.model_max_length
+        enc = cls(len(class_names), text_encoder.config.hidden_size, n, slot, list(class_names))
+        empty = _states(text_encoder, tokenizer, [""])[0]
+        enc.frame.copy_(empty)
+        enc.table.weight[:-1].copy_(_phrase_states(text_encoder, tokenizer, "a", class_names))
+        enc.table.weight[-1].copy_(empty[slot])
+        return enc
+
+
+class LayoutTokenEncoder(ModelMixin, ConfigMixin):
+    """Boxes with labels -> a cross-attention context (LDM's layout-to-image: box tokens read by cross-attention;
+    GLIGEN's grounding token): each box's token is its label's embedding plus an MLP of the box's Fourier features
+    (``x0, y0, x1, y1`` over the image size, ``frequencies`` octaves), at slots ``1 .. max_objects`` of a learned
+    frame of ``length`` tokens; a slot without a box keeps the frame's token, so no boxes at all is the null
+    layout (guidance). The frame and the label embeddings start from the text encoder (the empty caption, the
+    words "red circle"), the MLP's last layer at zero: at the start a box token is its label read as a caption's
+    words, and training teaches it where."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, label_names: tuple = (), dim: int = 128, length: int = 32, max_objects: int = 2,
+                 frequencies: int = 8, image_size: int = 64):
+        super().__init__()
+        self.labels = torch.nn.Embedding(len(label_names), dim)
+        self.box = torch.nn.Sequential(torch.nn.Linear(8 * frequencies, 2 * dim), torch.nn.SiLU(),
+                                       torch.nn.Linear(2 * dim, dim))
+        self.frame = torch.nn.Parameter(torch.zeros(length, dim))
+
+    def fourier(self, boxes: torch.Tensor) -> torch.Tensor:
+        x = boxes.float() / self.config.image_size  # [..., 4] in [0, 1]
+        freqs = 2.0 ** torch.arange(self.config.frequencies, device=x.device) * torch.pi
+        ang = x[..., None] * freqs  # [..., 4, F]
+        return torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)
+
+    def forward(self, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``boxes`` ``[B, K, 4]`` pixels ``(x0, y0, x1, y1)``, ``labels`` ``[B, K]`` (``-1``: no box) ->
+        ``[B, length, dim]``."""
+        k = labels.shape[1]
+        tok = self.labels(labels.clamp(min=0)) + self.box(self.fourier(boxes)).to(self.frame.dtype)
+        frame = self.frame.expand(len(labels), -1, -1)
+        tok = torch.where((labels >= 0)[..., None], tok, frame[:, 1:1 + k])
+        return torch.cat([frame[:, :1], tok, frame[:, 1 + k:]], 1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_text_encoder(cls, text_encoder, tokenizer, label_names, *, max_objects: int = 2,
+                          image_size: int = 64) -> "LayoutTokenEncoder":
+        """Started from the text encoder (class docstring): ``label_names`` are phrases (``"red circle"``)."""
+        n = tokenizer.model_max_length
+        enc = cls(list(label_names), text_encoder.config.hidden_size, n, max_objects, 8, image_size)
+        enc.frame.copy_(_states(text_encoder, tokenizer, [""])[0])
+        enc.labels.weight.copy_(_phrase_states(text_encoder, tokenizer, "a small", label_names))
+        torch.nn.init.zeros_(enc.box[2].weight)
+        torch.nn.init.zeros_(enc.box[2].bias)
+        return enc
+
+
+TOKEN_ENCODERS = {"class_embedder": ClassTokenEncoder, "layout_embedder": LayoutTokenEncoder}  # by folder name
+
+
+def load_partial(unet, path) -> None:
+    """Put a CA task model's weights (:data:`PARTIAL_FILE`, the UNet's own parameter names) into ``unet``."""
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    bad = sorted(set(state) - set(unet.state_dict()))
+    if bad:
+        raise ValueError(f"{path} holds weights this UNet does not have: {bad[:3]}")
+    unet.load_state_dict(state, strict=False)
