@@ -14,6 +14,22 @@ from lab.shapes import tasks, train, world
 from lab.shapes.evaluate_tasks import inpaint_case
 
 
+def _ddim_cfg_by_hand(unet, ctx, scheduler_config, *, steps, seed, n, guidance, concat=None):
+    """DDIM with classifier-free guidance written out on ``unet``: ``ctx`` is ``[uncond; cond]`` contexts for
+    ``n`` images, ``concat`` channels go to both halves. Returns the final latents."""
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(steps)
+    lat = torch.randn((n, 4, 16, 16), generator=torch.Generator().manual_seed(seed)) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([lat] * 2), t)
+        if concat is not None:
+            inp = torch.cat([inp, torch.cat([concat] * 2)], 1)
+        eu, ec = unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+        lat = sched.step(eu + guidance * (ec - eu), t, lat).prev_sample
+    return lat
+
+
 def test_object_boxes_and_training_masks():
     d = world.generate(16, seed=0)
     boxes = tasks.object_boxes(d["object_masks"])
@@ -135,7 +151,6 @@ def test_sr_task_trains_exports_and_loads_both_ways(tmp_path):
 def test_segmap_task_trains_and_matches_a_hand_written_loop(tmp_path):
     """No diffusers pipeline takes a semantic map by concat: the lab's sampler is checked against the loop
     written out by hand on the same modules (DDIM, classifier-free guidance, the map in both halves)."""
-    from diffusers import DDIMScheduler
     from lab.conditioning import SemanticMap
     rows = train.train("task-segmap", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
                        export_to=tmp_path / "model", progress=False)
@@ -149,16 +164,9 @@ def test_segmap_task_trains_and_matches_a_hand_written_loop(tmp_path):
     run = pipe.sampler(ex["caption"], conditioning=[SemanticMap(onehot)], steps=4, guidance=5.0, scheduler="ddim",
                        seed=2, progress=False).run()
     with torch.no_grad():
-        sched = DDIMScheduler.from_config(pipe.scheduler.config)
-        sched.set_timesteps(4)
         cond, uncond = pipe.diffusers.encode_prompt(ex["caption"], "cpu", 1, True, None)
-        ctx = torch.cat([uncond, cond])
-        lat = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(2)) * sched.init_noise_sigma
-        m = torch.nn.functional.avg_pool2d(onehot, 4)
-        for t in sched.timesteps:
-            inp = torch.cat([sched.scale_model_input(torch.cat([lat] * 2), t), torch.cat([m] * 2)], 1)
-            eu, ec = pipe.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
-            lat = sched.step(eu + 5.0 * (ec - eu), t, lat).prev_sample
+        lat = _ddim_cfg_by_hand(pipe.unet, torch.cat([uncond, cond]), pipe.scheduler.config, steps=4, seed=2, n=1,
+                                guidance=5.0, concat=torch.nn.functional.avg_pool2d(onehot, 4))
         ref = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-5)
     ours = np.asarray(run.image).astype(np.float32) / 255
@@ -191,7 +199,7 @@ def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
     loop written out by hand from the files on disk: the text UNet, the K/V over it, the class tokens."""
     import json
 
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
     from analysis import word_heatmap
@@ -220,12 +228,7 @@ def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
             return torch.cat([frame[:1], table[label][None], frame[2:]])[None]
 
         ctx = torch.cat([context(cfg["num_classes"])] * 2 + [context(v) for v in labels])
-        sched = DDIMScheduler.from_config(pipe.scheduler.config)
-        sched.set_timesteps(3)
-        lat = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(5)) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            eu, ec = unet(sched.scale_model_input(torch.cat([lat] * 2), t), t, encoder_hidden_states=ctx).sample.chunk(2)
-            lat = sched.step(eu + 4.0 * (ec - eu), t, lat).prev_sample
+        lat = _ddim_cfg_by_hand(unet, ctx, pipe.scheduler.config, steps=3, seed=5, n=2, guidance=4.0)
     assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-5)
     # the class token is a word of the run's attention record: its map is a heat map like a caption word's
     heat = word_heatmap(run, "large blue triangle", batch=0)
@@ -254,7 +257,7 @@ def test_layout_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
     loop written out by hand from the files on disk, box tokens computed from the saved weights."""
     import json
 
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
     from analysis import word_heatmap
@@ -291,12 +294,7 @@ def test_layout_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
             return ctx[None]
 
         ctx = torch.cat([context([]), context([]), context(layouts[0]), context(layouts[1])])
-        sched = DDIMScheduler.from_config(pipe.scheduler.config)
-        sched.set_timesteps(3)
-        lat = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(6)) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            eu, ec = unet(sched.scale_model_input(torch.cat([lat] * 2), t), t, encoder_hidden_states=ctx).sample.chunk(2)
-            lat = sched.step(eu + 4.0 * (ec - eu), t, lat).prev_sample
+        lat = _ddim_cfg_by_hand(unet, ctx, pipe.scheduler.config, steps=3, seed=6, n=2, guidance=4.0)
     assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-4)
     assert word_heatmap(run, "blue square", batch=0).shape == (64, 64)  # each box token has its map
     again = lab.replay(run.save(tmp_path / "layout.zarr"), pipe)

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..token_encoders import PARTIAL_FILE, TOKEN_ENCODERS as _ENCODERS, ClassTokenEncoder, LayoutTokenEncoder, load_partial
+from ..token_encoders import PARTIAL_FILE, ClassTokenEncoder, LayoutTokenEncoder
 from . import world
 
 TASKS = ("inpaint", "sr", "segmap", "class", "layout", "uncond")
@@ -185,9 +185,6 @@ def widen_conv_in(unet, extra: int, num_class_embeds: int | None = None):
         state["class_embedding.weight"] = torch.zeros_like(new.class_embedding.weight)
     new.load_state_dict(state)
     return new
-
-
-TOKEN_ENCODERS = {task: _ENCODERS[folder] for task, folder in TOKEN_TASKS.items()}
 
 
 def class_encoder(text_encoder, tokenizer) -> ClassTokenEncoder:

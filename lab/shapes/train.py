@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 from ..recording.dispatch import ProbsAttnProcessor
 from . import configs, world
 from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS,
-                    TOKEN_ENCODERS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
+                    TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
                     class_encoder, class_index, inpaint_inputs, layout_encoder, inpaint_masks, low_res, low_res_scheduler, object_boxes,
                     segmap_onehot, trained_subset, widen_conv_in)
+from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -154,6 +155,15 @@ def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm.detach().float(), 1 - decay)
+
+
+def _forward_process(z0: torch.Tensor, abar: torch.Tensor, g: torch.Generator):
+    """One draw of the forward process q(z_t | z_0) for a batch: ``(z_t, t, eps)``, ``t`` uniform over the
+    schedule's steps (``abar``: its cumulative alphas)."""
+    eps = torch.randn(z0.shape, generator=g, device=z0.device)
+    t = torch.randint(0, len(abar), (len(z0),), generator=g, device=z0.device)
+    a = abar[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps, t, eps
 
 
 def _to_float_images(u8: torch.Tensor) -> torch.Tensor:
@@ -414,10 +424,7 @@ class Trainer:
             tok = ids[idx].clone()
             drop = torch.rand(len(idx), generator=g, device=self.device) < 0.1
             tok[drop] = empty
-            eps = torch.randn(z0.shape, generator=g, device=self.device)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=self.device)
-            a = abar[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward process q(z_t | z_0)
+            zt, t, eps = _forward_process(z0, abar, g)
             with _autocast(self.device):
                 cond = text(tok).last_hidden_state
                 pred = unet(zt, t, encoder_hidden_states=cond).sample
@@ -518,10 +525,7 @@ class Trainer:
             drop = torch.rand(len(idx), generator=g, device=self.device) < 0.5
             tok[drop] = empty
             hint = cond_u8[idx].permute(0, 3, 1, 2).float() / 255.0  # [B, 3, 64, 64] in [0, 1]
-            eps = torch.randn(z0.shape, generator=g, device=self.device)
-            t = torch.randint(0, 1000, (len(idx),), generator=g, device=self.device)
-            a = abar[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            zt, t, eps = _forward_process(z0, abar, g)
             with torch.no_grad(), _autocast(self.device):
                 cond = text(tok).last_hidden_state
             with _autocast(self.device):
@@ -590,10 +594,7 @@ class Trainer:
                 labels = torch.randint(0, MAX_NOISE_LEVEL + 1, (len(idx),), generator=g, device=self.device)
                 noise = torch.randn(low.shape, generator=g, device=self.device)
                 extra = [lrs.add_noise(low, noise, labels.cpu()).to(self.device)]
-            eps = torch.randn(z0.shape, generator=g, device=self.device)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g, device=self.device)
-            a = abar[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            zt, t, eps = _forward_process(z0, abar, g)
             with torch.no_grad(), _autocast(self.device):
                 cond = text(tok).last_hidden_state
             with _autocast(self.device):
@@ -616,7 +617,7 @@ class Trainer:
         return summary
 
     def _train_tokens(self, task: str) -> dict:
-        """A CA task model: tokens made from the condition (:data:`lab.shapes.tasks.TOKEN_ENCODERS`, started from
+        """A CA task model: tokens made from the condition (:mod:`lab.token_encoders`, started from
         the text encoder) read by the text model's UNet through cross-attention, with the UNet weights of
         :func:`~lab.shapes.tasks.trained_subset` fine-tuned and the rest frozen. ``class``: the one-object scenes
         of this trainer's data, their (size, colour, shape) the label; ``layout``: every scene, its objects'
@@ -680,10 +681,7 @@ class Trainer:
                 lab = torch.where(swap[:, None], lab.flip(1), lab)
                 box = torch.where(swap[:, None, None], box.flip(1), box)
                 ctx = encoder(box, torch.where(drop[:, None], -1, lab))
-            eps = torch.randn(z0.shape, generator=g, device=self.device)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(j),), generator=g, device=self.device)
-            a = abar[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            zt, t, eps = _forward_process(z0, abar, g)
             with _autocast(self.device):
                 pred = unet(zt, t, encoder_hidden_states=ctx).sample
             return F.mse_loss(pred.float(), eps), {}
@@ -820,7 +818,7 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
                       str(tmp / f"unet-{task}" / PARTIAL_FILE))
             if task in TOKEN_TASKS:
                 folder = TOKEN_TASKS[task]
-                TOKEN_ENCODERS[task].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
+                ENCODERS[folder].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
     if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
         shutil.copytree(src("low_res_scheduler"), tmp / "low_res_scheduler")
     for kind in kinds:
