@@ -79,13 +79,14 @@ class LayoutTokenEncoder(ModelMixin, ConfigMixin):
     frame of ``length`` tokens; a slot without a box keeps the frame's token, so no boxes at all is the null
     layout (guidance). The frame and the label embeddings start from the text encoder (the empty caption, the
     words "red circle"), the MLP's last layer at zero: at the start a box token is its label read as a caption's
-    words, and training teaches it where."""
+    words, and training teaches it where. ``coordinates``: the model's UNet also takes the latent grid's x and y
+    as two concatenated input channels (:func:`coordinate_channels`), so its queries know where they are."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, label_names: tuple = (), dim: int = 128, length: int = 32, max_objects: int = 2,
-                 frequencies: int = 8, image_size: int = 64):
+                 frequencies: int = 8, image_size: int = 64, coordinates: bool = False):
         super().__init__()
         self.labels = torch.nn.Embedding(len(label_names), dim)
         self.box = torch.nn.Sequential(torch.nn.Linear(8 * frequencies, 2 * dim), torch.nn.SiLU(),
@@ -110,10 +111,10 @@ class LayoutTokenEncoder(ModelMixin, ConfigMixin):
     @classmethod
     @torch.no_grad()
     def from_text_encoder(cls, text_encoder, tokenizer, label_names, *, max_objects: int = 2,
-                          image_size: int = 64) -> "LayoutTokenEncoder":
+                          image_size: int = 64, coordinates: bool = False) -> "LayoutTokenEncoder":
         """Started from the text encoder (class docstring): ``label_names`` are phrases (``"red circle"``)."""
         n = tokenizer.model_max_length
-        enc = cls(list(label_names), text_encoder.config.hidden_size, n, max_objects, 8, image_size)
+        enc = cls(list(label_names), text_encoder.config.hidden_size, n, max_objects, 8, image_size, coordinates)
         enc.frame.copy_(_states(text_encoder, tokenizer, [""])[0])
         enc.labels.weight.copy_(_phrase_states(text_encoder, tokenizer, "a small", label_names))
         torch.nn.init.zeros_(enc.box[2].weight)
@@ -124,11 +125,33 @@ class LayoutTokenEncoder(ModelMixin, ConfigMixin):
 TOKEN_ENCODERS = {"class_embedder": ClassTokenEncoder, "layout_embedder": LayoutTokenEncoder}  # by folder name
 
 
+COORD_CHANNELS = 2  # x and y
+
+
+def coordinate_channels(n: int, height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[n, 2, height, width]``: each latent position's x and y (its cell's centre, -1 .. 1 left to right and
+    top to bottom), channels a UNet can take beside its latents so its features know where they are
+    (CoordConv, Liu et al. 2018)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 - 1
+    grid = torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)])
+    return grid.to(dtype)[None].expand(n, -1, -1, -1)
+
+
 def load_partial(unet, path) -> None:
-    """Put a CA task model's weights (:data:`PARTIAL_FILE`, the UNet's own parameter names) into ``unet``."""
+    """Put a CA task model's weights (:data:`PARTIAL_FILE`, the UNet's own parameter names) into ``unet``. A
+    ``conv_in`` taking more input channels (coordinate channels) replaces the UNet's, and its config says so."""
     from safetensors.torch import load_file
     state = load_file(str(path))
     bad = sorted(set(state) - set(unet.state_dict()))
     if bad:
         raise ValueError(f"{path} holds weights this UNet does not have: {bad[:3]}")
+    w = state.get("conv_in.weight")
+    if w is not None and w.shape[1] != unet.conv_in.in_channels:
+        if "conv_in.bias" not in state:
+            raise ValueError(f"{path} widens conv_in to {w.shape[1]} input channels but holds no conv_in.bias")
+        old = unet.conv_in
+        unet.conv_in = torch.nn.Conv2d(w.shape[1], old.out_channels, old.kernel_size, padding=old.padding).to(
+            old.weight.device, old.weight.dtype)
+        unet.register_to_config(in_channels=int(w.shape[1]))
     unet.load_state_dict(state, strict=False)

@@ -3,6 +3,8 @@ model's, trained by ``python -m lab train shapes --task NAME``, loaded by ``lab.
 plain diffusers, driven by the lab's sampler."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -267,17 +269,24 @@ def test_layout_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
     assert rows[0]["stage"] == "task-layout" and rows[0]["steps"] == 3
     model = tmp_path / "model"
     part = load_file(str(model / "unet-layout" / tasks.PARTIAL_FILE))
-    assert part and all(".attentions." in k for k in part) and any(".attn1.to_q." in k for k in part)
+    assert part and all(".attentions." in k or k.startswith("conv_in.") for k in part)
+    assert any(".attn1.to_q." in k for k in part)
+    # conv_in takes the two coordinate channels after the latents; training has given them weight
+    assert part["conv_in.weight"].shape[1] == 6 and part["conv_in.weight"][:, 4:].abs().sum() > 0
     cfg = json.loads((model / "layout_embedder" / "config.json").read_text())
-    assert cfg["label_names"] == list(tasks.LAYOUT_LABELS) and len(cfg["label_names"]) == 18
+    assert cfg["label_names"] == list(tasks.LAYOUT_LABELS) and len(cfg["label_names"]) == 18 and cfg["coordinates"]
     pipe = lab.load(model, task="layout")
     assert pipe.kind == "layout"
     layouts = [[("red circle", (4, 6, 32, 34)), ("blue square", (40, 40, 56, 56))], [("green triangle", (10, 30, 38, 58))]]
     run = pipe.sampler(conditioning=[Layout(layouts)], steps=3, guidance=4.0, scheduler="ddim", seed=6,
                        recorders=[lab.AttentionRecorder()], progress=False).run()
-    with torch.no_grad():  # by hand, from the files
-        unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    assert pipe.unet.config.in_channels == 6
+    with torch.no_grad():  # by hand, from the files: plain diffusers, the text UNet's config with 6 inputs
+        unet = UNet2DConditionModel.from_pretrained(model / "unet", in_channels=6, low_cpu_mem_usage=False,
+                                                    ignore_mismatched_sizes=True)
         unet.load_state_dict(part, strict=False)
+        centres = (torch.arange(16) + 0.5) / 16 * 2 - 1  # each latent cell's centre, -1 .. 1
+        coords = torch.stack([centres[None, :].expand(16, 16), centres[:, None].expand(16, 16)])[None].expand(2, -1, -1, -1)
         w = {k: v.float() for k, v in load_file(str(model / "layout_embedder" / "diffusion_pytorch_model.safetensors")).items()}
 
         def token(label, box):
@@ -294,7 +303,7 @@ def test_layout_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
             return ctx[None]
 
         ctx = torch.cat([context([]), context([]), context(layouts[0]), context(layouts[1])])
-        lat = _ddim_cfg_by_hand(unet, ctx, pipe.scheduler.config, steps=3, seed=6, n=2, guidance=4.0)
+        lat = _ddim_cfg_by_hand(unet, ctx, pipe.scheduler.config, steps=3, seed=6, n=2, guidance=4.0, concat=coords)
     assert torch.allclose(run.steps[-1].prev_latents, lat, atol=1e-4)
     assert word_heatmap(run, "blue square", batch=0).shape == (64, 64)  # each box token has its map
     again = lab.replay(run.save(tmp_path / "layout.zarr"), pipe)
@@ -363,3 +372,43 @@ def test_uncond_task_trains_and_runs_in_plain_diffusers(tmp_path):
     assert torch.allclose(run.steps[-1].prev_latents, ref, atol=1e-5)
     with pytest.raises(KeyError, match="whole UNet"):
         tasks.trained_subset(unet, "inpaint")
+
+
+def test_task_eval_runs_each_bundled_task_and_names_a_missing_one(tmp_path):
+    """``python -m lab eval tasks`` end to end on the bundled models, at a size that only proves the plumbing:
+    each task's keys, in range, in the JSON; the unconditional row sampled as LDM samples (DDIM, eta 1) beside
+    deterministic DDIM."""
+    from lab.shapes.evaluate_tasks import UNCOND_ETA, UNCOND_STEPS, run_task_eval
+    res = run_task_eval(2, tasks=("uncond", "class", "inpaint", "segmap"), steps=2, json_path=tmp_path / "t.json",
+                        progress=lambda line: None, n_world=40)
+    assert json.loads((tmp_path / "t.json").read_text())["class_accuracy"] == res["class_accuracy"]
+    for key in ("uncond_attribute_tv", "uncond_text_attribute_tv", "uncond_eta0_attribute_tv", "class_accuracy",
+                "inpaint_fidelity", "segmap_miou"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert res["uncond_sampler"] == {"scheduler": "ddim", "steps": UNCOND_STEPS, "eta": UNCOND_ETA}
+    assert res["uncond_eta0_sampler"] == {"scheduler": "ddim", "steps": 2, "eta": 0.0}
+    assert res["uncond_model"] == "unet-uncond" and res["inpaint_outside_psnr_db"] > 10
+    assert 0 < res["weights_mb"] <= 64
+
+
+def test_coordinate_channels_and_a_widening_partial_file(tmp_path):
+    """The layout model's coordinate channels are each latent cell's centre; a partial file that widens conv_in
+    widens the UNet it is loaded into, and one without the new conv_in's bias is refused by name."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from lab.token_encoders import coordinate_channels, load_partial
+    c = coordinate_channels(3, 4, 8)
+    assert c.shape == (3, 2, 4, 8)
+    assert c[0, 0, 0].tolist() == [-0.875, -0.625, -0.375, -0.125, 0.125, 0.375, 0.625, 0.875]  # x, left to right
+    assert c[0, 1, :, 0].tolist() == [-0.75, -0.25, 0.25, 0.75] and torch.equal(c[0], c[2])  # y, top to bottom
+    unet = UNet2DConditionModel.from_pretrained(BUNDLED["shapes"], subfolder="unet")
+    w = torch.randn(unet.conv_in.out_channels, 6, 3, 3)
+    save_file({"conv_in.weight": w}, str(tmp_path / "no_bias.safetensors"))
+    with pytest.raises(ValueError, match="no conv_in.bias"):
+        load_partial(unet, tmp_path / "no_bias.safetensors")
+    assert unet.config.in_channels == 4  # nothing changed
+    save_file({"conv_in.weight": w, "conv_in.bias": torch.zeros(w.shape[0])}, str(tmp_path / "wide.safetensors"))
+    load_partial(unet, tmp_path / "wide.safetensors")
+    assert unet.config.in_channels == 6 and torch.equal(unet.conv_in.weight, w)
+    assert unet(torch.randn(1, 6, 16, 16), 10, encoder_hidden_states=torch.randn(1, 32, 128)).sample.shape == (1, 4, 16, 16)

@@ -20,11 +20,12 @@ import torch
 from ..schedulers import set_timesteps
 from .base import Conditioning, Setup, StepInfo, UNetInputs
 from .classes import ClassLabel, ClassTokens, Layout
-from .concat import Concat, Inpainting, SemanticMap, Upscale
+from .concat import Concat, Coordinates, Inpainting, SemanticMap, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
 
-__all__ = ["ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Inpainting", "Layout", "MODES", "STOP_WORDS",
+__all__ = ["ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Coordinates", "Inpainting",
+           "Layout", "MODES", "STOP_WORDS",
            "SemanticMap", "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
 
@@ -71,6 +72,8 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     if pipe.kind == "upscale":
         out.append(Upscale(image, noise_level))
     out += extra
+    if pipe.kind == "layout" and pipe.components["layout_embedder"].config.get("coordinates", False):
+        out.append(Coordinates())  # the model reads where each latent position is beside the latents
     nets = [ControlNet(c) for c in normalise_controls(control, pipe)]
     for p in nets:  # the condition images are checked now, before the text encoder runs
         p.condition(height, width)

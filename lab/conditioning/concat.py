@@ -145,3 +145,18 @@ class SemanticMap(Concat):
 
     def describe(self) -> dict:
         return {**super().describe(), "classes": int(self.channels[0].shape[1]) if self.channels else None}
+
+
+class Coordinates(Concat):
+    """The latent grid's x and y as two channels (:func:`lab.token_encoders.coordinate_channels`), the same for
+    every row: what a layout model whose ``layout_embedder`` says ``coordinates`` reads beside its latents, so
+    its cross-attention queries know where they are and box tokens can be matched by position. The sampler adds
+    it for such a model; nothing to pass."""
+
+    kind = "coordinates"
+
+    def setup(self, s: Setup) -> None:
+        from ..token_encoders import coordinate_channels
+        f = s.pipe.vae_scale_factor
+        self.channels = (coordinate_channels(s.layout.rows, s.settings["height"] // f, s.settings["width"] // f,
+                                             device=s.device, dtype=s.dtype),)

@@ -23,7 +23,9 @@ Held-out scenes, fixed seeds, DDIM with classifier-free guidance, as ``eval shap
   the model was trained on (three in four with two objects), the mean over the five attributes
   (``uncond_attribute_tv_max``: the largest; ``uncond_tv_per_attribute``, both histograms); ``uncond_text_*``:
   the same for the text model's empty caption (caption dropout trains that branch jointly, as classifier-free
-  guidance needs);
+  guidance needs); samples are drawn as LDM draws its unconditional ones (DDIM, eta 1, 50 steps:
+  :data:`UNCOND_STEPS`, :data:`UNCOND_ETA`), and ``uncond_eta0_*`` are the same keys for deterministic DDIM over
+  the eval's steps (eta 0 drifts to mid-gray backgrounds, :data:`UNCOND_ETA`'s comment);
 * ``class_accuracy``: the class model (:class:`~lab.shapes.tasks.ClassTokenEncoder`), the 36 classes in turn:
   the fraction of samples where the oracle reads exactly one object of the class's size, colour and shape
   (``class_colour_shape_accuracy``: size not counted; ``class_one_object``: exactly one object);
@@ -49,6 +51,11 @@ from .tasks import CLASSES, SEG_CLASSES, TASKS, box_masks, check_task, class_nam
 GROW = 3  # px the masked object's box is grown by
 EVAL_TASKS = TASKS
 UNCOND_TWO_SHARE = 0.75  # the bundled text model's training mix (round 4: --two-share 0.75)
+# unconditional samples as LDM's scripts/sample_diffusion.py draws them: DDIM with eta = 1 (ancestral, DDPM's
+# posterior variance) over 50 steps. Deterministic DDIM (eta = 0) from this schedule, whose last step still keeps
+# some signal (non-zero terminal SNR), drifts toward the mean image: mid-gray backgrounds; the eval measures that
+# too (``uncond_eta0_*``).
+UNCOND_STEPS, UNCOND_ETA = 50, 1.0
 
 
 def inpaint_case(seed: int, index: int) -> dict:
@@ -235,21 +242,22 @@ def total_variation(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def uncond_eval(pipe, n: int, *, steps: int = 30, seed: int = 0, two_share: float = UNCOND_TWO_SHARE,
-                n_world: int = 2000, chunk: int = 50) -> dict:
+def uncond_eval(pipe, n: int, *, steps: int = UNCOND_STEPS, eta: float = UNCOND_ETA, seed: int = 0,
+                two_share: float = UNCOND_TWO_SHARE, n_world: int = 2000, chunk: int = 50) -> dict:
     """The ``uncond_*`` keys (module docstring): ``n`` samples of ``pipe`` with the empty caption and no guidance
-    against ``n_world`` scenes of the world the model was trained on (``two_share`` two-object scenes)."""
+    (DDIM, ``steps``, ``eta``) against ``n_world`` scenes of the world the model was trained on (``two_share``
+    two-object scenes)."""
     samples = []
     for a in range(0, n, chunk):
-        run = pipe.sampler([""] * min(chunk, n - a), steps=steps, guidance=1.0, scheduler="ddim", seed=seed + a,
-                           progress=False).run()
+        run = pipe.sampler([""] * min(chunk, n - a), steps=steps, guidance=1.0, scheduler="ddim", eta=eta,
+                           seed=seed + a, progress=False).run()
         samples += [np.asarray(im) for im in run.images]
     got = attribute_histograms(samples)
     want = attribute_histograms(world.make_example(700, i, two_share=two_share)["image"] for i in range(n_world))
     tv = {a: total_variation(got[a], want[a]) for a in UNCOND_ATTRIBUTES}
     return {"uncond_attribute_tv": float(np.mean(list(tv.values()))), "uncond_attribute_tv_max": max(tv.values()),
             "uncond_tv_per_attribute": tv, "uncond_histograms": got, "uncond_world_histograms": want,
-            "uncond_world_two_share": two_share}
+            "uncond_world_two_share": two_share, "uncond_sampler": {"scheduler": "ddim", "steps": steps, "eta": eta}}
 
 
 def weights_mb(root: Path | None = None) -> float:
@@ -259,9 +267,9 @@ def weights_mb(root: Path | None = None) -> float:
 
 
 def run_task_eval(n: int = 200, *, tasks=EVAL_TASKS, steps: int = 30, guidance: float = 5.0, seed: int = 0,
-                  model="shapes", json_path=None, progress=print) -> dict:
+                  model="shapes", json_path=None, progress=print, n_world: int = 2000) -> dict:
     """The keys of the module docstring for ``tasks`` of ``model`` (the bundled ``"shapes"`` or a pipeline
-    directory with ``unet-TASK`` subfolders)."""
+    directory with ``unet-TASK`` subfolders); ``n_world`` world scenes make the unconditional row's reference."""
     import lab
     t0 = time.time()
     res: dict = {"model": str(model), "n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim",
@@ -270,12 +278,17 @@ def run_task_eval(n: int = 200, *, tasks=EVAL_TASKS, steps: int = 30, guidance: 
         t = time.time()
         if task == "uncond":
             # the text model's empty caption, and the unconditional model fine-tuned from it where there is one
-            text_branch = uncond_eval(lab.load(model), n, steps=steps, seed=seed)
+            text_branch = uncond_eval(lab.load(model), n, seed=seed, n_world=n_world)
             res.update({k.replace("uncond_", "uncond_text_", 1): v for k, v in text_branch.items()})
             try:
-                res.update(uncond_eval(lab.load(model, task="uncond"), n, steps=steps, seed=seed), uncond_model="unet-uncond")
+                pipe = lab.load(model, task="uncond")
+                res.update(uncond_eval(pipe, n, seed=seed, n_world=n_world), uncond_model="unet-uncond")
             except ModelNotFound:
+                pipe = lab.load(model)
                 res.update(text_branch, uncond_model="the text model's empty caption")
+            # deterministic DDIM over the eval's steps, as the other tasks sample
+            eta0 = uncond_eval(pipe, n, steps=steps, eta=0.0, seed=seed, n_world=n_world)
+            res.update({k.replace("uncond_", "uncond_eta0_", 1): v for k, v in eta0.items() if "world" not in k})
         else:
             check_task(task)
             pipe = lab.load(model, task=task)

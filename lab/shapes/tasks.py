@@ -45,7 +45,8 @@ level drawn uniformly from [0, 350] (SD's ``max_noise_level``); sampling uses 20
 
 The class model is the text UNet with its cross-attention key and value projections replaced (Custom
 Diffusion's choice of weights: the only ones that read the context; 0.3 MB in fp16) and a class token encoder;
-the layout model replaces every transformer block (2.6 MB) and reads box tokens (:class:`LayoutTokenEncoder`);
+the layout model replaces every transformer block (2.6 MB) and reads box tokens (:class:`LayoutTokenEncoder`), its
+``conv_in`` widened by two coordinate channels (:func:`lab.token_encoders.coordinate_channels`);
 ``lab.load("shapes", task="class")`` puts them together, ``pipe.sampler(class_labels=[...])`` samples (guidance
 against the null class). Plain diffusers and safetensors::
 
@@ -196,16 +197,19 @@ def class_encoder(text_encoder, tokenizer) -> ClassTokenEncoder:
 def layout_encoder(text_encoder, tokenizer) -> LayoutTokenEncoder:
     """The layout model's tokens, started from the text encoder (:class:`lab.token_encoders.LayoutTokenEncoder`)."""
     return LayoutTokenEncoder.from_text_encoder(text_encoder, tokenizer, LAYOUT_LABELS, max_objects=world.MAX_OBJECTS,
-                                                image_size=world.SIZE)
+                                                image_size=world.SIZE, coordinates=True)
 
 
 def trained_subset(unet, task: str) -> dict[str, torch.Tensor]:
     """The UNet weights a task fine-tunes over the text UNet, by name: the class model its cross-attention key
     and value projections (the only weights that read the context: Custom Diffusion's choice); the layout model
-    every transformer block (queries too: where a box is must be read off the latents' positions); the
-    unconditional model the same blocks, with the empty caption's context only."""
+    every transformer block (queries too: where a box is must be read off the latents' positions) and
+    ``conv_in``, widened for the coordinate channels that tell it those positions; the unconditional model the
+    transformer blocks, with the empty caption's context only."""
     def keep(k):
-        return (".attn2.to_k." in k or ".attn2.to_v." in k) if task == "class" else ".attentions." in k
+        if task == "class":
+            return ".attn2.to_k." in k or ".attn2.to_v." in k
+        return ".attentions." in k or (task == "layout" and k.startswith("conv_in."))
     if task not in (*TOKEN_TASKS, "uncond"):
         raise KeyError(f"{task!r} fine-tunes the whole UNet; a subset is for 'class', 'layout' and 'uncond'")
     return {k: v for k, v in unet.state_dict().items() if keep(k)}
@@ -342,5 +346,9 @@ def hyperparameter_table(path=None):
         elif (folder / PARTIAL_FILE).exists():
             enc = root / TOKEN_TASKS[task]
             n_enc = sum(t.numel() for f in enc.glob("*.safetensors") for t in load_file(str(f)).values())
-            cols[task] = column(task, base_cfg, folder, n_enc, weights=mb(folder) + mb(enc))
+            conv_in = load_file(str(folder / PARTIAL_FILE)).get("conv_in.weight")
+            cfg = dict(base_cfg, in_channels=conv_in.shape[1]) if conv_in is not None else base_cfg
+            cols[task] = column(task, cfg, folder, n_enc, weights=mb(folder) + mb(enc))
+            if cfg["in_channels"] > base_cfg["in_channels"]:  # the layout model's coordinate channels
+                cols[task]["conditioning"] += f" (+ {cfg['in_channels'] - base_cfg['in_channels']} coordinate channels)"
     return pd.DataFrame(cols).loc[list(TABLE_ROWS)]

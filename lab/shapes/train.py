@@ -46,6 +46,7 @@ from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL
                     TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
                     class_encoder, class_index, inpaint_inputs, layout_encoder, inpaint_masks, low_res, low_res_scheduler, object_boxes,
                     segmap_onehot, trained_subset, widen_conv_in)
+from ..token_encoders import COORD_CHANNELS, coordinate_channels
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from .tokenizer import write_tokenizer
 
@@ -639,6 +640,11 @@ class Trainer:
             encoder = (class_encoder if task == "class" else layout_encoder)(text, self.tokenizer()).to(self.device).train()
         del text
         unet = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
+        coords = None
+        if task == "layout" and encoder.config.coordinates:  # where each latent position is, as 2 more inputs
+            unet = widen_conv_in(unet, COORD_CHANNELS)
+            unet.conv_in = SplitConvIn(unet.conv_in, unet.config.in_channels - COORD_CHANNELS)
+            coords = coordinate_channels(1, configs.LATENT_SIZE, configs.LATENT_SIZE, device=self.device)
         unet.requires_grad_(False)
         names = set(trained_subset(unet, task))
         trained = [q for name, q in unet.named_parameters() if name in names]
@@ -682,8 +688,9 @@ class Trainer:
                 box = torch.where(swap[:, None, None], box.flip(1), box)
                 ctx = encoder(box, torch.where(drop[:, None], -1, lab))
             zt, t, eps = _forward_process(z0, abar, g)
+            x = zt if coords is None else torch.cat([zt, coords.expand(len(j), -1, -1, -1)], 1)
             with _autocast(self.device):
-                pred = unet(zt, t, encoder_hidden_states=ctx).sample
+                pred = unet(x, t, encoder_hidden_states=ctx).sample
             return F.mse_loss(pred.float(), eps), {}
 
         def state():
@@ -696,13 +703,17 @@ class Trainer:
             unet.load_state_dict(ck["unet"], strict=False)
             ema_unet.load_state_dict(ck["ema_unet"], strict=False)
 
-        params = [{"params": trained}] + ([{"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
-                                          if task != "uncond" else [])
+        fast = [unet.conv_in.new_weight] if coords is not None else []  # the new input channels, as train_task's
+        params = [{"params": [q for q in trained if all(q is not f for f in fast)]}] + \
+            ([{"params": fast, "lr_mult": NEW_LR_MULT}] if fast else []) + \
+            ([{"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}] if task != "uncond" else [])
         summary = self._loop_with_ema(f"task-{task}", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
                                       [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
         if task != "uncond":
             ema_enc.save_pretrained(self.out / TOKEN_TASKS[task])
         (self.out / f"unet-{task}").mkdir(parents=True, exist_ok=True)
+        if coords is not None:
+            ema_unet.conv_in = ema_unet.conv_in.merged()
         save_file({k: v.contiguous() for k, v in trained_subset(ema_unet, task).items()},
                   str(self.out / f"unet-{task}" / PARTIAL_FILE))
         return summary
