@@ -238,10 +238,14 @@ class SplitConvIn(torch.nn.Module):
         return conv
 
 
+def float_images(u8: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, H, W, 3]`` -> ``float [B, 3, H, W]`` in [-1, 1] (what the VAE takes)."""
+    return u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
 def low_res(images_u8: torch.Tensor) -> torch.Tensor:
     """``uint8 [B, H, W, 3]`` scenes -> ``[B, 3, H/4, W/4]`` in [-1, 1], area-averaged: the upscaler's input."""
-    x = images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return F.avg_pool2d(x, SR_FACTOR)
+    return F.avg_pool2d(float_images(images_u8), SR_FACTOR)
 
 
 def segmap_onehot(seg_u8) -> torch.Tensor:
@@ -265,8 +269,7 @@ def inpaint_inputs(vae, images_u8: torch.Tensor, masks: torch.Tensor, scale: flo
                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The 5 concat channels of SD's inpainting UNet for a batch: the mask at latent resolution (nearest, as
     ``prepare_mask_latents``) and the VAE latents (sampled, scaled) of the image with the mask's pixels at 0."""
-    x = images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    masked = x * (masks < 0.5)
+    masked = float_images(images_u8) * (masks < 0.5)
     with torch.no_grad():
         z = vae.encode(masked).latent_dist.sample(g) * scale
     m = F.interpolate(masks, size=z.shape[-2:])

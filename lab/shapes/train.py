@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
-from . import configs, world
-from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS,
-                    TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
-                    class_encoder, class_index, inpaint_inputs, layout_encoder, inpaint_masks, low_res, low_res_scheduler, object_boxes,
-                    segmap_onehot, trained_subset, widen_conv_in)
 from ..token_encoders import COORD_CHANNELS, coordinate_channels
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
+from . import configs, world
+from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS,
+                    TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task, class_encoder, class_index,
+                    float_images, inpaint_inputs, inpaint_masks, layout_encoder, low_res, low_res_scheduler,
+                    object_boxes, segmap_onehot, trained_subset, widen_conv_in)
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -165,11 +165,6 @@ def _forward_process(z0: torch.Tensor, abar: torch.Tensor, g: torch.Generator):
     t = torch.randint(0, len(abar), (len(z0),), generator=g, device=z0.device)
     a = abar[t].view(-1, 1, 1, 1)
     return a.sqrt() * z0 + (1 - a).sqrt() * eps, t, eps
-
-
-def _to_float_images(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 class Trainer:
@@ -291,7 +286,7 @@ class Trainer:
         p = self.preset
 
         def step_fn():
-            x = _to_float_images(images[self._batch_idx(g, p.vae_batch)])
+            x = float_images(images[self._batch_idx(g, p.vae_batch)])
             with _autocast(self.device):
                 post = vae.encode(x).latent_dist
                 z = post.sample()
@@ -318,7 +313,7 @@ class Trainer:
         outs = []
         for i in range(0, len(images_u8), batch):
             with _autocast(self.device):
-                post = vae.encode(_to_float_images(images_u8[i:i + batch])).latent_dist
+                post = vae.encode(float_images(images_u8[i:i + batch])).latent_dist
             outs.append((post.sample() if sample else post.mean).float())
         return torch.cat(outs)
 
@@ -351,7 +346,7 @@ class Trainer:
             means, stds = [], []
             for i in range(0, self.preset.n_train, 1024):
                 with _autocast(self.device):
-                    post = vae.encode(_to_float_images(self.data["image"][i:i + 1024])).latent_dist
+                    post = vae.encode(float_images(self.data["image"][i:i + 1024])).latent_dist
                 means.append(post.mean.float())
                 stds.append(post.std.float())
         return torch.cat(means), torch.cat(stds)
