@@ -99,6 +99,10 @@ CLASSES = tuple((size, colour, shape) for size in world.SIZES for colour in worl
 CLASS_SLOT = 1  # the class token's place in its context (after the start token, where a caption's first word goes)
 TOKEN_LR_MULT = 3.0  # training: a CA task's token encoder's rate against the UNet's
 TRAINING_RECORD = "lab_training.json"  # in each exported model folder: its last training (steps, seconds, batch, lr)
+# the layout model's grounding loss weights (token, pixel: lab.shapes.train.grounding_losses), 4x the text model's:
+# where a box token's attention falls is the condition itself, and without it 40 CPU minutes of L_LDM alone
+# left objects wherever (layout_box_iou50 0.10, with or without coordinate channels)
+LAYOUT_GROUNDING = (0.2, 0.04)
 TOKEN_TASKS = {"class": "class_embedder", "layout": "layout_embedder"}  # CA tasks: where their token encoder lives
 LAYOUT_LABELS = tuple(f"{colour} {shape}" for colour in world.COLOURS for shape in world.SHAPES)  # a box's label
 

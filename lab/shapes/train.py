@@ -44,10 +44,10 @@ from ..recording.dispatch import ProbsAttnProcessor
 from ..token_encoders import COORD_CHANNELS, coordinate_channels
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
-from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS,
-                    TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task, class_encoder, class_index,
-                    float_images, inpaint_inputs, inpaint_masks, layout_encoder, low_res, low_res_scheduler,
-                    object_boxes, segmap_onehot, trained_subset, widen_conv_in)
+from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_GROUNDING, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT,
+                    PARTIAL_FILE, TASKS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
+                    class_encoder, class_index, float_images, inpaint_inputs, inpaint_masks, layout_encoder, low_res,
+                    low_res_scheduler, object_boxes, segmap_onehot, trained_subset, widen_conv_in)
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -617,7 +617,9 @@ class Trainer:
         the text encoder) read by the text model's UNet through cross-attention, with the UNet weights of
         :func:`~lab.shapes.tasks.trained_subset` fine-tuned and the rest frozen. ``class``: the one-object scenes
         of this trainer's data, their (size, colour, shape) the label; ``layout``: every scene, its objects'
-        boxes and (colour, shape) labels, in either order. The condition is dropped to the null one time in
+        boxes and (colour, shape) labels, in either order, its UNet taking coordinate channels, and each box
+        token's cross-attention map trained onto its object (:func:`grounding_losses`, weights
+        :data:`~lab.shapes.tasks.LAYOUT_GROUNDING`). The condition is dropped to the null one time in
         ten (guidance). EMA weights to ``out / "unet-TASK" / PARTIAL_FILE`` and ``out / "TASK_embedder"``."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import save_file
@@ -643,6 +645,10 @@ class Trainer:
         unet.requires_grad_(False)
         names = set(trained_subset(unet, task))
         trained = [q for name, q in unet.named_parameters() if name in names]
+        probs: list[torch.Tensor] = []
+        if task == "layout":  # each box token's map is trained onto its object (grounding_losses), as in train_unet
+            unet.set_attn_processor({name: (ProbsAttnProcessor(probs.append) if name.endswith("attn2.processor")
+                                            else proc) for name, proc in unet.attn_processors.items()})
         for q in trained:
             q.requires_grad_(True)
         parsed = [parse_caption(c)[0] for c in self.data["caption"]]
@@ -682,11 +688,25 @@ class Trainer:
                 lab = torch.where(swap[:, None], lab.flip(1), lab)
                 box = torch.where(swap[:, None, None], box.flip(1), box)
                 ctx = encoder(box, torch.where(drop[:, None], -1, lab))
+                # which object each box slot names (slots 1..K, swapped with the boxes), -1 for none
+                k = lab.shape[1]
+                order = torch.arange(k, device=self.device)
+                token_group = torch.full(ctx.shape[:2], -1, dtype=torch.long, device=self.device)
+                token_group[:, 1:1 + k] = torch.where(swap[:, None], order.flip(0), order)
+                token_group[:, 1:1 + k][lab < 0] = -1
+                token_group[drop] = -1
             zt, t, eps = _forward_process(z0, abar, g)
             x = zt if coords is None else torch.cat([zt, coords.expand(len(j), -1, -1, -1)], 1)
             with _autocast(self.device):
                 pred = unet(x, t, encoder_hidden_states=ctx).sample
-            return F.mse_loss(pred.float(), eps), {}
+            loss = F.mse_loss(pred.float(), eps)
+            if task != "layout":
+                return loss, {}
+            ground, pix = grounding_losses(probs, self.data["group_masks"][idx].float(), token_group)
+            probs.clear()
+            w_token, w_pixel = LAYOUT_GROUNDING
+            return loss + w_token * ground + w_pixel * pix, {"mse": loss.detach(), "grounding": ground.detach(),
+                                                             "pixel": pix.detach()}
 
         def state():
             return {"encoder": encoder.state_dict(), "unet": trained_subset(unet, task),
