@@ -374,7 +374,7 @@ def test_uncond_task_trains_and_runs_in_plain_diffusers(tmp_path):
         tasks.trained_subset(unet, "inpaint")
 
 
-def test_task_eval_runs_each_bundled_task_and_names_a_missing_one(tmp_path):
+def test_task_eval_runs_each_bundled_task(tmp_path):
     """``python -m lab eval tasks`` end to end on the bundled models, at a size that only proves the plumbing:
     each task's keys, in range, in the JSON; the unconditional row sampled as LDM samples (DDIM, eta 1) beside
     deterministic DDIM."""
