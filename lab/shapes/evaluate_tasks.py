@@ -278,13 +278,13 @@ def run_task_eval(n: int = 200, *, tasks=EVAL_TASKS, steps: int = 30, guidance: 
         t = time.time()
         if task == "uncond":
             # the text model's empty caption, and the unconditional model fine-tuned from it where there is one
-            text_branch = uncond_eval(lab.load(model), n, seed=seed, n_world=n_world)
+            pipe = lab.load(model)
+            text_branch = uncond_eval(pipe, n, seed=seed, n_world=n_world)
             res.update({k.replace("uncond_", "uncond_text_", 1): v for k, v in text_branch.items()})
             try:
                 pipe = lab.load(model, task="uncond")
                 res.update(uncond_eval(pipe, n, seed=seed, n_world=n_world), uncond_model="unet-uncond")
-            except ModelNotFound:
-                pipe = lab.load(model)
+            except ModelNotFound:  # the text model's empty caption is the unconditional model
                 res.update(text_branch, uncond_model="the text model's empty caption")
             # deterministic DDIM over the eval's steps, as the other tasks sample
             eta0 = uncond_eval(pipe, n, steps=steps, eta=0.0, seed=seed, n_world=n_world)

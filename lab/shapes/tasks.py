@@ -302,6 +302,7 @@ def hyperparameter_table(path=None):
 
     import pandas as pd
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ..loading import resolve_path
@@ -353,8 +354,9 @@ def hyperparameter_table(path=None):
         elif (folder / PARTIAL_FILE).exists():
             enc = root / TOKEN_TASKS[task]
             n_enc = sum(t.numel() for f in enc.glob("*.safetensors") for t in load_file(str(f)).values())
-            conv_in = load_file(str(folder / PARTIAL_FILE)).get("conv_in.weight")
-            cfg = dict(base_cfg, in_channels=conv_in.shape[1]) if conv_in is not None else base_cfg
+            with safe_open(str(folder / PARTIAL_FILE), "pt") as part:  # the header only: conv_in's shape
+                wide = "conv_in.weight" in part.keys()
+                cfg = dict(base_cfg, in_channels=part.get_slice("conv_in.weight").get_shape()[1]) if wide else base_cfg
             cols[task] = column(task, cfg, folder, n_enc, weights=mb(folder) + mb(enc))
             if cfg["in_channels"] > base_cfg["in_channels"]:  # the layout model's coordinate channels
                 cols[task]["conditioning"] += f" (+ {cfg['in_channels'] - base_cfg['in_channels']} coordinate channels)"

@@ -404,10 +404,7 @@ class Trainer:
             groups = self._token_groups(self.data["caption"], ids)
             group_masks = self.data["group_masks"]
             probs: list[torch.Tensor] = []
-            # cross-attention on the lab's one explicit path (lab.recording.dispatch): output probs @ V, and the
-            # probabilities [batch, heads, queries, tokens] kept in the autograd graph for the grounding losses
-            unet.set_attn_processor({name: (ProbsAttnProcessor(probs.append) if name.endswith("attn2.processor")
-                                            else proc) for name, proc in unet.attn_processors.items()})
+            _keep_cross_attention_probs(unet, probs)
         ema_unet = copy.deepcopy(unet).requires_grad_(False)
         ema_text = copy.deepcopy(text).requires_grad_(False)
         sched = DDPMScheduler(**configs.TRAIN_SCHEDULER)
@@ -647,8 +644,7 @@ class Trainer:
         trained = [q for name, q in unet.named_parameters() if name in names]
         probs: list[torch.Tensor] = []
         if task == "layout":  # each box token's map is trained onto its object (grounding_losses), as in train_unet
-            unet.set_attn_processor({name: (ProbsAttnProcessor(probs.append) if name.endswith("attn2.processor")
-                                            else proc) for name, proc in unet.attn_processors.items()})
+            _keep_cross_attention_probs(unet, probs)
         for q in trained:
             q.requires_grad_(True)
         parsed = [parse_caption(c)[0] for c in self.data["caption"]]
@@ -737,6 +733,14 @@ class Trainer:
     def export(self, dest: str | Path, kinds=world.CONDITION_KINDS) -> Path:
         """Write the diffusers pipeline directory (fp16 safetensors) with ``controlnet-KIND`` subfolders."""
         return export_pipeline(self.out, dest, kinds, base=self.base)
+
+
+def _keep_cross_attention_probs(unet, sink: list) -> None:
+    """Cross-attention on the lab's one explicit path (lab.recording.dispatch): output probs @ V, and each
+    layer's probabilities ``[batch, heads, queries, tokens]`` appended to ``sink`` inside the autograd graph (for
+    the grounding losses); self-attention keeps its processor."""
+    unet.set_attn_processor({name: (ProbsAttnProcessor(sink.append) if name.endswith("attn2.processor") else proc)
+                             for name, proc in unet.attn_processors.items()})
 
 
 def _group_masks(object_masks: torch.Tensor) -> torch.Tensor:
