@@ -50,6 +50,7 @@ from .state import Snapshot, StepState
 from .transfer import HostCopies, Records
 from .version import versions
 
+_SETUP_LOCK = threading.RLock()  # samplers in several threads: their set-ups one by one, their steps at once
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
@@ -94,7 +95,8 @@ class Sampler:
         generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
         sched = make_scheduler(scheduler if scheduler is not None else pipe.scheduler, pipe.scheduler.config)
         self._scheduler0 = type(sched).from_config(sched.config)  # the recipe's: a name may mean another config later
-        s = prepare_plugins(pipe, settings, plugins, generator, sched)
+        with _SETUP_LOCK:  # set-up runs the shared text encoder and the diffusers helper: one sampler at a time
+            s = prepare_plugins(pipe, settings, plugins, generator, sched)
         self._begin(pipe, settings, tuple(plugins), s.layout, s.timesteps, generator, sched, s.latents,
                     recorders, progress, check_finite)
         self._external_generator = self._args["generator"] is not None
