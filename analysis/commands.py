@@ -38,8 +38,17 @@ def demo(args) -> int:
 
 def evaluate(args) -> int:
     """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks;
-    ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`)."""
-    if args.what == "tasks":
+    ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`); ``eval sds``: score distillation
+    under the text model (:mod:`lab.shapes.evaluate_sds`)."""
+    if args.what == "sds":
+        from lab.shapes.evaluate_sds import run_sds_ablations, run_sds_eval
+        if args.ablations:
+            res = run_sds_ablations(json_path=args.json, model=args.model,
+                                    which=args.ablations.split(",") if args.ablations != "all" else None)
+        else:
+            res = run_sds_eval(seeds=args.seeds, json_path=args.json, model=args.model)
+            res = {k: v for k, v in res.items() if k != "per_prompt"}
+    elif args.what == "tasks":
         from lab.shapes.evaluate_tasks import EVAL_TASKS, run_task_eval
         res = run_task_eval(args.n or 200, tasks=args.tasks.split(",") if args.tasks else EVAL_TASKS, steps=args.steps,
                             guidance=args.guidance, json_path=args.json, model=args.model)
@@ -62,9 +71,13 @@ def register(sub) -> None:
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention", "tasks"],
+    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds"],
                    help="shapes: the model's bars; attention: word heat maps vs object masks; tasks: the task "
-                        "table's models")
+                        "table's models; sds: score distillation of a soft shapes renderer")
+    e.add_argument("--seeds", type=int, default=3, help="eval sds: random starts per prompt (18 prompts)")
+    e.add_argument("--ablations", default=None,
+                   help="eval sds: instead, the SDS settings with one thing changed (all, or comma-separated "
+                        "names of lab.shapes.evaluate_sds.ABLATIONS), merged into --json")
     e.add_argument("--tasks", default=None, help="eval tasks: which, comma-separated (default: all)")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from . import conditioning, memory, recording, sweeps
+from .foundation import sds
 from .conditioning import Control
 from .counterfactual import Ablation, ablate
 from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
@@ -33,5 +34,5 @@ __all__ = [
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
     "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
     "StepState", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
-    "memory", "recording", "replay", "sweep", "sweeps",
+    "memory", "recording", "replay", "sds", "sweep", "sweeps",
 ]
