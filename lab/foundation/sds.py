@@ -7,7 +7,7 @@ DreamFusion (Poole et al. 2022) optimises a NeRF; here the generator is any modu
     z  = E(2x - 1) * scaling_factor                  # the VAE encoder's posterior mean (skipped for a raw latent)
     t ~ U{t_min T, ..., t_max T},  eps ~ N(0, I)
     z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps
-    eps_hat = eps_u + w (eps_c - eps_u)              # classifier-free guidance, diffusers' convention
+    eps_hat = eps_u + s (eps_c - eps_u)              # classifier-free guidance, diffusers' convention
     grad_z  = w(t) (eps_hat - eps)                   # SDS: the UNet's Jacobian is left out
     theta  <- Adam(theta, d/dtheta [ sum(stopgrad(grad_z) * z) ])
 
@@ -20,22 +20,25 @@ Conventions (documented choices):
   DreamFusion does; one t per iteration, shared by the batch (each batch item has its own noise).
 * ``weighting="sds"``: w(t) = 1 - abar_t, DreamFusion's sigma_t^2; ``"uniform"``: w(t) = 1;
   ``"snr"``: w(t) = sqrt(abar_t (1 - abar_t)) (the weighting of the x0 residual, used by some SD ports).
-* ``guidance`` is diffusers' scale w in ``eps_u + w (eps_c - eps_u)``; DreamFusion's omega = 100 in
-  ``eps_c + omega (eps_c - eps_u)`` is w = 101 here. The default is 100, DreamFusion's order.
+* ``guidance`` is diffusers' scale s in ``eps_u + s (eps_c - eps_u)``; DreamFusion's omega = 100 in
+  ``eps_c + omega (eps_c - eps_u)`` is s = 101 here. The default is 100 for SDS (DreamFusion's order) and 7.5
+  for VSD (ProlificDreamer's); the shapes model needs 100 for VSD too (``lab.shapes.evaluate_sds``).
+* ``t_schedule="anneal"`` lowers t linearly from the range's top to its bottom over the run (with a jitter of
+  +-0.05 T), high noise levels first, as time-prioritised variants of SDS do.
 * ``through_unet=True`` back-propagates ``0.5 w(t) |eps_hat - eps|^2`` through the UNet instead (the
   comparison DreamFusion makes: it keeps the UNet's Jacobian, costs a backward pass and works worse).
 * ``consistency=1.0`` adds ``consistency / 2 |x - stopgrad(D(E(x)))|^2``: it pulls the render toward what the
   autoencoder makes of it. A VAE trained on a narrow world maps colours it never saw onto ones it knows (a
-  pink circle on olive encodes to the latent of a red circle on gray), so latent SDS alone is satisfied by
+  pink circle on olive gets a latent that decodes to a red circle on gray), so latent SDS alone is satisfied by
   renders that only its encoder reads as right; the term moves them into the range where the encoder is
   faithful. ``consistency=0`` is DreamFusion's SDS unchanged.
 * ``space="image"`` replaces the latent residual by the decoded one (HiFA's image-space SDS): the gradient on the
   render (in the VAE's [-1, 1] units) is ``w(t) sqrt(abar_t / (1 - abar_t)) (x - D(x0_hat))``, which equals
-  the latent form ``w(t) (eps_hat - eps)`` when encoder and decoder are the identity.
+  the latent form ``w(t) (eps_hat - eps)`` when encoder and decoder are the identity. With VSD the particles'
+  own decoded residual ``D(z) - D(x0_lora)`` is subtracted.
 * ``method="vsd"``: variational score distillation (ProlificDreamer, Wang et al. 2023): the batch is a set of
   particles of one distribution, a LoRA copy of the UNet (``peft``) learns their score by the ordinary
   diffusion loss, and the particles move by ``w(t) (eps_hat - eps_lora)`` instead of ``w(t) (eps_hat - eps)``.
-  ProlificDreamer's guidance is 7.5.
 
 ``distill`` returns a :class:`Distillation`: the optimised generator, per-iteration records as xarray
 (:meth:`Distillation.to_xarray`: the parameters, the render, t, the gradient norm, eps_hat - eps), and a
