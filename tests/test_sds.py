@@ -128,7 +128,8 @@ def test_through_unet_and_vsd_run(pipe):
     v = sds.distill(pipe, prompt, render.SoftShapes(3, 1, seed=2), iterations=3, method="vsd", seed=1)
     assert v.settings["guidance"] == 7.5 and v.lora_loss is not None and np.all(np.isfinite(v.lora_loss))
     assert lab.pipeline.weights_digest(pipe.unet) == digest  # the prior stays frozen and untouched
-    assert all(p.requires_grad for p in pipe.unet.parameters())  # and its flags are restored
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # and its flags are left alone
+    assert all(p.grad is None for m in (pipe.unet, pipe.vae) for p in m.parameters())  # nothing accumulated there
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -168,3 +169,23 @@ def test_the_trajectory_viewer_plays_an_optimisation(pipe):
     assert viewer.n_frames == 3
     viewer.show(2)
     assert viewer.step == 2
+
+
+def test_eval_sds_writes_its_keys(tmp_path, monkeypatch):
+    """The eval command's code path end to end, with a few iterations (the numbers are the committed JSON's)."""
+    from lab.shapes import evaluate_sds as ev
+    for name in ("SDS", "VSD"):
+        monkeypatch.setattr(ev, name, dict(getattr(ev, name), iterations=2))
+    monkeypatch.setattr(ev, "ABLATIONS", {"sds_fidelity_no_consistency": dict(ev.SDS, consistency=0.0)})
+    path = tmp_path / "sds.json"
+    prompts = ev.eval_prompts()[:2]
+    res = ev.run_sds_eval(seeds=2, json_path=path, prompts=prompts, diversity_seeds=3,
+                          diversity_prompts=prompts[:1], timing_runs=1, progress=lambda *_: None)
+    ev.run_sds_ablations(json_path=path, prompts=prompts, progress=lambda *_: None)
+    saved = __import__("json").loads(path.read_text())
+    assert saved["n"] == 4 and len(saved["per_prompt"]) == 4 and res["n"] == 4
+    assert [r["seed"] for r in saved["per_prompt"]] == [0, 1, 1000, 1001]
+    for key in ("sds_fidelity", "random_init_fidelity", "vsd_fidelity", "sds_diversity", "vsd_diversity",
+                "sample_diversity", "seconds_per_run", "sds_fidelity_reference", "sds_fidelity_no_consistency"):
+        assert 0 <= saved[key] < float("inf"), key
+    assert saved["ablation_n"] == 2

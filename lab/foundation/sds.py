@@ -296,103 +296,100 @@ def distill(pipe, prompt, target: torch.nn.Module, *, iterations: int = 300, gui
         lora = _lora_unet(unet, s.lora_rank).to(device)
         lora_opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=s.lora_lr)
 
-    frozen = [p for m in (unet, vae) for p in m.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     ts, ws, gnorms, losses, lora_losses = [], [], [], [], []
     arrays: dict[str, list] = {}
     recorded = []
+    params = [p for p in target.parameters() if p.requires_grad]
     t0 = time.perf_counter()
-    try:
-        for i in tqdm(range(s.iterations), disable=not progress, desc=s.method):
-            opt.zero_grad(set_to_none=True)
-            x = target()
-            keep = record and i % record_every == 0
-            table = target.table().detach().cpu().numpy() if keep and hasattr(target, "table") else None
-            if latent_target:
-                z = x
-            else:
-                z = vae.encode((2 * x - 1).to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-            z = z.to(dtype)
-            if s.t_schedule == "uniform":
-                t_int = int(torch.randint(t_lo, t_hi + 1, (1,), generator=gen))
-            else:
-                frac = i / max(1, s.iterations - 1)
-                jitter = (2 * float(torch.rand((), generator=gen)) - 1) * ANNEAL_JITTER * T
-                t_int = int(min(t_hi, max(t_lo, round(t_hi - (t_hi - t_lo) * frac + jitter))))
-            eps = torch.randn(z.shape, generator=gen).to(device, dtype)
-            a_t = float(abar[t_int])
-            t_vec = torch.full((batch,), t_int, device=device, dtype=torch.long)
-            w = weight(scheduler.alphas_cumprod, t_vec.cpu(), s.weighting).to(device)
-            z_in = z if s.through_unet else z.detach()
-            z_t = math.sqrt(a_t) * z_in + math.sqrt(1 - a_t) * eps
-            model_in = torch.cat([z_t, z_t]) if cfg else z_t
-            t_in = torch.full((model_in.shape[0],), t_int, device=device, dtype=torch.long)
-            with torch.set_grad_enabled(s.through_unet):
-                out = unet(model_in, t_in, encoder_hidden_states=text, return_dict=False)[0]
-            e_u, e_c = out.chunk(2) if cfg else (None, out)
-            eps_hat = e_u + s.guidance * (e_c - e_u) if cfg else e_c
-            if s.method == "vsd":
-                with torch.no_grad():
-                    eps_ref = lora(z_t, t_vec, encoder_hidden_states=cond, return_dict=False)[0]
-            else:
-                eps_ref = eps
-            grad = sds_gradient(eps_hat.detach(), eps_ref, w)
-            if s.through_unet:
-                loss = 0.5 * (w.view(-1, 1, 1, 1) * (eps_hat - eps) ** 2).sum()
-            elif s.space == "image":
-                with torch.no_grad():
-                    x0_hat = _x0(z_t, eps_hat, a_t)
-                    residual = (2 * x - 1).detach() - _decode(vae, x0_hat)  # x - D(x0_hat), the VAE's [-1, 1] units
-                    if s.method == "vsd":  # minus the particles' own: D(z) - D(x0_lora)
-                        residual = residual - (_decode(vae, z.detach()) - _decode(vae, _x0(z_t, eps_ref, a_t)))
-                    image_grad = math.sqrt(a_t * (1 - a_t)) * w.view(-1, 1, 1, 1) / (1 - a_t) * residual
-                loss = surrogate_loss(2 * x - 1, image_grad)
-            else:
-                loss = surrogate_loss(z, grad)
-            if s.consistency > 0 and not latent_target:  # pull the render into the VAE's range: x -> D(E(x))
-                with torch.no_grad():
-                    projected = _decode(vae, z.detach())
-                loss = loss + s.consistency * 0.5 * (((2 * x - 1) - projected) ** 2).sum()
-            loss.backward()
-            if not all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None):
-                from ..errors import NonFiniteError
-                raise NonFiniteError("score distillation gradient", i, hint="lower guidance or lr")
-            opt.step()
-            if lora is not None:  # the particles' score: the ordinary diffusion loss on their current latents
-                t2 = torch.randint(1, T, (batch,), generator=gen).to(device)
-                e2 = torch.randn(z.shape, generator=gen).to(device, dtype)
-                a2 = scheduler.alphas_cumprod.to(device)[t2].to(dtype).view(-1, 1, 1, 1)
-                zt2 = a2.sqrt() * z.detach() + (1 - a2).sqrt() * e2
-                l2 = torch.nn.functional.mse_loss(lora(zt2, t2, encoder_hidden_states=cond, return_dict=False)[0], e2)
-                lora_opt.zero_grad(set_to_none=True)
-                l2.backward()
-                lora_opt.step()
-                lora_losses.append(float(l2.detach()))
-            gn = grad.flatten(1).norm(dim=1).cpu().numpy()
-            ts.append(t_int)
-            ws.append(float(w[0]))
-            gnorms.append(gn)
-            losses.append(float(loss.detach()))
-            if keep:
-                recorded.append(i)
-                with torch.no_grad():
-                    px0 = _x0(z_t, eps_hat, a_t)
-                    items = {"eps_diff": eps_hat - eps_ref, "latents": z_t, "pred_x0": px0, "noise_pred": eps_hat,
-                             "noise_pred_cond": e_c, "z": z}
-                    if e_u is not None:
-                        items["noise_pred_uncond"] = e_u
-                    for k, v in items.items():
-                        arrays.setdefault(k, []).append(v.detach().float().cpu().numpy())
-                    if not latent_target:
-                        arrays.setdefault("renders", []).append(_uint8(x))
-                    if table is not None:
-                        arrays.setdefault("params", []).append(table)
-            if callback is not None:
-                callback(i, {"t": t_int, "grad_norm": gn, "loss": float(loss)})
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    for i in tqdm(range(s.iterations), disable=not progress, desc=s.method):
+        opt.zero_grad(set_to_none=True)
+        x = target()
+        keep = record and i % record_every == 0
+        table = target.table().detach().cpu().numpy() if keep and hasattr(target, "table") else None
+        if latent_target:
+            z = x
+        else:
+            z = vae.encode((2 * x - 1).to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        z = z.to(dtype)
+        if s.t_schedule == "uniform":
+            t_int = int(torch.randint(t_lo, t_hi + 1, (1,), generator=gen))
+        else:
+            frac = i / max(1, s.iterations - 1)
+            jitter = (2 * float(torch.rand((), generator=gen)) - 1) * ANNEAL_JITTER * T
+            t_int = int(min(t_hi, max(t_lo, round(t_hi - (t_hi - t_lo) * frac + jitter))))
+        eps = torch.randn(z.shape, generator=gen).to(device, dtype)
+        a_t = float(abar[t_int])
+        t_vec = torch.full((batch,), t_int, device=device, dtype=torch.long)
+        w = weight(scheduler.alphas_cumprod, t_vec.cpu(), s.weighting).to(device)
+        z_in = z if s.through_unet else z.detach()
+        z_t = math.sqrt(a_t) * z_in + math.sqrt(1 - a_t) * eps
+        model_in = torch.cat([z_t, z_t]) if cfg else z_t
+        t_in = torch.full((model_in.shape[0],), t_int, device=device, dtype=torch.long)
+        with torch.set_grad_enabled(s.through_unet):
+            out = unet(model_in, t_in, encoder_hidden_states=text, return_dict=False)[0]
+        e_u, e_c = out.chunk(2) if cfg else (None, out)
+        eps_hat = e_u + s.guidance * (e_c - e_u) if cfg else e_c
+        if s.method == "vsd":
+            with torch.no_grad():
+                eps_ref = lora(z_t, t_vec, encoder_hidden_states=cond, return_dict=False)[0]
+        else:
+            eps_ref = eps
+        grad = sds_gradient(eps_hat.detach(), eps_ref, w)
+        if s.through_unet:
+            loss = 0.5 * (w.view(-1, 1, 1, 1) * (eps_hat - eps) ** 2).sum()
+        elif s.space == "image":
+            with torch.no_grad():
+                x0_hat = _x0(z_t, eps_hat, a_t)
+                residual = (2 * x - 1).detach() - _decode(vae, x0_hat)  # x - D(x0_hat), the VAE's [-1, 1] units
+                if s.method == "vsd":  # minus the particles' own: D(z) - D(x0_lora)
+                    residual = residual - (_decode(vae, z.detach()) - _decode(vae, _x0(z_t, eps_ref, a_t)))
+                image_grad = math.sqrt(a_t * (1 - a_t)) * w.view(-1, 1, 1, 1) / (1 - a_t) * residual
+            loss = surrogate_loss(2 * x - 1, image_grad)
+        else:
+            loss = surrogate_loss(z, grad)
+        if s.consistency > 0 and not latent_target:  # pull the render into the VAE's range: x -> D(E(x))
+            with torch.no_grad():
+                projected = _decode(vae, z.detach())
+            loss = loss + s.consistency * 0.5 * (((2 * x - 1) - projected) ** 2).sum()
+        # the target's gradients only: the prior's parameters (shared with other samplers) never get a .grad
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if not all(torch.isfinite(g).all() for g in grads if g is not None):
+            from ..errors import NonFiniteError
+            raise NonFiniteError("score distillation gradient", i, hint="lower guidance or lr")
+        opt.step()
+        if lora is not None:  # the particles' score: the ordinary diffusion loss on their current latents
+            t2 = torch.randint(1, T, (batch,), generator=gen).to(device)
+            e2 = torch.randn(z.shape, generator=gen).to(device, dtype)
+            a2 = scheduler.alphas_cumprod.to(device)[t2].to(dtype).view(-1, 1, 1, 1)
+            zt2 = a2.sqrt() * z.detach() + (1 - a2).sqrt() * e2
+            l2 = torch.nn.functional.mse_loss(lora(zt2, t2, encoder_hidden_states=cond, return_dict=False)[0], e2)
+            lora_opt.zero_grad(set_to_none=True)
+            l2.backward()
+            lora_opt.step()
+            lora_losses.append(float(l2.detach()))
+        gn = grad.flatten(1).norm(dim=1).cpu().numpy()
+        ts.append(t_int)
+        ws.append(float(w[0]))
+        gnorms.append(gn)
+        losses.append(float(loss.detach()))
+        if keep:
+            recorded.append(i)
+            with torch.no_grad():
+                px0 = _x0(z_t, eps_hat, a_t)
+                items = {"eps_diff": eps_hat - eps_ref, "latents": z_t, "pred_x0": px0, "noise_pred": eps_hat,
+                         "noise_pred_cond": e_c, "z": z}
+                if e_u is not None:
+                    items["noise_pred_uncond"] = e_u
+                for k, v in items.items():
+                    arrays.setdefault(k, []).append(v.detach().float().cpu().numpy())
+                if not latent_target:
+                    arrays.setdefault("renders", []).append(_uint8(x))
+                if table is not None:
+                    arrays.setdefault("params", []).append(table)
+        if callback is not None:
+            callback(i, {"t": t_int, "grad_norm": gn, "loss": float(loss.detach())})
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         x = target()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..foundation import render, sds
 from . import world
 from .evaluator import evaluate
 
@@ -54,10 +55,6 @@ def eval_prompts(seed: int = 11) -> list[str]:
         bg = list(world.BACKGROUNDS)[int(rng.integers(len(world.BACKGROUNDS)))]
         out.append(f"a {size} {colour} {shape} on a {bg} background")
     return out
-
-
-def _scores(images, prompt) -> list[dict]:
-    return [evaluate(im, prompt) for im in images]
 
 
 def descriptor(image: np.ndarray) -> np.ndarray | None:
@@ -92,12 +89,13 @@ def diversity(groups: list[list[np.ndarray]]) -> dict:
             "detected": kept / max(n, 1)}
 
 
-def _distil(pipe, prompt, seeds: list[int], settings: dict, seed: int):
-    from ..foundation import sds
+def _distil(pipe, prompts, seeds: list[int], settings: dict, seed: int = 0, *, with_start: bool = False):
+    """Optimise the starts ``seeds`` (:func:`_start`) for ``prompts`` (one, or one per start): the final renders,
+    the wall time and, with ``with_start``, the starting renders."""
     target = _start(seeds)
-    start = sds._uint8(target())
-    d = sds.distill(pipe, prompt, target, seed=seed, record=False, **settings)
-    return start, d.images(), d.seconds
+    start = sds._uint8(target()) if with_start else None
+    d = sds.distill(pipe, prompts, target, seed=seed, record=False, **settings)
+    return d.images(), d.seconds, start
 
 
 ABLATIONS = {  # SDS's or VSD's settings with one thing changed; all prompts x ABLATION_SEEDS starts in one batch
@@ -110,14 +108,8 @@ ABLATIONS = {  # SDS's or VSD's settings with one thing changed; all prompts x A
 ABLATION_SEEDS = 1
 
 
-def sds_module():
-    from ..foundation import sds
-    return sds
-
-
 def _start(seeds: list[int]):
     """A :class:`SoftShapes` batch whose item ``b`` starts as ``SoftShapes(1, 1, seed=seeds[b])`` would."""
-    from ..foundation import render
     target = render.SoftShapes(len(seeds), 1, seed=seeds[0])
     for b, s in enumerate(seeds):
         one = render.SoftShapes(1, 1, seed=s)
@@ -126,25 +118,29 @@ def _start(seeds: list[int]):
     return target
 
 
+def _items(prompts, seeds: int) -> tuple[list[str], list[int]]:
+    """Every prompt (default :func:`eval_prompts`) ``seeds`` times, with its starts' seeds ``1000 k + s``."""
+    prompts = list(prompts or eval_prompts())
+    pairs = [(p, 1000 * k + s) for k, p in enumerate(prompts) for s in range(seeds)]
+    return [p for p, _ in pairs], [s for _, s in pairs]
+
+
 def run_sds_ablations(*, json_path=None, model: str = "shapes", prompts=None, seeds: int = ABLATION_SEEDS,
                       which=None, progress=print) -> dict:
     """The fidelity keys of :data:`ABLATIONS` (``which``: a subset of its names), over every prompt of
     :func:`eval_prompts` x ``seeds`` starts (the first of the main eval's starts), merged into ``json_path``
     when it exists. Also ``sds_fidelity_reference``: the unchanged settings on the same starts."""
     import lab
-    from ..foundation import sds
     pipe = lab.load(model)
-    prompts = list(prompts or eval_prompts())
-    items = [(k, p, 1000 * k + s) for k, p in enumerate(prompts) for s in range(seeds)]
+    prompts, starts = _items(prompts, seeds)
     out = {}
     for name, settings in [("sds_fidelity_reference", SDS)] + [(n, ABLATIONS[n]) for n in (which or ABLATIONS)]:
-        target = _start([seed for _, _, seed in items])
-        d = sds.distill(pipe, [p for _, p, _ in items], target, seed=0, record=False, **settings)
-        ok = [evaluate(im, p)["shape_ok"] for im, (_, p, _) in zip(d.images(), items)]
+        images, seconds, _ = _distil(pipe, prompts, starts, settings)
+        ok = [evaluate(im, p)["shape_ok"] for im, p in zip(images, prompts)]
         out[name] = float(np.mean(ok))
-        out[f"seconds_{name}"] = round(d.seconds, 1)
-        progress(f"[sds ablation] {name}: {sum(ok)}/{len(ok)} ({d.seconds:.0f} s)")
-    out["ablation_n"] = len(items)
+        out[f"seconds_{name}"] = round(seconds, 1)
+        progress(f"[sds ablation] {name}: {sum(ok)}/{len(ok)} ({seconds:.0f} s)")
+    out["ablation_n"] = len(prompts)
     if json_path:
         path = Path(json_path)
         res = json.loads(path.read_text()) if path.exists() else {}
@@ -159,45 +155,41 @@ def run_sds_eval(*, seeds: int = 3, json_path=None, model: str = "shapes", promp
     import lab
     t_start = time.time()
     pipe = lab.load(model)
-    prompts = list(prompts or eval_prompts())
     res: dict = {"model": model, "sds_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in SDS.items()},
                  "vsd_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in VSD.items()},
-                 "renderer": "SoftShapes, one object", "prompts": prompts, "seeds": seeds}
+                 "renderer": "SoftShapes, one object", "prompts": list(prompts or eval_prompts()), "seeds": seeds}
     # every prompt x seed in one batch per method: independent runs for SDS (each its own parameters, its own
     # noise; only t is shared per iteration), and for VSD one LoRA conditioned on each particle's prompt, so a
     # prompt's starts are the particles of its distribution
-    items = [(p, 1000 * k + s) for k, p in enumerate(prompts) for s in range(seeds)]
-    item_prompts = [p for p, _ in items]
+    item_prompts, starts = _items(prompts, seeds)
     scores = {}
     for name, settings in (("sds", SDS), ("vsd", VSD)):
-        target = _start([seed for _, seed in items])
-        if name == "sds":
-            start = sds_module()._uint8(target())
+        images, seconds, start = _distil(pipe, item_prompts, starts, settings, with_start=name == "sds")
+        if start is not None:
             scores["init"] = [evaluate(im, p) for im, p in zip(start, item_prompts)]
-        d = sds_module().distill(pipe, item_prompts, target, seed=0, record=False, **settings)
-        scores[name] = [evaluate(im, p) for im, p in zip(d.images(), item_prompts)]
-        res[f"{name}_batch_seconds"] = round(d.seconds, 1)
-        progress(f"[sds eval] {name}: {sum(r['shape_ok'] for r in scores[name])}/{len(items)} ({d.seconds:.0f} s)")
+        scores[name] = [evaluate(im, p) for im, p in zip(images, item_prompts)]
+        res[f"{name}_batch_seconds"] = round(seconds, 1)
+        progress(f"[sds eval] {name}: {sum(r['shape_ok'] for r in scores[name])}/{len(starts)} ({seconds:.0f} s)")
     mean = lambda name, key: float(np.mean([r[key] for r in scores[name]]))  # noqa: E731
-    res.update(n=len(items), sds_fidelity=mean("sds", "shape_ok"), sds_all_ok=mean("sds", "all_ok"),
+    res.update(n=len(starts), sds_fidelity=mean("sds", "shape_ok"), sds_all_ok=mean("sds", "all_ok"),
                sds_background_ok=mean("sds", "background_ok"), random_init_fidelity=mean("init", "shape_ok"),
                vsd_fidelity=mean("vsd", "shape_ok"), vsd_all_ok=mean("vsd", "all_ok"),
-               vsd_background_ok=mean("vsd", "background_ok"), vsd_n=len(items))
+               vsd_background_ok=mean("vsd", "background_ok"), vsd_n=len(starts))
     per_prompt = [{"prompt": p, "seed": seed, **{k: scores[k][i]["detections"] for k in ("init", "sds", "vsd")}}
-                  for i, (p, seed) in enumerate(items)]
+                  for i, (p, seed) in enumerate(zip(item_prompts, starts))]
 
     groups = {"sds": [], "vsd": [], "sample": []}
     div_fid = {"sds": [], "vsd": [], "sample": []}
     for k, prompt in enumerate(diversity_prompts):
         run_seeds = [50_000 + 1000 * k + s for s in range(diversity_seeds)]
         for name, settings in (("sds", SDS), ("vsd", VSD)):
-            _, imgs, _ = _distil(pipe, prompt, run_seeds, settings, seed=100 + k)
+            imgs, _, _ = _distil(pipe, prompt, run_seeds, settings, seed=100 + k)
             groups[name].append(list(imgs))
-            div_fid[name] += [r["shape_ok"] for r in _scores(imgs, prompt)]
+            div_fid[name] += [evaluate(im, prompt)["shape_ok"] for im in imgs]
         run = pipe.sampler([prompt] * diversity_seeds, seed=200 + k, progress=False, **SAMPLE).run()
         imgs = [np.asarray(im) for im in run.images]
         groups["sample"].append(imgs)
-        div_fid["sample"] += [r["shape_ok"] for r in _scores(imgs, prompt)]
+        div_fid["sample"] += [evaluate(im, prompt)["shape_ok"] for im in imgs]
         progress(f"[sds eval] diversity {k + 1}/{len(diversity_prompts)} {prompt!r}")
     for name, imgs in groups.items():
         d = diversity(imgs)
@@ -208,9 +200,10 @@ def run_sds_eval(*, seeds: int = 3, json_path=None, model: str = "shapes", promp
     res["diversity_prompts"] = list(diversity_prompts)
     res["diversity_seeds"] = diversity_seeds
 
-    times = [_distil(pipe, prompts[k % len(prompts)], [7 + k], SDS, seed=k)[2] for k in range(timing_runs)]
+    distinct = res["prompts"]
+    times = [_distil(pipe, distinct[k % len(distinct)], [7 + k], SDS, seed=k)[1] for k in range(timing_runs)]
     res["seconds_per_run"] = float(np.median(times))
-    vt = _distil(pipe, prompts[0], list(range(VSD_PARTICLES_TIMED)), VSD, seed=0)[2]
+    vt = _distil(pipe, distinct[0], list(range(VSD_PARTICLES_TIMED)), VSD)[1]
     res["vsd_seconds_per_run"] = vt / VSD_PARTICLES_TIMED
     res["per_prompt"] = per_prompt
     res["eval_seconds"] = round(time.time() - t_start, 1)
