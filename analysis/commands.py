@@ -39,8 +39,17 @@ def demo(args) -> int:
 def evaluate(args) -> int:
     """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks;
     ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`); ``eval sds``: score distillation
-    under the text model (:mod:`lab.shapes.evaluate_sds`)."""
-    if args.what == "sds":
+    under the text model (:mod:`lab.shapes.evaluate_sds`); ``eval video``: Text2Video-Zero
+    (:mod:`lab.shapes.evaluate_video`)."""
+    if args.what == "video":
+        from lab.loading import load
+        from lab.shapes.evaluate_video import run_video_eval
+        res = run_video_eval(load(args.model), seeds=args.seeds)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        res = {k: v for k, v in res.items() if k != "rows"}
+    elif args.what == "sds":
         from lab.shapes.evaluate_sds import run_sds_ablations, run_sds_eval
         if args.ablations:
             res = run_sds_ablations(json_path=args.json, model=args.model,
@@ -71,10 +80,10 @@ def register(sub) -> None:
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds"],
+    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds", "video"],
                    help="shapes: the model's bars; attention: word heat maps vs object masks; tasks: the task "
-                        "table's models; sds: score distillation of a soft shapes renderer")
-    e.add_argument("--seeds", type=int, default=3, help="eval sds: random starts per prompt (18 prompts)")
+                        "table's models; sds: score distillation of a soft shapes renderer; video: Text2Video-Zero")
+    e.add_argument("--seeds", type=int, default=3, help="eval sds: random starts per prompt; eval video: seeds per prompt (18 prompts)")
     e.add_argument("--ablations", default=None,
                    help="eval sds: instead, the SDS settings with one thing changed (all, or comma-separated "
                         "names of lab.shapes.evaluate_sds.ABLATIONS), merged into --json")

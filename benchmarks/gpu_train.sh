@@ -37,6 +37,7 @@ parts=""  # only the folders these tasks trained (the export also copies the bas
 for t in ${TASKS//,/ }; do
   parts="$parts unet-$t"
   [ -d "$MODEL/${t}_embedder" ] && parts="$parts ${t}_embedder"
+  [ "$t" = sr ] && parts="$parts low_res_scheduler"  # the upscaler's noise augmentation
 done
 tar czf "$OUT/tasks-model.tar.gz" -C "$MODEL" $parts
 tar czf "$OUT/tasks-logs.tar.gz" -C "$WORK" logs

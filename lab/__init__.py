@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import conditioning, memory, recording, sweeps
 from .foundation import sds
+from .foundation.video import CrossFrameAttention, Video, video
 from .conditioning import Control
 from .counterfactual import Ablation, ablate
 from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
@@ -30,9 +31,9 @@ from .sweeps import sweep
 from .version import __version__
 
 __all__ = [
-    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
+    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "CrossFrameAttention", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
     "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
     "StepState", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
-    "memory", "recording", "replay", "sds", "sweep", "sweeps",
+    "memory", "recording", "replay", "sds", "sweep", "sweeps", "Video", "video",
 ]

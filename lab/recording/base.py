@@ -55,6 +55,12 @@ class Binding:
         """Functions ``probs -> probs`` to apply at layer ``name`` in step ``step`` (none by default)."""
         return []
 
+    def kv_for(self, name: str, is_cross: bool, step: int) -> list:
+        """Functions ``(key, value) -> (key, value)`` (``[rows, heads, K, d]``) to apply at layer ``name`` in
+        step ``step`` before the attention is computed, e.g. Text2Video-Zero's cross-frame attention
+        (none by default)."""
+        return []
+
     def observe(self, name, step, query, key, scale, mask, probs) -> None:
         """An attention layer's queries/keys ``[rows, heads, *, d]`` (and its probabilities when computed)."""
 

@@ -1,7 +1,7 @@
 """The one explicit-probabilities attention path, and how recording is bound to one sampler.
 
 :func:`attend` is diffusers' ``AttnProcessor2_0`` written out with its core step left open: recording,
-editing (prompt-to-prompt) and training (the grounding losses) all go through it. Its core is either SDPA
+editing (prompt-to-prompt, cross-frame attention) and training (the grounding losses) all go through it. Its core is either SDPA
 (the layer's output unchanged) with the probabilities ``softmax(Q K^T / sqrt(d))`` computed beside it for
 the recorder, or ``probs @ V`` on explicit (possibly edited) probabilities.
 
@@ -112,6 +112,9 @@ class AttentionHooks:
 
     def core(self, name: str, attn, is_cross: bool):
         def run(query, key, value, mask):
+            for b in self.bindings:  # keys/values first (cross-frame attention), then what is observed of them
+                for kv in b.kv_for(name, is_cross, self.step):
+                    key, value = kv(key, value)
             edits = [e for b in self.bindings for e in b.edits_for(name, is_cross, self.step)]
             if not edits:  # the layer's output exactly as SDPA gives it; probabilities beside it
                 out = sdpa(query, key, value, mask)
