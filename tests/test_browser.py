@@ -1,7 +1,7 @@
 """The widgets in a real JupyterLab 4, in a real Chromium, driven with the mouse and keyboard.
 
 One server and one notebook for the module: the tests run in order (draw, reload, generate, scrub,
-explore, errors, stop). The kernel writes what it holds (the pad's image and strokes, the finished
+explore, errors, stop, video). The kernel writes what it holds (the pad's image and strokes, the finished
 run) under ``state/`` in the server's folder, so the assertions read the kernel's side, not the
 page's. Screenshots go to ``test-output/browser/`` (not committed).
 """
@@ -57,6 +57,12 @@ studio.observe(on_run, "run")
 studio
 """
 LONG_RUN = "studio.steps.value = 80"
+VIDEO = """
+video = lab.video(lab.load("shapes"), "a large red circle on a gray background", frames=4, motion=(4, 0), steps=20,
+                  t0=15, t1=18, guidance=5.0, seed=0)
+dump("video", frames=video.n_frames, steps=len(video.frames))
+widgets.VideoViewer(video, size=192, strip=64)
+"""
 
 
 def _read(root: Path, name: str):
@@ -77,7 +83,7 @@ def session(tmp_path_factory):
     from playwright.sync_api import sync_playwright
     root = tmp_path_factory.mktemp("lab") / "root"
     root.mkdir()
-    write_notebook(root / "widgets_test.ipynb", [SETUP, STUDIO, LONG_RUN])
+    write_notebook(root / "widgets_test.ipynb", [SETUP, STUDIO, LONG_RUN, VIDEO])
     with JupyterLab(root) as server, sync_playwright() as pw:
         browser = launch(pw)
         page = browser.new_page(viewport={"width": 1500, "height": 1300})
@@ -251,3 +257,35 @@ def test_stop_keeps_partial_run(session):
     viewer = page.locator(".ll-residual-viewer").first
     viewer.scroll_into_view_if_needed()
     _shot(viewer, "13_residual_viewer")
+
+
+def test_video_viewer_plays_frames_and_scrubs_steps_without_the_kernel(session):
+    page, root = session["page"], session["root"]
+    run_cell(page, 3)
+    state = wait_for(lambda: _read(root, "video"), 180, "the video")
+    viewer = page.locator(".ll-video").first
+    viewer.wait_for(timeout=60_000)
+    viewer.scroll_into_view_if_needed()
+    main = page.locator(".ll-video-main").first
+    frame_label = page.locator(".ll-video-frame-label").first
+    step_label = page.locator(".ll-video-step-label").first
+    wait_for(lambda: frame_label.inner_text().strip() == "frame 0", 30, "frame 0 shown")
+    frame0 = _shot(main, "14_video_frame0_last_step")
+    assert frame0.std() > 5
+    _shot(viewer, "15_video_viewer")
+    pid = _read(root, "kernel")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # playing and scrubbing happen in the page alone
+    try:
+        viewer.locator("button").first.click()  # play: the frames advance in the browser
+        last = state["frames"] - 1
+        wait_for(lambda: frame_label.inner_text().strip() == f"frame {last}", 30, "playback to reach the last frame")
+        moved = _shot(main, "16_video_last_frame")
+        assert np.abs(moved.astype(int) - frame0.astype(int)).mean() > 1, "the circle moved between frames"
+        handle = viewer.locator(".noUi-handle").nth(1)  # the step slider (the frame slider's handle is first)
+        handle.focus()
+        handle.press("Home")
+        wait_for(lambda: step_label.inner_text().startswith("step 1 "), 15, "the step slider to reach the first step")
+        early = _shot(main, "17_video_first_step")
+        assert np.abs(early.astype(int) - moved.astype(int)).mean() > 2, "an early step's x0 differs from the end"
+    finally:
+        os.kill(pid, signal.SIGCONT)

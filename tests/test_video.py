@@ -207,3 +207,28 @@ def test_eval_measures_on_drawn_tracks():
     frames[4, 20:36] = 128
     frames[4, 40:50, 40:50] = (30, 30, 220)  # a different object in the last frame
     assert identity(track(frames)) == 0.75
+
+
+def test_video_viewer_holds_every_frame_of_every_step(shapes_video):
+    import io
+
+    from PIL import Image
+
+    import widgets
+    v = widgets.VideoViewer(shapes_video, size=128, strip=48)
+    n_steps, n_frames = len(shapes_video.frames), shapes_video.n_frames
+    assert len(v.main.children) == n_steps and all(len(s.children) == n_frames for s in v.main.children)
+    assert v.step_slider.max == n_steps - 1 and v.play.max == n_frames - 1
+    assert v.step_slider.value == n_steps - 1  # opens on the last step
+    # the last step's frames are the decoded x0 estimates of the frames, in frame order
+    last = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in v.pngs[-1]]
+    want = shapes_video.frames.pipe.decode(shapes_video.frames.steps[-1].pred_x0)
+    for got, w in zip(last, want):
+        assert np.array_equal(got, np.asarray(w.convert("RGB")))
+    assert "step 1 " in v.step_labels.children[0].value  # numbered on the whole schedule
+    x0 = widgets.VideoViewer(shapes_video, panel="x0")
+    assert len(x0.pngs) == n_steps
+    with pytest.raises(ValueError, match="unknown panel"):
+        widgets.VideoViewer(shapes_video, panel="noise")
+    with pytest.raises(TypeError, match="shows a lab.Video"):
+        widgets.VideoViewer(shapes_video.frames)

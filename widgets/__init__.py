@@ -6,6 +6,8 @@
 * :class:`AttentionExplorer` — word heat maps over the image, layer and step filters, attention over
   time at a clicked pixel;
 * :class:`ResidualViewer` — ControlNet residual norms per block and step, and their spatial maps;
+* :class:`VideoViewer` — a Text2Video-Zero video (:func:`lab.video`) as frames x steps: play the frames,
+  scrub the denoising;
 * :class:`Studio` — all of them around a prompt, settings and Generate/Stop.
 
 Every button or slider has a method that does the same from code (``pad.add_stroke``,
@@ -17,5 +19,6 @@ from .residuals import ResidualViewer
 from .scribble import ScribblePad, Stroke, rasterise
 from .studio import Studio
 from .trajectory import TrajectoryViewer
+from .video import VideoViewer
 
-__all__ = ["AttentionExplorer", "ResidualViewer", "ScribblePad", "Stroke", "Studio", "TrajectoryViewer", "rasterise"]
+__all__ = ["AttentionExplorer", "ResidualViewer", "ScribblePad", "Stroke", "Studio", "TrajectoryViewer", "VideoViewer", "rasterise"]
