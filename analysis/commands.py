@@ -44,7 +44,7 @@ def evaluate(args) -> int:
     if args.what == "video":
         from lab.loading import load
         from lab.shapes.evaluate_video import run_video_eval
-        res = run_video_eval(load(args.model), seeds=args.seeds)
+        res = run_video_eval(load(args.model), seeds=args.seeds, t0=args.t0, t1=args.t1)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(res, indent=2))
@@ -87,6 +87,8 @@ def register(sub) -> None:
     e.add_argument("--ablations", default=None,
                    help="eval sds: instead, the SDS settings with one thing changed (all, or comma-separated "
                         "names of lab.shapes.evaluate_sds.ABLATIONS), merged into --json")
+    e.add_argument("--t0", type=int, default=None, help="eval video: Text2Video-Zero's t0 (default the eval's)")
+    e.add_argument("--t1", type=int, default=None, help="eval video: Text2Video-Zero's t1 (default the eval's)")
     e.add_argument("--tasks", default=None, help="eval tasks: which, comma-separated (default: all)")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
