@@ -131,6 +131,15 @@ def token_heatmaps(run, *, batch: int = 0, **kw) -> xr.DataArray:
     return xr.concat(maps, dim=xr.DataArray(words, dims="word", name="word"))
 
 
+def frame_heatmaps(video, word, **kw) -> xr.DataArray:
+    """:func:`word_heatmap` of ``word`` for every frame of a :func:`lab.video` (its frames' run, or that run
+    itself): ``[frame, y, x]``; keyword arguments as :func:`word_heatmap`'s (``steps`` index the frames' run)."""
+    run = getattr(video, "frames", video)
+    n = int(run.final_latents.shape[0])
+    maps = [word_heatmap(run, word, batch=k, **kw) for k in range(n)]
+    return xr.concat(maps, dim="frame").assign_coords(frame=np.arange(n)).assign_attrs(word=str(word))
+
+
 def attention_over_time(run, word, *, batch: int = 0) -> xr.DataArray:
     """Attention mass on ``word`` per step and layer: the word's probability summed over its tokens,
     averaged over query positions and heads. ``[step, layer]``, layers of every resolution."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from components import tiny_sd_components
+from components import tiny_sd_components, tiny_sdxl_components
 
 import lab
 from lab.foundation.video import (CrossFrameAttention, StartAt, content_motion, diffusers_strength,
@@ -73,6 +73,18 @@ def test_video_equivalence_default_motion_and_tiny_unet():
     assert diff < TOL, f"max abs diff {diff:.3g}"
 
 
+def test_video_runs_on_an_sdxl_layout():
+    """The same procedure on SDXL's layout (two text encoders, micro-conditioning): frame 0 as sampled alone, the
+    others moved and different."""
+    pipe = lab.Pipeline.from_components(**tiny_sdxl_components())
+    v = lab.video(pipe, PROMPT, frames=3, motion=(8, 0), steps=6, t0=2, t1=4, guidance=5.0, seed=0, height=32, width=32)
+    alone = pipe.sampler(PROMPT, steps=6, guidance=5.0, scheduler="ddim", seed=0, height=32, width=32,
+                         progress=False).run().final_latents
+    assert v.frames.final_latents.shape == (3, *alone.shape[1:]) and torch.isfinite(v.frames.final_latents).all()
+    assert torch.allclose(v.frames.final_latents[:1], alone, atol=1e-4)
+    assert (v.frames.final_latents[1] - v.frames.final_latents[0]).abs().max() > 1e-3
+
+
 def test_motion_conventions():
     assert diffusers_strength(None, 64, 64) == (12.0, 12.0)
     assert diffusers_strength((4, -2), 64, 64) == (-32.0, 16.0)
@@ -101,6 +113,13 @@ def test_video_record_has_frames_and_global_steps(shapes_video):
     from analysis.attention import word_heatmap
     maps = [word_heatmap(v.frames, "circle", batch=k) for k in range(4)]
     assert all(m.shape == maps[0].shape and np.isfinite(m.values).all() for m in maps)
+    from analysis import frame_heatmaps
+    stacked = frame_heatmaps(v, "circle")
+    assert stacked.dims == ("frame", "y", "x") and stacked.sizes["frame"] == 4
+    np.testing.assert_array_equal(stacked.sel(frame=2).values, maps[2].values)
+    # the map follows the object: its peak column moves right with the content (4 px per frame asked)
+    cols = [int(np.argmax(m.values.sum(0))) for m in maps]
+    assert cols[-1] > cols[0]
     assert len(v.images) == 4 and v.array().shape == (4, 64, 64, 3)
     assert "frames" in repr(v)
 

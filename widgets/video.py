@@ -11,7 +11,6 @@ all frames of the selected step.
 from __future__ import annotations
 
 import ipywidgets as W
-import numpy as np
 import torch
 
 from ._base import ErrorsMixin, css, png
