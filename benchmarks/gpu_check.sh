@@ -11,13 +11,7 @@ set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 start=$(date +%s)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/_device_env.sh"
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 # the GPU tests (tests/test_gpu.py: fp16/bf16, side-stream copies, sync debug mode, a real OOM, inductor compile)

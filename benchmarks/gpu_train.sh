@@ -11,13 +11,7 @@ OUT=${OUT:-gpu-results}
 S=${1:-90}; N=${2:-60000}; TASKS=${3:-layout,sr,class}
 mkdir -p "$OUT"
 start=$(date +%s)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/_device_env.sh"
 WORK=${WORK:-/tmp/gpu-train}; MODEL=${MODEL:-/tmp/gpu-train-model}
 python3 - "$S" "$N" "$TASKS" "$WORK" "$MODEL" <<'PY' 2>&1 | tee "$OUT/train.log" | grep --line-buffered -vE "^\s|it/s\]$"
 import sys, time

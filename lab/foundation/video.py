@@ -38,6 +38,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ def diffusers_strength(motion, width: int, height: int) -> tuple[float, float]:
 def content_motion(strength: tuple[float, float], width: int, height: int) -> tuple[float, float]:
     """The content's motion in image pixels per frame for diffusers' strengths (the inverse of
     :func:`diffusers_strength`)."""
-    return -strength[0] * width / 512.0, -strength[1] * height / 512.0
+    return 0.0 - strength[0] * width / 512.0, 0.0 - strength[1] * height / 512.0  # no -0.0
 
 
 def warp(latents: torch.Tensor, strength: tuple[float, float], frame_ids) -> torch.Tensor:
@@ -176,20 +177,10 @@ def foreground_masks(images: np.ndarray, *, min_distance: float = 0.1) -> np.nda
     out = np.zeros(x.shape[:3], dtype=bool)
     for k, im in enumerate(x):
         border = np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]])
-        d = np.linalg.norm(im - np.median(border, axis=0), axis=-1)
-        out[k] = d > max(min_distance, _otsu(d))
+        d = np.linalg.norm(im - np.median(border, axis=0), axis=-1) / np.sqrt(3)  # in [0, 1]
+        otsu, _ = cv2.threshold(np.round(d * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        out[k] = d > max(min_distance / np.sqrt(3), otsu / 255)
     return out
-
-
-def _otsu(values: np.ndarray, bins: int = 64) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between))])
 
 
 def _latent_masks(masks: np.ndarray, hw: tuple[int, int], device, dtype) -> torch.Tensor:
@@ -306,8 +297,7 @@ def video(pipe, prompt: str, frames: int = 8, motion=None, *, steps: int = 50, t
         for _ in range(k0):
             s1.step()
         x_t1 = s1.history[k1].latents
-        width_, height_ = s1.settings["width"], s1.settings["height"]
-        strength = diffusers_strength(motion, width_, height_)
+        strength = diffusers_strength(motion, s1.settings["width"], s1.settings["height"])
         moved = warp(s1.latents.repeat(frames - 1, 1, 1, 1), strength, range(1, frames))
         t_vals = s1.timesteps.cpu()
         moved = ddpm_forward(moved, s1.scheduler, int(t_vals[k0]), int(t_vals[k1]), s1.generator)
@@ -318,13 +308,12 @@ def video(pipe, prompt: str, frames: int = 8, motion=None, *, steps: int = 50, t
         strength, plugins, start_step = (0.0, 0.0), [], 0
     run = pipe.sampler(prompt, negative_prompt, batch=frames, conditioning=plugins,
                        recorders=recorders + extra, **kw).run()
-    width_, height_ = run.settings["width"], run.settings["height"]
-    settings["content_motion_px"] = content_motion(strength, width_, height_) if motion_dynamics else (0.0, 0.0)
+    settings["content_motion_px"] = content_motion(strength, run.settings["width"], run.settings["height"])
     out = Video(run, first, settings, start_step=start_step)
     if not background_smoothing:
         return out
     m = np.asarray(masks, dtype=bool) if masks is not None else foreground_masks(out.array())
-    x_t1 = run.steps[0].latents if motion_dynamics else run.steps[k1].latents
+    x_t1 = run.steps[k1 - start_step].latents  # both passes restart at t1 (schedule step k1)
     hw = tuple(x_t1.shape[-2:])
     fg = _latent_masks(m, hw, x_t1.device, x_t1.dtype)  # [frames, 1, h, w]
     ids = range(1, frames)
@@ -334,7 +323,6 @@ def video(pipe, prompt: str, frames: int = 8, motion=None, *, steps: int = 50, t
     ref_moved = torch.cat([ref, warp(ref.repeat(frames - 1, 1, 1, 1), strength, ids)])
     a = smoothing_strength
     smoothed = (1 - bg) * x_t1 + bg * (a * x_t1 + (1 - a) * ref_moved)
-    start = start_step if motion_dynamics else k1
-    run2 = pipe.sampler(prompt, negative_prompt, batch=frames, conditioning=[StartAt(smoothed, start)],
+    run2 = pipe.sampler(prompt, negative_prompt, batch=frames, conditioning=[StartAt(smoothed, k1)],
                         recorders=recorders + extra, **kw).run()
-    return Video(run2, first, settings, unsmoothed=run, masks=m, start_step=start)
+    return Video(run2, first, settings, unsmoothed=run, masks=m, start_step=k1)

@@ -134,5 +134,5 @@ def run_video_eval(pipe, *, seeds: int = 3, dx: float = DX, t0: int | None = Non
         "background_flicker_smoothed": float(np.nanmean([r["flicker_smoothed"] for r in rows])),
         "seconds_per_video": float(np.mean([r["seconds"] for r in rows])),
         "eval_seconds": time.time() - t_start,
-        "rows": [{k: v for k, v in r.items()} for r in rows],
+        "rows": rows,
     }
