@@ -77,8 +77,8 @@ def _select(da: xr.DataArray, *, layers=None, steps=None, heads=None, n_steps=No
         if not keep:
             raise ValueError(f"steps={steps!r} selects none of the recorded steps {list(da['step'].values)}")
         da = da.sel(step=keep)
-    if heads is not None:
-        da = da.sel(head=heads)
+    if heads is not None:  # an index keeps the dimension (a list of one)
+        da = da.sel(head=[heads] if np.isscalar(heads) else list(heads))
     return da
 
 
@@ -166,10 +166,11 @@ def words(run, *, batch: int = 0) -> list[str]:
     return _words(ds, batch)
 
 
-def attention_at(run, y: float, x: float, *, layers=None, batch: int = 0) -> xr.DataArray:
+def attention_at(run, y: float, x: float, *, layers=None, heads=None, batch: int = 0) -> xr.DataArray:
     """What the image location ``(y, x)`` (image pixels) attended to over time: per step and word, the
     cross-attention probability of the word's tokens at the query cell that covers the location, averaged
-    over heads and the chosen layers (all resolutions; ``layers`` as in :func:`word_heatmap`). ``[step, word]``."""
+    over heads (or ``heads``: an index or a list) and the chosen layers (all resolutions; ``layers`` as in
+    :func:`word_heatmap`). ``[step, word]``."""
     tree = _tree(run)
     height, width = _image_size(run, tree)
     if not (0 <= y < height and 0 <= x < width):
@@ -179,7 +180,7 @@ def attention_at(run, y: float, x: float, *, layers=None, batch: int = 0) -> xr.
         ds = node.to_dataset()
         if "cross" not in ds:
             continue
-        da = _select(_item(ds["cross"], batch), layers=layers)
+        da = _select(_item(ds["cross"], batch), layers=layers, heads=heads)
         if da.sizes["layer"] == 0:
             continue
         qy = int(y * da.sizes["query_y"] / height)
@@ -196,6 +197,44 @@ def attention_at(run, y: float, x: float, *, layers=None, batch: int = 0) -> xr.
     out.name = "attention"
     out.attrs.update(y=float(y), x=float(x), batch=batch)
     return out
+
+
+def self_attention_at(run, y: float, x: float, *, layers=None, steps=None, heads=None, size=None,
+                      batch: int = 0) -> xr.DataArray:
+    """Where the image location ``(y, x)`` (image pixels) looked in self-attention: at every recorded
+    self-attention layer (``lab.AttentionRecorder(kind="self" | "both")``), the attention probabilities of
+    the query cell that covers the location over all keys, as a map at the layer's resolution, upsampled
+    (bicubic, clamped at 0) to ``size`` (default the image's), averaged over heads (or ``heads``), the
+    chosen ``steps`` and ``layers`` (as in :func:`word_heatmap`). Each layer's map sums to 1 before
+    upsampling, so the values are attention probabilities per key cell. ``[y, x]``."""
+    tree = _tree(run)
+    height, width = _image_size(run, tree)
+    if not (0 <= y < height and 0 <= x < width):
+        raise ValueError(f"location (y={y}, x={x}) is outside the {width}x{height} image")
+    size = size or (height, width)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    n_steps = _n_steps(run, tree)
+    maps, names = [], []
+    for node in tree.children.values():
+        ds = node.to_dataset()
+        if "self" not in ds:
+            continue
+        da = _select(_item(ds["self"], batch), layers=layers, steps=steps, heads=heads, n_steps=n_steps)
+        dim = "layer_self" if "layer_self" in da.dims else "layer"
+        if da.sizes[dim] == 0 or da.sizes["step"] == 0:
+            continue
+        hh, ww = da.sizes["query_y"], da.sizes["query_x"]
+        cell = da.isel(query_y=int(y * hh / height), query_x=int(x * ww / width)).mean(["step", "head"])
+        m = cell.transpose(dim, "key").values.reshape(-1, hh, ww)  # keys are the same grid as the queries
+        maps.append(_upsample(m, size))
+        names += [str(n) for n in cell[dim].values]
+    if not maps:
+        raise ValueError("no recorded self-attention layer matches the selection; record it with "
+                         "lab.AttentionRecorder(kind='both')")
+    heat = np.concatenate(maps).mean(0)
+    return xr.DataArray(heat, dims=("y", "x"), coords={"y": np.arange(size[0]), "x": np.arange(size[1])},
+                        name="self_attention", attrs={"y": float(y), "x": float(x), "layers": len(names),
+                                                      "batch": batch})
 
 
 def entropy(run, *, batch: int = 0, kind: str = "cross") -> xr.DataArray:

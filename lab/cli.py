@@ -84,7 +84,8 @@ def _sample(args) -> int:
                        seed=args.seed, control=control, progress=not args.quiet).run()
     run.image.save(out / "image.png")
     strip = np.concatenate([run.preview(i) for i in range(len(run))], axis=1)
-    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(out / "previews.png")
+    zoom = max(1, 64 // strip.shape[0])  # a latent-resolution map preview is scaled up to be seen
+    Image.fromarray(strip).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST).save(out / "previews.png")
     run.save(out / "run.zarr")
     (out / "settings.json").write_text(json.dumps(run.settings, indent=2, default=str))
     print(f"wrote {out / 'image.png'}, {out / 'previews.png'}, {out / 'run.zarr'} in {time.time() - t0:.1f}s")
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the bundled shapes model (resumable)")
     t.add_argument("model", choices=["shapes"])
     t.add_argument("--stage", default="all",
-                   help="vae | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
+                   help="vae | preview | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
                         "or several, comma-separated")
     t.add_argument("--task", default=None,
                    help="models of the lecture's task table (lab.shapes.tasks), comma-separated: inpaint, sr, "

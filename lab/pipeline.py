@@ -9,6 +9,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -87,6 +88,7 @@ class Pipeline:
         self.name, self.path, self.class_name = name, Path(path) if path else None, class_name
         self.device, self.dtype = torch.device(device), dtype
         self._preview = None
+        self._preview_decoder = None  # None: not looked for yet; False: the model ships none
         self.to(self.device)
 
     # modules -----------------------------------------------------------------
@@ -195,6 +197,22 @@ class Pipeline:
         if not torch.isfinite(imgs).all():
             raise NonFiniteError("decoded image", None, hint="the VAE produced NaN/inf; try float32 or bfloat16")
         return self.to_pil(imgs)
+
+    @property
+    def preview_decoder(self):
+        """The model's tiny preview decoder (:class:`lab.preview.PreviewDecoder`), or None when it ships none."""
+        if self._preview_decoder is None:
+            from .preview import DECODER_DIR, PreviewDecoder
+            folder = self.path / DECODER_DIR if self.path else None
+            self._preview_decoder = PreviewDecoder.load(folder) if folder and (folder / "config.json").exists() else False
+        return self._preview_decoder or None
+
+    def preview(self, latents) -> np.ndarray:
+        """A fast RGB preview (``uint8 [H, W, 3]``, or ``[B, H, W, 3]``) of scaled latents ``[C, h, w]`` (or
+        ``[B, C, h, w]``): the preview decoder at full resolution where the model ships one, else the
+        latent-resolution map (:attr:`preview_map`)."""
+        dec = self.preview_decoder
+        return dec.rgb(latents) if dec is not None else self.preview_map(latents)
 
     @property
     def preview_map(self):

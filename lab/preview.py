@@ -1,4 +1,12 @@
-"""Cheap latent -> RGB previews: a per-pixel quadratic map fitted per model.
+"""Cheap latent -> RGB previews: a tiny decoder distilled from the VAE's, or a per-pixel quadratic map.
+
+**The preview decoder** (TAESD's idea, :class:`PreviewDecoder`): diffusers' ``DecoderTiny`` (the decoder
+of ``AutoencoderTiny``) with a few channels, trained to reproduce the model's VAE decoder from its scaled
+latents (the sampler's space: what ``StepState.pred_x0`` holds). It draws the full-resolution image a
+user recognises, at a fraction of the VAE's cost. The shapes model ships one (``preview_decoder/``,
+trained by ``python -m lab train shapes --stage preview``; measured by ``benchmarks/widgets.py``).
+
+**The map**, the fallback for models without a decoder (e.g. random-weight SD architectures):
 
 Stable Diffusion UIs show progress with a fixed 4x3 matrix from latent channels to RGB. The lab fits
 such a map for whatever VAE it has, with quadratic terms added (a small VAE's latents are less
@@ -22,6 +30,11 @@ import numpy as np
 import torch
 
 FILENAME = "lab_preview.json"
+DECODER_DIR = "preview_decoder"
+# 16x16 latents -> 64x64 RGB: two upsamplings; 32 channels throughout (DecoderTiny keeps one width). About
+# 0.1 GMAC per 64-px image: a few ms on one CPU core, where the shapes VAE decoder takes ~15 ms.
+DECODER_CONFIG = dict(in_channels=4, out_channels=3, num_blocks=[2, 1, 0], block_out_channels=[32, 32, 32],
+                      upsampling_scaling_factor=2, act_fn="relu", upsample_fn="nearest")
 
 
 def _features(z: np.ndarray) -> np.ndarray:
@@ -89,3 +102,67 @@ def fit_preview(vae, images: torch.Tensor | None = None, *, n: int = 48, latent_
     coef, *_ = np.linalg.lstsq(A, Y, rcond=None)
     r2 = float(1 - (Y - A @ coef).var() / Y.var())
     return PreviewMap(coef.astype(np.float32), r2, source or "images")
+
+
+class PreviewDecoder(torch.nn.Module):
+    """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1]: diffusers' ``DecoderTiny`` (see
+    the module doc). ``config``: :data:`DECODER_CONFIG`'s keys. Saved as ``config.json`` +
+    ``decoder.safetensors`` (fp16) in a folder."""
+
+    def __init__(self, **config):
+        super().__init__()
+        from diffusers.models.autoencoders.vae import DecoderTiny
+        self.config = {**DECODER_CONFIG, **config}
+        self.decoder = DecoderTiny(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.items()})
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        # DecoderTiny soft-clamps its input to +-3 and maps its output from [0, 1] to [-1, 1]; undo the latter
+        return (self.decoder(latents) + 1) / 2
+
+    @torch.no_grad()
+    def rgb(self, latents) -> np.ndarray:
+        """``[C, h, w]`` (or ``[B, C, h, w]``) latents -> ``uint8`` RGB ``[H, W, 3]`` (or ``[B, H, W, 3]``)."""
+        z = torch.as_tensor(latents)
+        one = z.ndim == 3
+        p = next(self.parameters())
+        img = self.forward((z[None] if one else z).to(p.device, p.dtype))
+        out = (img.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return out[0] if one else out
+
+    def save(self, folder) -> None:
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.detach().half().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "decoder.safetensors"))
+
+    @classmethod
+    def load(cls, folder) -> "PreviewDecoder":
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        dec = cls(**json.loads((folder / "config.json").read_text()))
+        dec.load_state_dict({k: v.float() for k, v in load_file(str(folder / "decoder.safetensors")).items()})
+        return dec.eval().requires_grad_(False)
+
+
+def preview_inputs(mean: torch.Tensor, std: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
+    """Scaled latents to train a preview decoder on, from VAE posteriors ``mean``/``std`` ``[N, C, h, w]``:
+    what a sampler's x0 estimate looks like over a run. A quarter each: posterior samples; mixtures of two
+    scenes (early steps average several); shrunk towards 0 (an early x0 estimate has less contrast);
+    samples with added noise."""
+    n = len(mean)
+    z = (mean + std * torch.randn(mean.shape, generator=g, device=mean.device)) * scale
+    kind = torch.arange(n, device=mean.device) % 4
+    other = z[torch.randperm(n, generator=g, device=mean.device)]
+    a = torch.rand(n, 1, 1, 1, generator=g, device=mean.device)
+    z = torch.where((kind == 1)[:, None, None, None], a * z + (1 - a) * other, z)
+    z = torch.where((kind == 2)[:, None, None, None], (0.3 + 0.7 * a) * z, z)
+    noise = torch.randn(z.shape, generator=g, device=z.device) * 0.5 * a
+    return torch.where((kind == 3)[:, None, None, None], z + noise, z)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image PSNR in dB of ``[B, 3, H, W]`` images in [0, 1]."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)

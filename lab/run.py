@@ -97,9 +97,12 @@ class Run:
         return self._need_pipe(pipe).decode(self.steps[step].pred_x0)
 
     def preview(self, step: int = -1, *, which: str = "pred_x0", pipe=None, index: int = 0) -> np.ndarray:
-        """Cheap RGB preview ``uint8 [h, w, 3]`` at latent resolution of ``which`` (``pred_x0`` or
-        ``latents``) at ``step``, through the model's fitted linear map (:mod:`lab.preview`)."""
-        return self._need_pipe(pipe).preview_map(getattr(self.steps[step], which)[index])
+        """Cheap RGB preview ``uint8 [H, W, 3]`` of ``which`` (``pred_x0`` or ``latents``) at ``step``
+        (:mod:`lab.preview`): an x0 estimate through the model's preview decoder where it ships one
+        (:meth:`lab.Pipeline.preview`), noisy latents ``x_t`` through the latent-resolution colour map."""
+        pipe = self._need_pipe(pipe)
+        z = getattr(self.steps[step], which)[index]
+        return pipe.preview(z) if which == "pred_x0" else pipe.preview_map(z)
 
     # ------------------------------------------------------------------ arrays
     @property

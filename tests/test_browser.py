@@ -1,7 +1,7 @@
 """The widgets in a real JupyterLab 4, in a real Chromium, driven with the mouse and keyboard.
 
-One server and one notebook for the module: the tests run in order (draw, reload, generate, scrub,
-explore, errors, stop, video). The kernel writes what it holds (the pad's image and strokes, the finished
+One server and one notebook for the module: the tests run in order (draw, reload, generate, scrub, preview,
+reload, explore, scale and self-attention, errors, stop, residuals, fork, laptop screen, video). The kernel writes what it holds (the pad's image and strokes, the finished
 run) under ``state/`` in the server's folder, so the assertions read the kernel's side, not the
 page's. Screenshots go to ``test-output/browser/`` (not committed).
 """
@@ -49,11 +49,21 @@ def on_run(change):
         return
     ex = studio.explorer
     if ex is not None:
-        ex.observe(lambda ch: dump("explorer", word=ex.word, version=ex.version,
-                                   location=list(ex.location) if ex.location else None), "version")
+        ex.observe(lambda ch: dump("explorer", word=ex.word, version=ex.version, view=ex.view.value,
+                                   scale_max=ex.scale_max, location=list(ex.location) if ex.location else None),
+                   "version")
     dump("studio", steps=len(run.steps), interrupted=run.interrupted, n_frames=studio.viewer.n_frames,
          frame_ms=studio.viewer.frame_ms, words=ex.words if ex else [])
 studio.observe(on_run, "run")
+def on_fork(change):
+    if change["new"]:
+        import torch
+        k, changes, branch = studio.forks[-1]
+        again = studio.viewer.sampler.fork(at=k, **changes).run()  # lab's own fork, outside the widget
+        dump("fork", step=k, changes=changes, n=change["new"],
+             same_as_lab=bool(torch.equal(again.final_latents, branch.final_latents)),
+             shares_prefix=all(bool(torch.equal(branch.steps[i].latents, studio.run.steps[i].latents)) for i in range(k + 1)))
+studio.observe(on_fork, "n_forks")
 studio
 """
 LONG_RUN = "studio.steps.value = 80"
@@ -100,6 +110,7 @@ def session(tmp_path_factory):
         finally:
             SHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SHOTS / "zz_final_page.png"), full_page=True)
+            (SHOTS / "console-errors.txt").write_text("\n".join(console))
             browser.close()
 
 
@@ -112,6 +123,8 @@ def test_draw_on_scribble_pad_reaches_kernel(session):
     canvas = _pad_canvas(page)
     canvas.scroll_into_view_if_needed()
     before = _shot(canvas, "01_pad_empty")
+    hint = before[110:150, 80:180]  # "draw here" in gray, on the screen only
+    assert ((hint.min(-1) > 80) & (hint.max(-1) < 160)).sum() > 20, "the empty pad says where to draw"
     box = canvas.bounding_box()
     scale = 4  # Studio draws a 64-px model at 4 screen px per pixel
     assert round(box["width"]) == 64 * scale
@@ -191,6 +204,35 @@ def test_trajectory_slider_changes_frame_without_the_kernel(session):
     finally:
         os.kill(pid, signal.SIGCONT)
 
+def test_x0_preview_looks_like_the_decoded_image(session):
+    page = session["page"]
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: label.inner_text().startswith(f"step {STEPS - 1} "), 15, "the last step")
+    preview = _shot(page.locator(".ll-panel-x0 img").first, "07d_x0_preview_last").astype(float)
+    decoded = _shot(page.locator(".ll-panel-image img").first, "07e_decoded_last").astype(float)
+    assert preview.shape == decoded.shape
+    # the tiny decoder draws what the VAE draws (issue 25: block noise and wrong colours before)
+    mse = ((preview - decoded) ** 2).mean()
+    assert 10 * np.log10(255 ** 2 / mse) > 22, f"preview PSNR against the decoded panel {10 * np.log10(255 ** 2 / mse):.1f} dB"
+
+
+def test_reload_keeps_the_trajectory_at_its_step(session):
+    page = session["page"]
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: label.inner_text().startswith(f"step {STEPS - 1} "), 15, "the last step before the reload")
+    page.locator('[data-command="docmanager:save"]').first.click()
+    page.wait_for_timeout(1000)
+    page.reload()
+    page.wait_for_selector(".ll-studio canvas.ll-scribble-canvas", timeout=90_000)
+    label = page.locator(".ll-step-label").first
+    label.wait_for(timeout=60_000)
+    label.scroll_into_view_if_needed()
+    # the views are rebuilt from the kernel's state: the page shows the step the kernel shows, not step 0
+    wait_for(lambda: label.inner_text().startswith(f"step {STEPS - 1} "), 30, "the reloaded page at the last step")
+    page.wait_for_timeout(1500)  # the links' first sync would have moved it by now
+    assert label.inner_text().startswith(f"step {STEPS - 1} ")
+    _shot(page.locator(".ll-trajectory").first, "07c_trajectory_reloaded")
+
 
 def test_word_click_changes_overlay(session):
     page, root = session["page"], session["root"]
@@ -217,6 +259,35 @@ def test_word_click_changes_overlay(session):
     plot = explorer.locator(".ll-attention-plot").first
     wait_for(lambda: plot.get_attribute("src") or "", 15, "the over-time plot")
     _shot(explorer, "10_explorer")
+
+
+def test_explorer_shared_scale_and_self_attention_in_the_page(session):
+    page, root = session["page"], session["root"]
+    explorer = page.locator(".ll-attention-explorer").first
+    explorer.scroll_into_view_if_needed()
+    canvas = explorer.locator(".ll-attention-canvas").first
+    bar = explorer.locator(".ll-attention-colourbar").first
+    top = lambda: bar.inner_text().split()[0]  # noqa: E731 - the colour bar's top tick
+    before_tick, before = top(), _shot(canvas, "10b_word_scale")
+    state0 = _read(root, "explorer")
+    explorer.locator("button", has_text="shared scale").first.click()
+    state = wait_for(lambda: (lambda s: s if s and s["version"] > state0["version"] else None)(_read(root, "explorer")),
+                     30, "the shared scale")
+    assert state["scale_max"] >= state0["scale_max"]
+    wait_for(lambda: top() != before_tick or state["scale_max"] == state0["scale_max"], 15, "the colour bar's new top")
+    # self-attention: a click on the circle shows where that pixel looked
+    explorer.locator("button", has_text="self-attention").first.click()
+    wait_for(lambda: (lambda s: s and s["view"] == "self")(_read(root, "explorer")), 30, "the self-attention view")
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.7)
+    state = wait_for(lambda: (lambda s: s if s and s["view"] == "self" and s["location"]
+                              and abs(s["location"][1] - 0.7 * 64) <= 2 else None)(_read(root, "explorer")),
+                     30, "the clicked pixel's self-attention")
+    after = wait_for(lambda: (lambda a: a if not np.array_equal(a, before) else None)(_shot(canvas, "10c_self_attention")),
+                     15, "the self-attention map")
+    assert "self-attention probability" in bar.inner_text() or "self-attention" in explorer.inner_text()
+    assert np.abs(after.astype(int) - before.astype(int)).mean() > 1
+    _shot(explorer, "10d_explorer_self")
 
 
 def test_callback_error_is_shown_in_widget(session):
@@ -248,15 +319,84 @@ def test_stop_keeps_partial_run(session):
         return text != before and m is not None and 3 <= int(m.group(1)) <= 60
     wait_for(shown_step, 120, "a few live steps")
     page.locator(".ll-studio button", has_text="Stop").first.click()
+    seen = int(re.match(r"step (\d+) ", label.inner_text()).group(1))  # at or after what the click saw
     state = wait_for(lambda: _read(root, "studio"), 120, "the stopped run")
     assert state["interrupted"] and 3 <= state["steps"] < 80
     assert state["n_frames"] == state["steps"]
+    # the run ends within one step of the step the page showed (issue 25: it was 8 steps later)
+    assert state["steps"] - 1 <= seen + 1, (state["steps"], seen)
     last = state["steps"] - 1
     wait_for(lambda: label.inner_text().startswith(f"step {last} "), 30, "the page to show the last kept step")
     _shot(page.locator(".ll-studio").first, "12_stopped")
     viewer = page.locator(".ll-residual-viewer").first
     viewer.scroll_into_view_if_needed()
     _shot(viewer, "13_residual_viewer")
+
+
+def test_residual_viewer_draws_over_the_condition(session):
+    page = session["page"]
+    viewer = page.locator(".ll-residual-viewer").first
+    viewer.scroll_into_view_if_needed()
+    caption = viewer.locator(".widget-html").last
+    img = viewer.locator("img.ll-pixelated, .ll-pixelated img").first
+    alone = img.get_attribute("src")
+    viewer.locator("button", has_text="over the condition").first.click()
+    wait_for(lambda: img.get_attribute("src") != alone, 30, "the map over the scribble")
+    assert "over the condition" in viewer.inner_text()
+    _shot(viewer, "13b_residuals_over_condition")
+
+
+def test_fork_at_the_shown_step_in_the_page(session):
+    page, root = session["page"], session["root"]
+    handle = page.locator(".ll-trajectory .noUi-handle").first
+    handle.focus()
+    handle.press("Home")
+    for _ in range(3):
+        handle.press("ArrowRight")
+    label = page.locator(".ll-step-label").first
+    wait_for(lambda: label.inner_text().startswith("step 3 "), 15, "step 3 shown")
+    page.wait_for_timeout(500)  # the slider's value reaches the kernel
+    fork = page.locator(".ll-fork").first
+    fork.scroll_into_view_if_needed()
+    prompt = fork.locator("input[type=text]").first
+    prompt.fill("a large blue circle on a white background")
+    prompt.press("Tab")
+    page.wait_for_timeout(500)
+    fork.locator("button", has_text="Fork at shown step").click()
+    state = wait_for(lambda: _read(root, "fork"), 120, "the branch")
+    assert state["step"] == 3 and state["changes"] == {"prompt": "a large blue circle on a white background"}
+    assert state["same_as_lab"] and state["shares_prefix"]
+    cards = page.locator(".ll-branch")
+    wait_for(lambda: cards.count() == 2 and "fork at step 3" in cards.nth(1).inner_text(), 30, "the branch's card")
+    shots = [_shot(cards.nth(i).locator("img").first, f"18_branch_{i}") for i in range(2)]
+    assert np.abs(shots[0].astype(int) - shots[1].astype(int)).mean() > 3, "the branch differs from the run"
+    _shot(fork, "19_fork_panel")
+
+
+def test_studio_fits_a_laptop_screen(session):
+    page = session["page"]
+    page.set_viewport_size({"width": 1366, "height": 768})
+    try:
+        page.wait_for_timeout(800)
+        studio = page.locator(".ll-studio").first
+        studio.evaluate("e => e.scrollIntoView({block: 'start'})")
+        page.wait_for_timeout(300)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "20_laptop_1366x768.png"))
+        box = page.locator(".ll-studio-image").first.bounding_box()
+        assert box["x"] + box["width"] <= 1366 and box["y"] + box["height"] <= 768, f"result below the fold: {box}"
+        # no control clips its text or scrolls: the range readout, the pad's toolbar
+        clipped = studio.evaluate("""e => [...e.querySelectorAll('.widget-readout, .widget-hbox, .widget-vbox')]
+            .filter(x => x.offsetParent !== null && x.scrollWidth > x.clientWidth + 1)
+            .map(x => x.className + ' ' + x.scrollWidth + '>' + x.clientWidth).slice(0, 5)""")
+        readout = studio.locator(".widget-readout").filter(has_text="–").first
+        assert "0.00" in readout.inner_text() and "1.00" in readout.inner_text()
+        top = studio.evaluate("""e => [...e.querySelectorAll('.ll-scribble-canvas')].map(c => c.parentElement)
+            .concat([...e.querySelectorAll('.ll-studio .widget-toggle-buttons')])
+            .filter(x => x.scrollWidth > x.clientWidth + 1).length""")
+        assert top == 0 and not clipped, clipped
+    finally:
+        page.set_viewport_size({"width": 1500, "height": 1300})
 
 
 def test_video_viewer_plays_frames_and_scrubs_steps_without_the_kernel(session):

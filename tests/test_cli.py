@@ -64,5 +64,8 @@ def test_demo_writes_the_report(tmp_path):
     page = (tmp_path / "demo" / "report.html").read_text()
     for section in ("Trajectory", "Word heat maps", "ControlNet residuals: scribble", "Settings"):
         assert section in page
+    # every picture has a caption; the settings read as a table, the raw provenance folded away
+    assert page.count("<figure>") == page.count("<figcaption>") >= 5
+    assert "<th>guidance scale</th><td>5</td>" in page and "<details>" in page
     for png in ("image.png", "condition.png", "trajectory.png", "heatmaps.png", "residuals-scribble.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 300  # a real PNG (the condition is two-tone, so small)

@@ -204,6 +204,53 @@ def test_live_follow_and_stop_keep_the_partial_run(shapes_pipe):
     assert torch.equal(run.steps[-1].prev_latents, again.steps[len(run.steps) - 1].prev_latents)
 
 
+def test_live_viewer_drops_steps_while_the_page_is_behind_and_fills_them_in_at_the_end(shapes_pipe):
+    v = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0", "latents"))
+    send = v.add_step
+
+    def add_step(state):  # a page that shows the first two frames it gets, then falls silent
+        ms = send(state)
+        if v.n_frames <= 2:
+            v.shown.value = v.n_frames - 1  # what the page's link writes back when it shows a frame
+        return ms
+    v.add_step = add_step
+    steps = 12
+    v.follow(shapes_pipe.sampler(PROMPT, steps=steps, progress=False), block=True)
+    run = v.run
+    # frame 0 and 1 were shown, frame 2 was sent and never shown: every later step waited, then was dropped
+    # (each step here takes well under the one second after which a silent page gets a frame anyway)
+    assert len(v.frame_ms) < steps and v.dropped == steps - len(v.frame_ms)
+    assert v.n_frames == steps and v._steps_sent == list(range(steps))
+    # at the end the stacks hold every step in order: labels and frames match the run's own steps
+    assert [c.value.split(" ·")[0] for c in v.labels.children] == [f"step {k}" for k in range(steps)]
+    from widgets._base import png
+    for k in (3, steps - 1):
+        assert v.stacks["x0"].children[k].value == png(shapes_pipe.preview(run.steps[k].pred_x0[0]))
+    assert v.slider.value == v.play.value == steps - 1 and "shown only at the end" in v.status.value
+
+
+def test_stop_keeps_one_step_past_what_the_page_showed(shapes_pipe):
+    v = widgets.TrajectoryViewer(pipe=shapes_pipe, panels=("x0",))
+    send = v.add_step
+
+    def add_step(state):  # the page shows every frame at once, until step 6: there Stop is pressed with the
+        ms = send(state)  # page still showing step 2 (say, a slow browser)
+        v.shown.value = 2 if state.index >= 6 else v.n_frames - 1
+        if state.index == 6:
+            v.stop()
+        return ms
+    v.add_step = add_step
+    sampler = shapes_pipe.sampler(PROMPT, steps=20, progress=False)
+    v.follow(sampler, block=True)
+    run = v.run
+    assert v.stopped_at == 2 and run.interrupted and len(run.steps) == 4  # steps 0..3: one past the shown one
+    assert v.n_frames == 4 and sampler.position == 4 and "Stop pressed at step 2" in v.status.value
+    # the steps run ahead were rewound, not lost: going on gives the uninterrupted run bit-exactly
+    rest = sampler.run()
+    plain = shapes_pipe.sampler(PROMPT, steps=20, progress=False).run()
+    assert len(rest.steps) == 20 and torch.equal(rest.final_latents, plain.final_latents)
+
+
 def test_live_errors_show_in_the_viewer_and_reraise_on_wait(shapes_pipe):
     class Broken:
         def bind(self, ctx):
@@ -225,16 +272,15 @@ def test_explorer_word_layers_steps_and_click(run_with_everything):
     ex = widgets.AttentionExplorer(run)
     assert ex.words == analysis.words(run) and ex.word == "large"
     first, v0 = ex.overlay.copy(), ex.version
+    hm = lambda word, **kw: analysis.word_heatmap(run, word, normalize=False, **kw).values  # noqa: E731
     ex.show("blue")
     assert ex.word == "blue" and ex.version > v0 and not np.array_equal(ex.overlay, first)
-    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(run, "blue", steps=(0, 5)).values)
+    np.testing.assert_allclose(ex.heatmap.values, hm("blue", steps=(0, 5)))
     ex.show(layers="res:16x16")
-    expect = analysis.word_heatmap(run, "blue", layers=ex._layer_sets["res:16x16"], steps=(0, 5))
-    np.testing.assert_allclose(ex.heatmap.values, expect.values)
+    np.testing.assert_allclose(ex.heatmap.values, hm("blue", layers=ex._layer_sets["res:16x16"], steps=(0, 5)))
     assert ex.heatmap.attrs["layers"] == len(ex._layer_sets["res:16x16"])
     ex.show(steps=(1, 2))
-    np.testing.assert_allclose(ex.heatmap.values, analysis.word_heatmap(
-        run, "blue", layers=ex._layer_sets["res:16x16"], steps=(1, 2)).values)
+    np.testing.assert_allclose(ex.heatmap.values, hm("blue", layers=ex._layer_sets["res:16x16"], steps=(1, 2)))
     ot = ex.click(40, 20)
     assert ot.dims == ("step", "word") and ex.location == (20.0, 40.0) and ex.plot.value
     np.testing.assert_allclose(ot.values, analysis.attention_at(run, 20, 40, layers=ex._layer_sets["res:16x16"]).values)
@@ -242,8 +288,65 @@ def test_explorer_word_layers_steps_and_click(run_with_everything):
     assert ex.location == (16.0, 32.0) and "clicked (x=32, y=16)" in ex.caption.value
     # several choices in one call apply together
     both = widgets.AttentionExplorer(run).show("circle", layers="res:8x8", steps=(2, 4))
-    np.testing.assert_allclose(both.values, analysis.word_heatmap(
-        run, "circle", layers=ex._layer_sets["res:8x8"], steps=(2, 4)).values)
+    np.testing.assert_allclose(both.values, hm("circle", layers=ex._layer_sets["res:8x8"], steps=(2, 4)))
+
+
+def test_explorer_scale_colour_bar_and_overlay(run_with_everything):
+    run = run_with_everything
+    ex = widgets.AttentionExplorer(run, alpha=0.7)
+    ex.show("blue", scale="word")
+    own = float(ex.heatmap.max())
+    assert ex.scale_max == own and f"{own:.2g}" in ex.bar.value and "attention probability" in ex.bar.value
+    # shared: one maximum over every word of the prompt, so a weakly attended word looks weak
+    ex.show(scale="shared")
+    every = max(float(analysis.word_heatmap(run, w, normalize=False).max()) for w in ex.words)
+    assert ex.scale_max == pytest.approx(every) and ex.scale_max >= own
+    weakest = min(ex.words, key=lambda w: float(analysis.word_heatmap(run, w, normalize=False).max()))
+    ex.show(weakest)
+    shared = ex.overlay.astype(int)
+    ex.show(scale="word")
+    assert np.abs(ex.overlay.astype(int) - np.asarray(ex.image.resize((256, 256), Image.NEAREST))).mean() > \
+        np.abs(shared - np.asarray(ex.image.resize((256, 256), Image.NEAREST))).mean()
+    # where the map is 0 the image shows through unchanged; opacity 0 shows only the image
+    ex.opacity.value = 0.0
+    assert np.array_equal(ex.overlay, np.asarray(ex.image.resize((256, 256), Image.NEAREST)))
+
+
+def test_explorer_heads_and_self_attention(shapes_pipe):
+    run = shapes_pipe.sampler(PROMPT, steps=4, seed=2, progress=False,
+                              recorders=[lab.AttentionRecorder(kind="both", heads="all")]).run()
+    ex = widgets.AttentionExplorer(run)
+    assert ex.has_self and not ex.heads.disabled and len(ex.heads.options) == 1 + 4  # mean + 4 heads
+    # the cross view's resolution menu names cross-attention layers, the self view's self-attention ones
+    res = ex.show("red", layers="res:16x16")
+    np.testing.assert_allclose(res.values, analysis.word_heatmap(
+        run, "red", layers=[n for n in ex._layer_sets["res:16x16"]], normalize=False).values)
+    assert all(n.endswith("attn2") for n in ex._layer_sets["res:16x16"])
+    ex.show(layers="*")
+    one = ex.show("red", heads=2)
+    np.testing.assert_allclose(one.values, analysis.word_heatmap(run, "red", heads=2, normalize=False).values)
+    assert not np.allclose(one.values, analysis.word_heatmap(run, "red", normalize=False).values)
+    ot = ex.click(48, 40)
+    np.testing.assert_allclose(ot.values, analysis.attention_at(run, 40, 48, heads=2).values)
+    # self-attention: where the clicked pixel looked, over the same layer/head/step choices
+    m = ex.show(view="self", heads=-1)
+    assert m.name == "self_attention" and "self-attention of the pixel (x=48, y=40)" in ex.caption.value
+    np.testing.assert_allclose(m.values, analysis.self_attention_at(run, 40, 48, steps=(0, 3)).values)
+    assert [v for _, v in ex.filter.options][:2] == ["*", "res:16x16"] and "self-attention probability" in ex.bar.value
+    assert all(n.endswith("attn1") for n in ex._layer_sets["res:16x16"])
+    ex.click(10, 12)
+    far = analysis.self_attention_at(run, 12, 10)
+    np.testing.assert_allclose(ex.heatmap.values, far.values)
+    assert not np.allclose(far.values, m.values)
+    ex.show(view="cross")
+    assert ex.word_buttons.layout.display is None and ex.heatmap.name == "heatmap"
+    with pytest.raises(KeyError, match="no head"):
+        ex.show(heads=9)
+    no_self = widgets.AttentionExplorer(shapes_pipe.sampler(PROMPT, steps=2, progress=False,
+                                                            recorders=[lab.AttentionRecorder()]).run())
+    with pytest.raises(ValueError, match="no self-attention"):
+        no_self.show(view="self")
+    assert no_self.heads.disabled and no_self.view.layout.display == "none"
 
 
 def test_explorer_errors(run_with_everything, shapes_pipe):
@@ -264,6 +367,13 @@ def test_explorer_errors(run_with_everything, shapes_pipe):
 def test_residual_viewer(run_with_everything):
     run = run_with_everything
     rv = widgets.ResidualViewer(run)
+    # it opens on the strongest cell among the finest-resolution blocks, not on block 0 at step 0
+    d = analysis.residual_norms(run).sel(net="scribble")
+    finest = [i for i, r in enumerate(d["resolution"].values) if str(r) == "16x16"]
+    sub = d.isel(block=finest).transpose("block", "step").values
+    b, i = np.unravel_index(np.nanargmax(sub), sub.shape)
+    assert (rv.block.value, rv.step.value) == (finest[b], i) and rv.map.value and "channel norm" in rv.bar.value
+    assert [label for label, _ in rv.block.options][0] == "down 0 · 16x16" and "mid · 4x4" in rv.block.options[-1][0]
     m = rv.show(block=3, step=4)
     np.testing.assert_allclose(m.values, run.residual_map("scribble", 3, 4))
     assert rv.block.value == 3 and rv.step.value == 4 and rv.chart.value and rv.map.value
@@ -275,6 +385,14 @@ def test_residual_viewer(run_with_everything):
         rv.show(net="edges")
     with pytest.raises(IndexError):
         rv.show(step=99)
+    # over the image and over the scribble: the same map, drawn on what it steers
+    alone = rv.map.value
+    rv.show(block=0, over="image")
+    on_image = rv.map.value
+    rv.show(over="condition")
+    assert len({alone, on_image, rv.map.value}) == 3 and "over the condition" in rv.caption.value
+    with pytest.raises(ValueError, match="over must be"):
+        rv.show(over="sky")
 
 
 def test_residual_viewer_without_maps(shapes_pipe, run_with_everything):
@@ -321,12 +439,51 @@ def test_studio_generate_equals_the_plain_call(shapes_pipe, tmp_path):
     exec(st.code_text, ns)
     assert torch.equal(ns["run"].final_latents, run.final_latents)
     assert ns["run"].residual_map("scribble", 2, 1) is not None  # maps recorded: the residual recorder is there
+    # the shapes model's 16x16 latents: self-attention and every head recorded, for the explorer's views
+    assert "AttentionRecorder(kind='both', heads='all')" in st.code_text and st.explorer.has_self
+    assert "self" in ns["run"].attention["16x16"].to_dataset()
     # a new Generate clears the last run's result and views while it is live
     st.viewer.follow = lambda sampler, on_done: None  # keep the new run from starting: look at the page as it is
     st.generate()
     assert st.results.children == () and "sampling 5 steps" in st.image_caption.value
     st.control.value = "none"
     assert "control" not in st.sampler_kwargs()
+
+
+def test_studio_forks_at_the_shown_step_with_changes(shapes_pipe):
+    st = widgets.Studio(shapes_pipe, steps=8, seed=4)
+    st.control.value = "none"
+    assert st.fork_box.layout.display == "none" and st.fork_button.disabled
+    with pytest.raises(RuntimeError, match="Generate a run first"):
+        st.fork()
+    run = st.generate(wait=True)
+    assert st.fork_box.layout.display is None and not st.fork_button.disabled
+    with pytest.raises(ValueError, match="changes nothing"):
+        st.fork(3, wait=True)
+    st.viewer.show(3)  # the trajectory shows step 3: the fork goes back to just before it
+    st.fork_prompt.value = "a small green triangle on a white background"
+    st.fork_guidance.value = 7.0
+    assert st.fork_changes() == {"prompt": "a small green triangle on a white background", "guidance": 7.0}
+    branch = st.fork(wait=True)
+    # the same as lab's own fork: steps 0..2 shared, then the new prompt and guidance
+    plain = shapes_pipe.sampler(PROMPT, steps=8, seed=4, guidance=5.0, progress=False)
+    plain.run()
+    expect = plain.fork(at=3, prompt="a small green triangle on a white background", guidance=7.0).run()
+    assert torch.equal(branch.final_latents, expect.final_latents)
+    assert all(torch.equal(branch.steps[i].latents, run.steps[i].latents) for i in range(4))
+    assert not torch.equal(branch.final_latents, run.final_latents)
+    # side by side: the run as generated, then each branch with what it changed
+    cards = st.branches.children
+    assert len(cards) == 2 and "as generated" in cards[0].children[1].value
+    assert "fork at step 3" in cards[1].children[1].value and "green triangle" in cards[1].children[1].value
+    st.fork(6, wait=True, seed=11)
+    assert len(st.branches.children) == 3 and [f[0] for f in st.forks] == [3, 6]
+    with pytest.raises(IndexError, match="outside the run"):
+        st.fork(8, seed=1)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        st.fork(2, prompt=" ")
+    st.generate(wait=True)  # a new run starts without the old branches
+    assert st.branches.children == () and st.forks == []
 
 
 def test_studio_errors_show_in_the_widget(shapes_pipe):

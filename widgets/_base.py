@@ -15,7 +15,9 @@ from PIL import Image
 # 16x16 latent preview readable instead of a blur.
 _CSS = ("<style>.ll-pixelated img, img.ll-pixelated { image-rendering: pixelated; }"
         ".ll-error { color: #b00020; background: #fdecea; padding: 4px 8px; border-radius: 4px; "
-        "white-space: pre-wrap; font-family: monospace; font-size: 12px; }</style>")
+        "white-space: pre-wrap; font-family: monospace; font-size: 12px; }"
+        # a range slider's readout ("0.00 – 1.00") is wider than ipywidgets' readout box: let it show whole
+        ".ll-studio .widget-readout { overflow: visible; max-width: none; min-width: 80px; }</style>")
 
 
 def css() -> W.HTML:
@@ -65,6 +67,45 @@ def blend(image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet", stretc
     lo, hi = (float(h.min()), float(h.max())) if stretch else (0.0, 1.0)
     col = colourise(h, cmap, lo, max(hi, lo + 1e-6)).astype(np.float32)
     return ((1 - alpha) * img + alpha * col).round().clip(0, 255).astype(np.uint8)
+
+
+def forget_current_canvas(canvas) -> None:
+    """Make ipycanvas name the canvas again before its next command. ipycanvas sends a canvas's commands
+    through one manager that remembers, on both sides, which canvas it drew on last, and only says so when
+    that changes; a reloaded page has a new manager that remembers none, so drawing on the canvas the kernel
+    drew on last goes nowhere (ipycanvas issue #322). Call before drawing on a canvas whose views may have
+    been rebuilt."""
+    manager = getattr(canvas, "_canvas_manager", None)
+    if manager is not None:
+        manager._current_canvas = None
+
+
+def heat_overlay(image, heat: np.ndarray, lo: float, hi: float, *, alpha: float = 0.7, cmap: str = "inferno") -> np.ndarray:
+    """``heat`` ``[H, W]`` over ``image`` (PIL/array ``[H, W, 3]``) with its colour's opacity growing with the
+    value (``alpha`` at ``hi``, none at ``lo``): the image stays readable where the map is low, unlike a
+    uniform blend. Returns ``uint8 [H, W, 3]``."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    h = np.asarray(heat, dtype=np.float32)
+    t = np.clip((h - lo) / max(hi - lo, 1e-12), 0, 1)[..., None]
+    col = colourise(h, cmap, lo, max(hi, lo + 1e-12)).astype(np.float32)
+    a = alpha * t
+    return ((1 - a) * img + a * col).round().clip(0, 255).astype(np.uint8)
+
+
+def colourbar(cmap: str, lo: float, hi: float, *, height: int = 256, label: str = "") -> str:
+    """HTML of a vertical colour bar for ``cmap`` from ``lo`` (bottom) to ``hi`` (top), with three ticks."""
+    from matplotlib import colormaps
+    cm = colormaps[cmap]
+    stops = ", ".join(f"rgb({int(r * 255)},{int(g * 255)},{int(b * 255)}) {100 * i / 10:.0f}%"
+                      for i, (r, g, b, _) in enumerate(cm(np.linspace(1, 0, 11))))
+    ticks = "".join(f"<span>{v:.2g}</span>" for v in (hi, (lo + hi) / 2, lo))
+    title = f"<div class='ll-colourbar-label'>{html.escape(label)}</div>" if label else ""
+    return (f"<div class='ll-colourbar' style='display:flex;gap:4px;align-items:stretch;font-size:11px;"
+            f"line-height:11px'><div style='width:12px;height:{height}px;border:1px solid #888;"
+            f"background:linear-gradient(to bottom, {stops})'></div><div style='display:flex;flex-direction:column;"
+            f"justify-content:space-between;height:{height}px'>{ticks}</div>"
+            f"<div style='writing-mode:vertical-rl;transform:rotate(180deg);text-align:center;color:#555'>"
+            f"{title}</div></div>")
 
 
 def _default_raise() -> bool:

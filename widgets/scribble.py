@@ -20,7 +20,7 @@ import traitlets
 from ipycanvas import MultiCanvas, hold_canvas
 from PIL import Image, ImageColor, ImageDraw
 
-from ._base import ErrorsMixin, css, shows_errors
+from ._base import ErrorsMixin, css, forget_current_canvas, shows_errors
 
 SUPERSAMPLE = 4  # strokes are drawn at 4x and box-filtered, like the shapes world's scribbles
 COVERAGE = 96 / 255  # a pixel belongs to a stroke when the stroke covers this much of it (the world's threshold)
@@ -84,17 +84,19 @@ class ScribblePad(ErrorsMixin, W.VBox):
         self._background: np.ndarray | None = None
         self._background_is_condition = False
         self._cache: np.ndarray | None = None
+        self._hint_shown = False
 
         cw, ch = w * self.scale, h * self.scale
         self.canvas = MultiCanvas(3, width=cw, height=ch, layout=W.Layout(width=f"{cw}px", height=f"{ch}px"))
         self.canvas.add_class("ll-scribble-canvas")
         self._tool = W.ToggleButtons(options=[("✎ pen", "pen"), ("⌫ eraser", "eraser")], value="pen",
-                                     style={"button_width": "96px"})
+                                     style={"button_width": "auto"})
         self._brush = W.FloatSlider(value=brush, min=0.5, max=12, step=0.5, description="brush",
-                                    layout=W.Layout(width="240px"))
-        self._color = W.ColorPicker(value=color, concise=True, description="colour", layout=W.Layout(width="140px"))
-        self._undo = W.Button(description="undo", icon="undo", layout=W.Layout(width="80px"))
-        self._clear = W.Button(description="clear", icon="trash", layout=W.Layout(width="80px"))
+                                    style={"description_width": "44px"}, layout=W.Layout(width="200px"))
+        self._color = W.ColorPicker(value=color, concise=True, description="colour", style={"description_width": "44px"},
+                                    layout=W.Layout(width="100px"))
+        self._undo = W.Button(description="undo", icon="undo", layout=W.Layout(width="70px"))
+        self._clear = W.Button(description="clear", icon="trash", layout=W.Layout(width="70px"))
         self.status = W.Label()
         traitlets.link((self._tool, "value"), (self, "tool"))
         traitlets.link((self._brush, "value"), (self, "brush"))
@@ -118,6 +120,7 @@ class ScribblePad(ErrorsMixin, W.VBox):
             self.set_background(background, as_condition=background_is_condition)
         else:
             self.redraw()
+        self._status()
 
     @classmethod
     def for_pipeline(cls, pipe, **kwargs) -> "ScribblePad":
@@ -145,9 +148,20 @@ class ScribblePad(ErrorsMixin, W.VBox):
     def _changed(self) -> None:
         self._cache = None
         self.version += 1
+        if self._hint_shown != self._wants_hint():
+            self.redraw()
+        self._status()
+
+    def _status(self) -> None:
         n = len(self._strokes)
+        if not n:
+            self.status.value = f"draw on the pad with the mouse: the ControlNet follows it · {self.size[0]}x{self.size[1]}"
+            return
         self.status.value = f"{n} stroke{'s' * (n != 1)} · {int((self.array.max(-1) > 0).sum())} px set · " \
                             f"{self.size[0]}x{self.size[1]}"
+
+    def _wants_hint(self) -> bool:
+        return not self._strokes and self._background is None
 
     # ------------------------------------------------------------------ actions (also plain calls)
     def add_stroke(self, points, *, width: float | None = None, color: str | tuple | None = None,
@@ -285,8 +299,8 @@ class ScribblePad(ErrorsMixin, W.VBox):
         alpha = np.full(arr.shape[:2], 255, np.uint8)
         if not self._background_is_condition:
             alpha[arr.max(-1) == 0] = 0
-            if self._background is None:
-                alpha[:] = 255  # on a black pad, black is what the model sees
+            if self._background is None and not self._hint_shown:
+                alpha[:] = 255  # on a black pad, black is what the model sees (the same black as the pad's)
         rgba = np.concatenate([arr, alpha[..., None]], axis=2)
         with hold_canvas():
             self.canvas[1].clear()
@@ -294,6 +308,7 @@ class ScribblePad(ErrorsMixin, W.VBox):
 
     def redraw(self, *_) -> None:
         """Draw every layer from the Python state (called when a view connects)."""
+        forget_current_canvas(self.canvas[0])
         with hold_canvas():
             bg = self.canvas[0]
             bg.clear()
@@ -304,6 +319,12 @@ class ScribblePad(ErrorsMixin, W.VBox):
             else:
                 bg.fill_style = "#000000"
                 bg.fill_rect(0, 0, self.size[0] * self.scale, self.size[1] * self.scale)
+            self._hint_shown = self._wants_hint()
+            if self._hint_shown:  # on the screen only: the condition (self.array) stays black
+                bg.fill_style = "#777777"
+                bg.font = "16px sans-serif"
+                bg.text_align = "center"
+                bg.fill_text("draw here", self.size[0] * self.scale / 2, self.size[1] * self.scale / 2)
             self.canvas[2].clear()
         self._draw_raster()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import threading
 from pathlib import Path
 
 import ipywidgets as W
@@ -33,6 +34,7 @@ class Studio(ErrorsMixin, W.VBox):
     starting values of the controls."""
 
     run = traitlets.Any(None, allow_none=True)  # the last finished (or stopped) run
+    n_forks = traitlets.Int(0)  # branches finished since the last Generate (their runs: ``forks``)
 
     def __init__(self, pipe, *, prompt: str = "a large red circle and a small blue square on a gray background",
                  negative_prompt: str = "", steps: int = 20, guidance: float = 5.0, seed: int = 0,
@@ -45,7 +47,7 @@ class Studio(ErrorsMixin, W.VBox):
         nets = list(pipe.controlnets)
         if control is not None and control not in nets:
             raise KeyError(f"no ControlNet {control!r} loaded; loaded: {nets or 'none'}")
-        st = dict(style={"description_width": "90px"}, layout=W.Layout(width="360px"))
+        st = dict(style={"description_width": "76px"}, layout=W.Layout(width="320px"))
         self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, **st)
         self.negative_prompt = W.Text(value=negative_prompt, description="negative", **st)
         self.seed = W.BoundedIntText(value=seed, min=0, max=2 ** 63 - 1, description="seed", **st)
@@ -58,7 +60,8 @@ class Studio(ErrorsMixin, W.VBox):
                                   description="ControlNet", **st)
         self.mode = W.Dropdown(options=list(lab.conditioning.MODES), value="balanced", description="mode", **st)
         self.scale = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="scale", **st)
-        self.window = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="start/end", **st)
+        self.window = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="start/end",
+                                         readout_format=".2f", **st)
         self.generate_button = W.Button(description="Generate", icon="play", button_style="success")
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True)
         self.generate_button.on_click(lambda _: self.generate())
@@ -67,24 +70,49 @@ class Studio(ErrorsMixin, W.VBox):
         self.viewer = TrajectoryViewer(pipe=pipe, panels=panels, raise_errors=raise_errors)
         self.viewer.observe(self._running_changed, "running")
         self.image = W.Image(value=png(np.full((8, 8, 3), 235, np.uint8)), format="png",
-                             layout=W.Layout(width="256px", height="256px"))
+                             layout=W.Layout(width="224px", height="224px"))
         self.image.add_class("ll-pixelated")
         self.image.add_class("ll-studio-image")
         self.image_caption = W.HTML()
         self.viewer.stop_button.layout.display = "none"  # the studio's own Stop does the same
         self.code = W.HTML()
         self.results = W.VBox([])
-        controls = W.VBox([self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance, self.scheduler,
-                           self.control, self.mode, self.scale, self.window,
-                           W.HBox([self.generate_button, self.stop_button])], layout=W.Layout(min_width="370px"))
+        # the time machine: fork the last run at the step the trajectory shows, with changes; branches side by side
+        fst = dict(style={"description_width": "60px"})
+        self.fork_prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="420px"), **fst)
+        self.fork_guidance = W.FloatText(value=guidance, description="guidance", layout=W.Layout(width="150px"), **fst)
+        self.fork_seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="150px"), **fst,
+                                   tooltip="a new seed draws fresh noise for the steps after the fork")
+        self.fork_button = W.Button(description="Fork at shown step", icon="code-branch", disabled=True,
+                                    tooltip="continue the last run from the step the trajectory shows, with these "
+                                            "settings; the steps before it are shared")
+        self.fork_button.on_click(lambda _: self.fork())
+        self.branches = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+        self.branches.add_class("ll-branches")
+        self.forks: list = []  # (step, changes, run) of every branch, in order
+        self.fork_box = W.VBox([W.HTML("<b>Fork</b> · go back to the step the trajectory shows and continue with "
+                                       "another prompt, guidance or seed (the time machine)"),
+                                W.HBox([self.fork_prompt, self.fork_guidance, self.fork_seed, self.fork_button],
+                                       layout=W.Layout(flex_flow="row wrap")), self.branches],
+                               layout=W.Layout(display="none"))
+        self.fork_box.add_class("ll-fork")
+        controls = W.VBox([W.HTML("<b>settings</b>"), self.prompt, self.negative_prompt, self.seed, self.steps,
+                           self.guidance, self.scheduler, self.control, self.mode, self.scale, self.window,
+                           W.HBox([self.generate_button, self.stop_button])], layout=W.Layout(min_width="330px"))
         pad_w = self.pad.size[0] * self.pad.scale
-        # the three columns keep their width and wrap onto the next line in a narrow notebook
+        # the three columns keep their width and wrap onto the next line in a narrow notebook; side by side
+        # they fit a 1366-px laptop screen with JupyterLab's file browser open
         top = W.HBox([controls,
-                       W.VBox([W.HTML("<b>condition</b>"), self.pad], layout=W.Layout(min_width=f"{max(pad_w, 390)}px")),
+                       W.VBox([W.HTML("<b>condition</b> · draw here"), self.pad],
+                              layout=W.Layout(min_width=f"{max(pad_w, 340) + 8}px")),
                        W.VBox([W.HTML("<b>result</b>"), self.image, self.image_caption],
-                              layout=W.Layout(min_width="270px"))],
+                              layout=W.Layout(min_width="232px", max_width="260px"))],
                       layout=W.Layout(flex_flow="row wrap"))
-        super().__init__([css(), top, self.error_box, self.viewer, self.code, self.results])
+        title = W.HTML("<div style='font-size:15px'><b>latent-lab Studio</b> · write a prompt, draw a condition, "
+                       "press Generate; the trajectory, the attention and the residuals follow below</div>")
+        trajectory = W.HTML("<b>Denoising trajectory</b> · play or scrub the steps; live while sampling")
+        super().__init__([css(), title, top, self.error_box, trajectory, self.viewer, self.fork_box, self.code,
+                          self.results])
         self.add_class("ll-studio")
 
     # ------------------------------------------------------------------ actions (also plain calls)
@@ -109,7 +137,7 @@ class Studio(ErrorsMixin, W.VBox):
         kw = self.sampler_kwargs()
         if not kw["prompt"].strip():
             raise ValueError("the prompt is empty: type what to draw")
-        recorders = [lab.AttentionRecorder()]
+        recorders = [self._attention_recorder()]
         if "control" in kw:
             recorders.append(lab.ResidualRecorder(maps=True))
         sampler = self.pipe.sampler(**kw, recorders=recorders, progress=False)
@@ -120,6 +148,10 @@ class Studio(ErrorsMixin, W.VBox):
         self.image.value = png(np.full((8, 8, 3), 235, np.uint8))
         self.image_caption.value = f"sampling {kw['steps']} steps, seed {kw['seed']}: the trajectory is below"
         self.results.children = ()
+        self.branches.children = ()
+        self.forks = []
+        self.n_forks = 0
+        self.fork_box.layout.display = "none"
         self.viewer.follow(sampler, on_done=self._finished)
         if wait:
             run = self.viewer.wait()
@@ -128,8 +160,17 @@ class Studio(ErrorsMixin, W.VBox):
             return run
         return None
 
+    def _attention_recorder(self):
+        """Cross-attention for the explorer; with a latent of at most 16x16 (the shapes model) also
+        self-attention and every head (a few MB per step), for the explorer's heads and self-attention views."""
+        side = self.pipe.default_size // self.pipe.vae_scale_factor
+        if side * side <= 256:
+            return lab.AttentionRecorder(kind="both", heads="all")
+        return lab.AttentionRecorder()
+
     def stop(self) -> None:
-        """End the current run at the next step boundary; the partial run is kept and shown."""
+        """End the current run: the partial run is kept up to one step past the step the page shows, and
+        shown."""
         self.viewer.stop()
 
     def _running_changed(self, change) -> None:
@@ -152,7 +193,86 @@ class Studio(ErrorsMixin, W.VBox):
             if run.settings.get("controls"):
                 views.append(ResidualViewer(run, raise_errors=self.raise_errors))
         self.results.children = views
+        if run.steps:
+            self.fork_prompt.value = str(run.settings["prompt"])
+            self.fork_guidance.value = float(run.settings["guidance"])
+            self.fork_seed.value = int(run.settings["seed"]) if run.settings.get("seed") is not None else 0
+            self.fork_button.disabled = False
+            self.fork_box.layout.display = None
         self.run = run
+
+    # ------------------------------------------------------------------ the time machine
+    def fork_changes(self) -> dict:
+        """What the fork fields change against the last run (``prompt``, ``guidance``, ``seed``)."""
+        st = self.run.settings
+        out = {}
+        if self.fork_prompt.value.strip() != str(st["prompt"]):
+            out["prompt"] = self.fork_prompt.value.strip()
+        if round(float(self.fork_guidance.value), 4) != float(st["guidance"]):
+            out["guidance"] = round(float(self.fork_guidance.value), 4)
+        if st.get("seed") is None or int(self.fork_seed.value) != int(st["seed"]):
+            out["seed"] = int(self.fork_seed.value)
+        return out
+
+    @shows_errors
+    def fork(self, step: int | None = None, *, wait: bool = False, **changes):
+        """Continue the last run from before ``step`` (default: the step the trajectory shows) with ``changes``
+        (default: the fork fields' changes; :meth:`lab.Sampler.fork`'s keywords), in a background thread; the
+        branch's image joins the others side by side. ``wait``: block and return the branch's run."""
+        if self.run is None or not self.run.steps:
+            raise RuntimeError("nothing to fork yet: Generate a run first")
+        if self.viewer.running or getattr(self, "_fork_thread", None) is not None and self._fork_thread.is_alive():
+            raise RuntimeError("a run is in progress: wait for it, or press Stop")
+        sampler = self.viewer.sampler
+        k = int(self.viewer.step if step is None else step)
+        if not 0 <= k < len(self.run.steps):
+            raise IndexError(f"step {k} is outside the run's steps 0..{len(self.run.steps) - 1}")
+        changes = changes or self.fork_changes()
+        if "prompt" in changes and not str(changes["prompt"]).strip():
+            raise ValueError("the fork's prompt is empty")
+        if not changes:
+            raise ValueError("the fork changes nothing: edit its prompt, guidance or seed first")
+        branch = sampler.fork(at=k, **changes)  # raises on an invalid change, before any sampling
+        card = self._card(None, f"fork at step {k}: sampling…")
+        if not self.branches.children:
+            self.branches.children = (self._card(self.run.image if not self.run.interrupted else self.run.decode(-1)[0],
+                                                 "the run as generated"),)
+        self.branches.children = (*self.branches.children, card)
+        self.fork_button.disabled = True
+        result = {}
+
+        def work():
+            try:
+                run = branch.run()
+                result["run"] = run
+                self.forks.append((k, dict(changes), run))
+                self.n_forks = len(self.forks)
+                what = ", ".join(f"{key} {v!r}" if key == "prompt" else f"{key} {v}" for key, v in changes.items())
+                card.children[0].value = png(run.image)
+                card.children[1].value = f"fork at step {k}: {html.escape(what)}"
+            except Exception as exc:  # noqa: BLE001 - shown in the widget
+                card.children[1].value = f"<span class='ll-error'>{html.escape(str(exc))}</span>"
+                result["error"] = exc
+            finally:
+                self.fork_button.disabled = False
+
+        self._fork_thread = threading.Thread(target=work, name="latent-lab-fork", daemon=True)
+        self._fork_thread.start()
+        if wait:
+            self._fork_thread.join()
+            if "error" in result and self.raise_errors:
+                raise result["error"]
+            return result.get("run")
+        return None
+
+    @staticmethod
+    def _card(image, caption: str) -> W.VBox:
+        img = W.Image(value=png(image if image is not None else np.full((8, 8, 3), 235, np.uint8)), format="png",
+                      layout=W.Layout(width="160px", height="160px"))
+        img.add_class("ll-pixelated")
+        box = W.VBox([img, W.HTML(caption, layout=W.Layout(max_width="170px"))], layout=W.Layout(margin="0 10px 0 0"))
+        box.add_class("ll-branch")
+        return box
 
     @property
     def explorer(self) -> AttentionExplorer | None:
@@ -184,8 +304,7 @@ class Studio(ErrorsMixin, W.VBox):
             path = self._save_condition(c.image)
             parts.append(f"control=lab.Control({c.net!r}, Image.open({str(path)!r}), scale={c.scale}, "
                          f"start={c.start}, end={c.end}, mode={c.mode!r})")
-        rec = ", ".join("lab.ResidualRecorder(maps=True)" if isinstance(r, lab.ResidualRecorder)
-                        else "lab.AttentionRecorder()" for r in recorders)
+        rec = ", ".join(_recorder_code(r) for r in recorders)
         lines.append("run = pipe.sampler(" + ", ".join(parts) + f",\n                   recorders=[{rec}]).run()")
         return "\n".join(lines)
 
@@ -196,3 +315,11 @@ class Studio(ErrorsMixin, W.VBox):
             self.workdir.mkdir(parents=True, exist_ok=True)
             image.save(path, format="PNG")
         return path
+
+
+def _recorder_code(recorder) -> str:
+    if isinstance(recorder, lab.ResidualRecorder):
+        return "lab.ResidualRecorder(maps=True)"
+    if recorder.kind != "cross" or recorder.heads != "mean":
+        return f"lab.AttentionRecorder(kind={recorder.kind!r}, heads={recorder.heads!r})"
+    return "lab.AttentionRecorder()"

@@ -6,6 +6,12 @@ channels, the noise prediction) sent to the browser once, as ``ipywidgets.Image`
 (``jsdlink``: play -> slider -> stacks), so playback and scrubbing need no kernel round trip. The links
 go one way only, so the page never writes a value back while the kernel moves the slider during a live run.
 
+Live, the page tells the kernel which step it has shown (one more one-way link, from the step labels to a
+hidden integer that the page saves back). A step whose frames would queue behind frames the page has not
+shown yet is not sent: the page always gets the newest step, and the skipped steps' frames are filled in
+when the run ends. Stop keeps the run up to one step past the step the page showed when it was pressed
+(the sampler rewinds the steps it ran ahead; stepping again recomputes them bit-exactly).
+
     viewer = TrajectoryViewer(run)                 # a finished run
     viewer = TrajectoryViewer(pipe=pipe)           # then viewer.follow(pipe.sampler(...)) runs it live
 """
@@ -21,7 +27,7 @@ import traitlets
 from ._base import ErrorsMixin, channel_tiles, css, png
 
 PANELS = {
-    "x0": "x0 preview",        # the model's x0 estimate through the fitted latent->RGB map (no VAE)
+    "x0": "x0 preview",        # the x0 estimate through the tiny preview decoder (lab.Pipeline.preview; no VAE)
     "image": "decoded x0",     # VAE decode of the x0 estimate
     "latents": "latents x_t",  # the latent channels the step started from
     "noise": "noise prediction",  # the guided epsilon the scheduler used
@@ -50,8 +56,13 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.panels = tuple(panels)
         self.size = int(size)
         self.batch = int(batch)
-        self.frame_ms: list[float] = []      # per step: step done -> its frames sent
-        self.frame_bytes: list[int] = []     # per step: PNG bytes of all its panels
+        self.frame_ms: list[float] = []      # per step sent live: step done -> its frames sent
+        self.frame_bytes: list[int] = []     # per step sent live: PNG bytes of all its panels
+        self.dropped = 0                     # steps of the last live run not sent while the page was behind
+        self.stopped_at: int | None = None   # the step the page showed when stop was pressed (live, with a page)
+        self._steps_sent: list[int] = []     # the step of each child of the stacks, in order
+        self._page_seen = False              # whether a page has ever reported a shown step
+        self._last_send = 0.0
         self.sampler = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -75,9 +86,13 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         for p, cell in zip(self.panels, cells):
             cell.add_class(f"ll-panel-{p}")
         self.labels.add_class("ll-step-label")
+        # what the page shows: the labels' index, saved back by the page (jsdlink calls save_changes)
+        self.shown = W.IntText(value=-1, layout=W.Layout(display="none"))
+        W.jsdlink((self.labels, "selected_index"), (self.shown, "value"))
+        self.shown.observe(self._page_showed, "value")
         self.status = W.Label()
         super().__init__([css(), W.HBox([self.play, self.slider, self.stop_button]), self.labels, W.HBox(cells),
-                          self.status, self.error_box])
+                          self.status, self.error_box, self.shown])
         self.add_class("ll-trajectory")
         if run is not None:
             self.show_run(run)
@@ -92,7 +107,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         out = {}
         for p in self.panels:
             if p == "x0":
-                out[p] = png(self.pipe.preview_map(state.pred_x0[b]))
+                out[p] = png(self.pipe.preview(state.pred_x0[b]))
             elif p == "image":
                 out[p] = png(self.pipe.decode(state.pred_x0[b:b + 1])[0])
             elif p == "latents":
@@ -101,43 +116,99 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
                 out[p] = png(channel_tiles(state.noise_pred[b].float().cpu().numpy()))
         return out
 
+    def _widgets(self, state) -> tuple[dict, W.HTML, int]:
+        """The Image widget of each panel and the label of one step, and their PNG bytes."""
+        frames = self._frames(state)
+        px = f"{self.size}px"
+        images = {}
+        for p, data in frames.items():
+            images[p] = W.Image(value=data, format="png", layout=W.Layout(width=px, height=px))
+            images[p].add_class("ll-pixelated")
+        sigma = "" if np.isnan(state.sigma) else f" · σ = {state.sigma:.3g}"
+        label = W.HTML(f"step {state.index} · t = {state.timestep:g}{sigma}")
+        return images, label, sum(len(v) for v in frames.values())
+
     def add_step(self, state) -> float:
         """Make and send the frames of one :class:`lab.StepState`; returns the milliseconds it took."""
         t0 = time.perf_counter()
-        frames = self._frames(state)
-        px = f"{self.size}px"
+        images, label, nbytes = self._widgets(state)
         with self._lock:
             kept = self.n_frames  # children beyond the frames are the placeholder
-            for p, data in frames.items():
-                img = W.Image(value=data, format="png", layout=W.Layout(width=px, height=px))
-                img.add_class("ll-pixelated")
+            for p, img in images.items():
                 self.stacks[p].children = (*self.stacks[p].children[:kept], img)
-            sigma = "" if np.isnan(state.sigma) else f" · σ = {state.sigma:.3g}"
-            self.labels.children = (*self.labels.children[:kept],
-                                    W.HTML(f"step {state.index} · t = {state.timestep:g}{sigma}"))
-            n = kept + 1
-            # always show the newest frame (the page follows the slider through the one-way links)
-            # max first, then value, as two messages: the page's slider clamps a value above its current max and
-            # writes the clamped value back, so the new max must be in place before the new value arrives
-            self.play.max = n - 1
-            self.slider.max = n - 1
-            self.slider.value = n - 1
-            for st in [self.labels, *self.stacks.values()]:
-                st.selected_index = n - 1
-            self.n_frames = n
-        ms = (time.perf_counter() - t0) * 1e3
+            self.labels.children = (*self.labels.children[:kept], label)
+            self._steps_sent = [*self._steps_sent[:kept], int(state.index)]
+            self._select(kept + 1)
+        self._last_send = time.perf_counter()
+        ms = (self._last_send - t0) * 1e3
         self.frame_ms.append(ms)
-        self.frame_bytes.append(sum(len(v) for v in frames.values()))
+        self.frame_bytes.append(nbytes)
         return ms
+
+    def _select(self, n: int) -> None:
+        """``n`` frames are in the stacks: show the newest (the page follows the slider through the links)."""
+        # max first, then value, as two messages: the page's slider clamps a value above its current max and
+        # writes the clamped value back, so the new max must be in place before the new value arrives.
+        # play's value too: on a reload the page's play -> slider link starts by copying play's value
+        self.play.max = n - 1
+        self.slider.max = n - 1
+        self.play.value = n - 1
+        self.slider.value = n - 1
+        for st in [self.labels, *self.stacks.values()]:
+            st.selected_index = n - 1
+        self.n_frames = n
+
+    def _page_showed(self, change) -> None:
+        if change["new"] >= 0:
+            self._page_seen = True
+
+    def _page_step(self) -> int | None:
+        """The step of the frame the page reported showing last (None before any report)."""
+        i = self.shown.value
+        return self._steps_sent[i] if 0 <= i < len(self._steps_sent) else None
+
+    def _live_step(self, state) -> None:
+        """The sampler's callback: send the step, or keep it for later when the page has not shown the frames
+        sent before (a page that reported nothing yet, or nothing for a second, gets every step)."""
+        behind = (self._page_seen and self.n_frames and self.shown.value < self.n_frames - 1
+                  and time.perf_counter() - self._last_send < 1.0)
+        if behind:  # not sent: the end of the run (_complete) fills the gap from the run's own steps
+            self.dropped += 1
+            return
+        self.add_step(state)
+
+    def _complete(self, run) -> None:
+        """After a live run: the stacks hold every step of ``run`` in order (frames the page has are kept)."""
+        have = {}
+        for i, step in enumerate(self._steps_sent):
+            have[step] = ({p: self.stacks[p].children[i] for p in self.panels}, self.labels.children[i])
+        if [s.index for s in run.steps] == self._steps_sent:
+            return
+        order = []
+        for state in run.steps:
+            if state.index not in have:
+                images, label, _ = self._widgets(state)
+                have[state.index] = (images, label)
+            order.append(have[state.index])
+        with self._lock:
+            if not order:
+                self.clear()
+                return
+            for p in self.panels:
+                self.stacks[p].children = tuple(images[p] for images, _ in order)
+            self.labels.children = tuple(label for _, label in order)
+            self._steps_sent = [s.index for s in run.steps]
+            self._select(len(order))
 
     def clear(self) -> None:
         with self._lock:
             for st in [self.labels, *self.stacks.values()]:
                 st.selected_index = 0
                 st.children = (self._placeholder(),)
-            self.slider.value = 0
+            self.slider.value = self.play.value = 0
             self.play.max = self.slider.max = 0
             self.n_frames = 0
+            self._steps_sent = []
         self.frame_ms.clear()
         self.frame_bytes.clear()
 
@@ -160,6 +231,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         if not -n <= step < n:
             raise IndexError(f"step {step} is out of range: the trajectory has {n} steps")
         step %= n
+        self.play.value = step  # the page's play -> slider link copies play's value on a reload
         self.slider.value = step
         for st in [self.labels, *self.stacks.values()]:  # the page does this through jsdlink; keep Python in step
             st.selected_index = step
@@ -173,15 +245,20 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         msg = f"{self.n_frames} steps"
         if self.frame_ms:
             msg += f" · frame {np.median(self.frame_ms):.0f} ms, {np.mean(self.frame_bytes) / 1024:.1f} KiB"
+        if self.dropped:
+            msg += f" · {self.dropped} steps shown only at the end (the page was behind)"
         if run is not None and run.interrupted:
             msg += " · stopped early (partial run kept)"
+            if self.stopped_at is not None:
+                msg += f": Stop pressed at step {self.stopped_at}"
         self.status.value = msg
 
     # ------------------------------------------------------------------ live
     def follow(self, sampler, *, block: bool = False, on_done=None) -> threading.Thread:
         """Run ``sampler`` in a background thread, showing each step as it completes. The stop button (or
         :meth:`stop`) ends it at a step boundary and keeps the partial run; :attr:`run` is set at the end and
-        ``on_done(run)`` (if given) is called, both in the sampling thread. ``block``: wait for the end."""
+        ``on_done(run)`` (if given) is called, both in the sampling thread. ``block``: wait for the end.
+        Steps are dropped rather than queued while the page is behind (see the module doc)."""
         if self.running:
             raise RuntimeError("a run is already in progress; stop() it first")
         if self.pipe is None:
@@ -193,10 +270,18 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.stop_button.disabled = False
         self.run = None
         self._failure = None
+        self.dropped = 0
+        self.stopped_at = None
 
         def work():
             try:
-                run = sampler.run(callback=self.add_step)
+                run = sampler.run(callback=self._live_step)
+                if self.stopped_at is not None and run.interrupted and sampler.position > self.stopped_at + 2:
+                    # keep one step past what the page showed; the sampler can go on from there
+                    sampler.rewind(self.stopped_at + 2)
+                    sampler.interrupted = True
+                    run = sampler.to_run()
+                self._complete(run)
                 self.run = run
                 if on_done is not None:
                     on_done(run)
@@ -220,8 +305,11 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         return self._failure
 
     def stop(self) -> None:
-        """End the live run at the next step boundary (the partial run is kept)."""
+        """End the live run: the partial run is kept up to one step past the step the page shows (without a
+        page: up to the next step boundary)."""
         if self.sampler is not None:
+            if self.running and self._page_seen:
+                self.stopped_at = self._page_step()
             self.sampler.stop()
 
     def wait(self, timeout: float | None = None):

@@ -78,6 +78,6 @@ class VideoViewer(ErrorsMixin, W.VBox):
     def _frames(self, state) -> list[bytes]:
         x0 = state.pred_x0
         if self.panel == "x0":
-            return [png(self.pipe.preview_map(x0[k])) for k in range(x0.shape[0])]
+            return [png(self.pipe.preview(x0[k])) for k in range(x0.shape[0])]
         with torch.no_grad():
             return [png(im) for im in self.pipe.decode(x0)]

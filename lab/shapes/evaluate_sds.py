@@ -34,7 +34,7 @@ from ..foundation import render, sds
 from . import world
 from .evaluator import evaluate
 
-SDS = dict(iterations=300, guidance=100.0, lr=0.1, t_range=(0.02, 0.98), weighting="sds", consistency=1.0)
+SDS = dict(iterations=500, guidance=100.0, lr=0.1, t_range=(0.02, 0.98), weighting="sds", consistency=1.0)
 # VSD at ProlificDreamer's guidance 7.5 drew the prompt's colour but often another shape, or a faint object (the
 # ablation ``vsd_guidance_7_5``); 100, as SDS, holds the prompt (18 prompts, one start each: 7.5 -> 30 -> 100 gave
 # about 0.3 -> 0.78 -> 0.83 in the exploration before this eval)

@@ -50,7 +50,7 @@ from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_GROUNDING, LAYOUT_LABEL
                     low_res_scheduler, object_boxes, segmap_onehot, trained_subset, widen_conv_in)
 from .tokenizer import write_tokenizer
 
-STAGES = ("vae", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
+STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
 TASK_STAGES = tuple(f"task-{t}" for t in TASKS)  # the task table's models (lab.shapes.tasks), on the text model's UNet
 
 
@@ -74,6 +74,10 @@ class Preset:
     grounding: float = 0.0  # weight of the token grounding loss on cross-attention (0: plain L_LDM)
     pixel: float = 0.0  # weight of the pixel grounding loss (BCE of each token's map vs its region)
     two_share: float = 0.5  # share of two-object scenes in the training set (the world's default: 0.5)
+    preview_seconds: float = 900.0  # the preview decoder (lab.preview.PreviewDecoder), distilled from the VAE
+    preview_pairs: int = 8192  # (latent, VAE decode) pairs it trains on, decoded once
+    preview_batch: int = 32
+    preview_lr: float = 2e-3
 
 
 PRESETS = {
@@ -83,11 +87,12 @@ PRESETS = {
     # one H100/H200: about 8 minutes for everything.
     "gpu": Preset(n_train=120_000, workers=16, vae_seconds=95, unet_seconds=250, controlnet_seconds=42,
                   vae_batch=256, unet_batch=512, controlnet_batch=512, ckpt_every=60, grounding=0.05,
-                  pixel=0.01),
+                  pixel=0.01, preview_seconds=60, preview_pairs=60_000, preview_batch=256),
     # a few steps of every stage, to keep the training code tested.
     # The step count decides, not the clock (a loaded test machine must not cut a run short).
     "smoke": Preset(n_train=64, workers=1, vae_seconds=900, unet_seconds=900, controlnet_seconds=900,
-                    vae_batch=8, unet_batch=8, controlnet_batch=8, max_steps=3, ckpt_every=0.0),
+                    vae_batch=8, unet_batch=8, controlnet_batch=8, max_steps=3, ckpt_every=0.0, preview_pairs=16,
+                    preview_batch=8),
 }
 
 
@@ -306,6 +311,43 @@ class Trainer:
             z = self._encode(vae, images[:4096], sample=True)
             vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
         vae.save_pretrained(self.out / "vae")
+        return summary
+
+    def train_preview(self):
+        """TAESD's idea on this model's VAE: a tiny decoder (:class:`lab.preview.PreviewDecoder`) trained to
+        reproduce the VAE decoder on latents like a sampler's x0 estimates (:func:`lab.preview.preview_inputs`
+        of the training set's posteriors); L1 + MSE against the VAE's decode of the same latents."""
+        from diffusers import AutoencoderKL
+
+        from ..preview import PreviewDecoder, preview_inputs
+        p = self.preset
+        vae_dir = self._component("vae")
+        scale, mean, std = self._latent_stats(vae_dir)
+        vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        g = self._generator(self.seed + 7)
+        n = min(len(mean), p.preview_pairs)
+        inputs = preview_inputs(mean[:n], std[:n], scale, g)
+        t0 = time.time()
+        with torch.no_grad():
+            targets = torch.cat([(vae.decode(inputs[i:i + 256] / scale).sample.float() / 2 + 0.5).clamp(0, 1)
+                                 .mul(255).round().to(torch.uint8) for i in range(0, n, 256)])
+        print(f"[preview] {n} VAE decodes in {time.time() - t0:.1f}s", flush=True)
+        del vae
+        torch.manual_seed(self.seed + 7)
+        dec = PreviewDecoder().to(self.device)
+
+        def step_fn():
+            idx = torch.randint(0, n, (p.preview_batch,), generator=g, device=self.device)
+            with _autocast(self.device):
+                out = dec(inputs[idx])
+            out, target = out.float(), targets[idx].float() / 255
+            mse = F.mse_loss(out, target)
+            return (out - target).abs().mean() + mse, {"psnr": -10 * torch.log10(mse.detach())}
+
+        summary = self._loop("preview", list(dec.parameters()), p.preview_seconds, p.preview_lr, step_fn,
+                             lambda: {"model": dec.state_dict()}, lambda ck: dec.load_state_dict(ck["model"]), g,
+                             p.preview_batch)
+        dec.save(self.out / "preview_decoder")
         return summary
 
     @torch.no_grad()
@@ -849,6 +891,8 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
             if task in TOKEN_TASKS:
                 folder = TOKEN_TASKS[task]
                 ENCODERS[folder].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
+    if (src("preview_decoder") / "config.json").exists():  # lab.preview.PreviewDecoder, distilled from the VAE
+        shutil.copytree(src("preview_decoder"), tmp / "preview_decoder")
     if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
         shutil.copytree(src("low_res_scheduler"), tmp / "low_res_scheduler")
     for kind in kinds:
@@ -913,12 +957,14 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             raise ValueError(f"two_share must be within [0, 1], got {two_share}")
         p = replace(p, two_share=two_share)
     if seconds is not None:
-        p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds)
+        p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds, preview_seconds=seconds)
     tr = Trainer(out, p, device, progress=progress, base=base)
     out_rows = []
     for s in stages:
         if s == "vae":
             out_rows.append(tr.train_vae())
+        elif s == "preview":
+            out_rows.append(tr.train_preview())
         elif s == "unet":
             out_rows.append(tr.train_unet())
         elif s in TASK_STAGES:
