@@ -74,6 +74,12 @@ dump("video", frames=video.n_frames, steps=len(video.frames))
 widgets.VideoViewer(video, size=192, strip=64)
 """
 
+EDIT = """
+edit = widgets.EditWidget(pipe, "a large red circle on a gray background", seed=0, steps=12)
+edit.observe(lambda ch: dump("edit", version=ch["new"], change=edit.change, prompt=edit.edited.settings["prompt"]), "version")
+edit
+"""
+
 
 def _read(root: Path, name: str):
     p = root / "state" / f"{name}.json"
@@ -93,7 +99,7 @@ def session(tmp_path_factory):
     from playwright.sync_api import sync_playwright
     root = tmp_path_factory.mktemp("lab") / "root"
     root.mkdir()
-    write_notebook(root / "widgets_test.ipynb", [SETUP, STUDIO, LONG_RUN, VIDEO])
+    write_notebook(root / "widgets_test.ipynb", [SETUP, STUDIO, LONG_RUN, VIDEO, EDIT])
     with JupyterLab(root) as server, sync_playwright() as pw:
         browser = launch(pw)
         page = browser.new_page(viewport={"width": 1500, "height": 1300})
@@ -429,3 +435,27 @@ def test_video_viewer_plays_frames_and_scrubs_steps_without_the_kernel(session):
         assert np.abs(early.astype(int) - moved.astype(int)).mean() > 2, "an early step's x0 differs from the end"
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_edit_widget_replaces_the_prompt_in_the_page(session):
+    page, root = session["page"], session["root"]
+    run_cell(page, 4)
+    ed = page.locator(".ll-edit").first
+    ed.wait_for(timeout=120_000)
+    ed.scroll_into_view_if_needed()
+    ed.locator("button", has_text="replace the prompt").first.click()
+    box = ed.locator("input[type=text]").first
+    wait_for(lambda: box.is_visible(), 15, "the new-prompt field")
+    box.fill("a large blue circle on a gray background")
+    box.press("Tab")
+    page.wait_for_timeout(500)
+    ed.locator("button", has_text="Apply").first.click()
+    state = wait_for(lambda: _read(root, "edit"), 120, "the edit")
+    assert state["prompt"] == "a large blue circle on a gray background" and state["change"] > 5
+    wait_for(lambda: "new prompt alone" in ed.inner_text(), 30, "the summary")
+    source = _shot(ed.locator(".ll-edit-source img").first, "21_edit_source").astype(int)
+    edited = _shot(ed.locator(".ll-edit-edited img").first, "22_edit_edited").astype(int)
+    # the circle turned blue: more blue than red where it was red
+    red = (source[..., 0] > 150) & (source[..., 2] < 100)
+    assert red.sum() > 500 and (edited[red][:, 2] > edited[red][:, 0]).mean() > 0.5
+    _shot(ed, "23_edit_widget")

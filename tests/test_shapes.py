@@ -257,6 +257,10 @@ def test_training_smoke_every_stage(tmp_path):
     assert sd.unet.dtype == torch.float32
     ControlNetModel.from_pretrained(tmp_path / "model", subfolder="controlnet-edges")
     assert (tmp_path / "model" / "lab_preview.json").exists()
+    # the preview decoder goes with the model, and the model's pipeline uses it
+    import lab
+    pipe = lab.load(tmp_path / "model")
+    assert pipe.preview_decoder is not None and pipe.preview(torch.zeros(4, 16, 16)).shape == (64, 64, 3)
     # and the ablation variant
     g = train.train("controlnet-scribble", tmp_path / "work", preset="smoke", init="gaussian", progress=False)
     assert g[0]["stage"] == "controlnet-scribble-gaussian"

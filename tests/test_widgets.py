@@ -331,6 +331,7 @@ def test_explorer_heads_and_self_attention(shapes_pipe):
     # self-attention: where the clicked pixel looked, over the same layer/head/step choices
     m = ex.show(view="self", heads=-1)
     assert m.name == "self_attention" and "self-attention of the pixel (x=48, y=40)" in ex.caption.value
+    assert ex.plot.layout.display == "none"  # the words view's over-time plot would be stale here
     np.testing.assert_allclose(m.values, analysis.self_attention_at(run, 40, 48, steps=(0, 3)).values)
     assert [v for _, v in ex.filter.options][:2] == ["*", "res:16x16"] and "self-attention probability" in ex.bar.value
     assert all(n.endswith("attn1") for n in ex._layer_sets["res:16x16"])
@@ -339,7 +340,7 @@ def test_explorer_heads_and_self_attention(shapes_pipe):
     np.testing.assert_allclose(ex.heatmap.values, far.values)
     assert not np.allclose(far.values, m.values)
     ex.show(view="cross")
-    assert ex.word_buttons.layout.display is None and ex.heatmap.name == "heatmap"
+    assert ex.word_buttons.layout.display is None and ex.heatmap.name == "heatmap" and ex.plot.layout.display is None
     with pytest.raises(KeyError, match="no head"):
         ex.show(heads=9)
     no_self = widgets.AttentionExplorer(shapes_pipe.sampler(PROMPT, steps=2, progress=False,
@@ -361,6 +362,40 @@ def test_explorer_errors(run_with_everything, shapes_pipe):
     plain = shapes_pipe.sampler(PROMPT, steps=2, progress=False).run()
     with pytest.raises(ValueError, match="recorded no attention"):
         widgets.AttentionExplorer(plain)
+
+
+# ---------------------------------------------------------------------------- edits
+def test_edit_widget_reweight_and_replace_equal_the_plain_calls(shapes_pipe):
+    P = "a large red circle on a gray background"
+    ed = widgets.EditWidget(shapes_pipe, P, seed=5, steps=6)
+    assert ed.words == ["large", "red", "circle", "gray", "background"] and ed.images["source"].value
+    run = ed.reweight("red", 6.0)
+    plain = shapes_pipe.sampler(P, steps=6, seed=5, guidance=5.0, progress=False,
+                                recorders=[lab.AttentionRecorder(record=False, edits=[lab.Reweight({"red": 6.0})])]).run()
+    assert torch.equal(run.final_latents, plain.final_latents) and ed.version == 1
+    expect = np.abs(np.asarray(run.image, np.float32) - np.asarray(ed.source.image, np.float32)).mean()
+    assert ed.change == pytest.approx(float(expect)) and f"{ed.change:.1f} / 255" in ed.captions["difference"].value
+    assert ed.cards["plain"].layout.display == "none"
+    new = "a large blue circle on a gray background"
+    swapped = ed.replace(new)
+    src = shapes_pipe.sampler(P, steps=6, seed=5, guidance=5.0, progress=False,
+                              recorders=[lab.AttentionRecorder(heads="all")]).run()
+    p2p = shapes_pipe.sampler(new, steps=6, seed=5, guidance=5.0, progress=False, recorders=[
+        lab.AttentionRecorder(record=False, edits=[lab.ReplaceAttention(src, steps=(0.0, 0.6))])]).run()
+    assert torch.equal(swapped.final_latents, p2p.final_latents) and ed.window.value == (0.0, 0.6)
+    assert ed.plain is not None and ed.cards["plain"].layout.display is None and "new prompt alone" in ed.summary.value
+    # the controls drive the same calls
+    ed.mode.value = "reweight"
+    ed.word.value, ed.factor.value = "circle", 0.0
+    assert torch.equal(ed.apply().final_latents, shapes_pipe.sampler(P, steps=6, seed=5, guidance=5.0, progress=False,
+        recorders=[lab.AttentionRecorder(record=False, edits=[lab.Reweight({"circle": 0.0})])]).run().final_latents)
+    with pytest.raises(KeyError, match="not a content word"):
+        ed.reweight("green", 2.0)
+    with pytest.raises(ValueError, match="factor"):
+        ed.reweight("red", float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        ed.replace("  ")
+    assert ed.version == 3  # the refused edits changed nothing shown
 
 
 # ---------------------------------------------------------------------------- residual viewer

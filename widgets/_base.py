@@ -17,7 +17,8 @@ _CSS = ("<style>.ll-pixelated img, img.ll-pixelated { image-rendering: pixelated
         ".ll-error { color: #b00020; background: #fdecea; padding: 4px 8px; border-radius: 4px; "
         "white-space: pre-wrap; font-family: monospace; font-size: 12px; }"
         # a range slider's readout ("0.00 – 1.00") is wider than ipywidgets' readout box: let it show whole
-        ".ll-studio .widget-readout { overflow: visible; max-width: none; min-width: 80px; }</style>")
+        ".ll-studio .widget-readout, .ll-edit .widget-readout, .ll-attention-explorer .widget-readout "
+        "{ overflow: visible; max-width: none; min-width: 80px; }</style>")
 
 
 def css() -> W.HTML:

@@ -85,7 +85,7 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
         self.filter = W.Dropdown(options=[(label, v) for label, v, _ in self._options["cross"]], value="*",
                                  description="layers", layout=wide)
         self.heads = W.Dropdown(options=[("mean of heads", -1)] + [(f"head {h}", h) for h in range(n_heads)],
-                                value=-1, description="heads", layout=W.Layout(width="200px"),
+                                value=-1, description="heads", layout=W.Layout(width="230px"),
                                 disabled=n_heads == 1)
         self.steps = W.IntRangeSlider(value=(0, max(n_steps - 1, 0)), min=0, max=max(n_steps - 1, 0),
                                       description="steps", continuous_update=False, layout=wide)
@@ -145,6 +145,8 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
             self._quiet = False
         self.word_buttons.layout.display = None if kind == "cross" else "none"
         self.scale.layout.display = None if kind == "cross" else "none"
+        # the over-time plot is the words view's; in the self-attention view it would show a stale pixel
+        self.plot.layout.display = "none" if kind == "self" or self.over_time is None else None
         if kind == "self" and self.location is None:
             self.location = ((self.height - 1) / 2, (self.width - 1) / 2)  # the centre until a click
         self.show()
@@ -280,6 +282,8 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
         da = self.over_time
         fig = Figure(figsize=(5.2, 2.9), dpi=90)
         ax = fig.subplots()
+        from matplotlib import colormaps
+        ax.set_prop_cycle(color=colormaps["tab20"].colors)  # up to 20 words without a repeated colour
         for w in da["word"].values:
             bold = str(w) == self.word_buttons.value
             ax.plot(da["step"].values, da.sel(word=w).values, lw=2.4 if bold else 1.0, alpha=1.0 if bold else 0.6,

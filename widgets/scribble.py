@@ -92,7 +92,7 @@ class ScribblePad(ErrorsMixin, W.VBox):
         self._tool = W.ToggleButtons(options=[("✎ pen", "pen"), ("⌫ eraser", "eraser")], value="pen",
                                      style={"button_width": "auto"})
         self._brush = W.FloatSlider(value=brush, min=0.5, max=12, step=0.5, description="brush",
-                                    style={"description_width": "44px"}, layout=W.Layout(width="200px"))
+                                    style={"description_width": "44px"}, layout=W.Layout(width="180px"))
         self._color = W.ColorPicker(value=color, concise=True, description="colour", style={"description_width": "44px"},
                                     layout=W.Layout(width="100px"))
         self._undo = W.Button(description="undo", icon="undo", layout=W.Layout(width="70px"))
@@ -114,8 +114,9 @@ class ScribblePad(ErrorsMixin, W.VBox):
         self.canvas.on_touch_cancel(lambda touches: self._finish())
         self.canvas.on_client_ready(self.redraw)  # a new or reloaded view starts empty: redraw it
 
-        super().__init__([css(), W.HBox([self._tool, self._undo, self._clear]),
-                          W.HBox([self._brush, self._color]), self.canvas, self.status, self.error_box])
+        wrap = W.Layout(flex_flow="row wrap")  # a narrow column wraps the tools instead of scrolling them
+        super().__init__([css(), W.HBox([self._tool, self._undo, self._clear], layout=wrap),
+                          W.HBox([self._brush, self._color], layout=wrap), self.canvas, self.status, self.error_box])
         if background is not None:
             self.set_background(background, as_condition=background_is_condition)
         else:

@@ -84,6 +84,7 @@ class Studio(ErrorsMixin, W.VBox):
         self.fork_seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="150px"), **fst,
                                    tooltip="a new seed draws fresh noise for the steps after the fork")
         self.fork_button = W.Button(description="Fork at shown step", icon="code-branch", disabled=True,
+                                    layout=W.Layout(width="180px"),
                                     tooltip="continue the last run from the step the trajectory shows, with these "
                                             "settings; the steps before it are shared")
         self.fork_button.on_click(lambda _: self.fork())
@@ -98,13 +99,13 @@ class Studio(ErrorsMixin, W.VBox):
         self.fork_box.add_class("ll-fork")
         controls = W.VBox([W.HTML("<b>settings</b>"), self.prompt, self.negative_prompt, self.seed, self.steps,
                            self.guidance, self.scheduler, self.control, self.mode, self.scale, self.window,
-                           W.HBox([self.generate_button, self.stop_button])], layout=W.Layout(min_width="330px"))
+                           W.HBox([self.generate_button, self.stop_button])], layout=W.Layout(min_width="324px"))
         pad_w = self.pad.size[0] * self.pad.scale
         # the three columns keep their width and wrap onto the next line in a narrow notebook; side by side
         # they fit a 1366-px laptop screen with JupyterLab's file browser open
         top = W.HBox([controls,
                        W.VBox([W.HTML("<b>condition</b> · draw here"), self.pad],
-                              layout=W.Layout(min_width=f"{max(pad_w, 340) + 8}px")),
+                              layout=W.Layout(min_width=f"{max(pad_w, 316) + 8}px")),
                        W.VBox([W.HTML("<b>result</b>"), self.image, self.image_caption],
                               layout=W.Layout(min_width="232px", max_width="260px"))],
                       layout=W.Layout(flex_flow="row wrap"))
@@ -235,8 +236,9 @@ class Studio(ErrorsMixin, W.VBox):
         branch = sampler.fork(at=k, **changes)  # raises on an invalid change, before any sampling
         card = self._card(None, f"fork at step {k}: sampling…")
         if not self.branches.children:
-            self.branches.children = (self._card(self.run.image if not self.run.interrupted else self.run.decode(-1)[0],
-                                                 "the run as generated"),)
+            r = self.run
+            self.branches.children = (self._card(r.decode(-1)[0], f"the run, stopped after {len(r.steps)} steps: its "
+                                                 "x0 estimate") if r.interrupted else self._card(r.image, "the run as generated"),)
         self.branches.children = (*self.branches.children, card)
         self.fork_button.disabled = True
         result = {}
