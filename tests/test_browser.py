@@ -343,7 +343,6 @@ def test_residual_viewer_draws_over_the_condition(session):
     page = session["page"]
     viewer = page.locator(".ll-residual-viewer").first
     viewer.scroll_into_view_if_needed()
-    caption = viewer.locator(".widget-html").last
     img = viewer.locator("img.ll-pixelated, .ll-pixelated img").first
     alone = img.get_attribute("src")
     viewer.locator("button", has_text="over the condition").first.click()

@@ -91,6 +91,7 @@ class Studio(ErrorsMixin, W.VBox):
         self.branches = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
         self.branches.add_class("ll-branches")
         self.forks: list = []  # (step, changes, run) of every branch, in order
+        self._fork_thread = None
         self.fork_box = W.VBox([W.HTML("<b>Fork</b> · go back to the step the trajectory shows and continue with "
                                        "another prompt, guidance or seed (the time machine)"),
                                 W.HBox([self.fork_prompt, self.fork_guidance, self.fork_seed, self.fork_button],
@@ -134,6 +135,8 @@ class Studio(ErrorsMixin, W.VBox):
         returns the run). Invalid settings raise here, before any sampling, and show in the widget."""
         if self.viewer.running:
             raise RuntimeError("a run is in progress: press Stop first")
+        if self._forking():
+            raise RuntimeError("a fork is being sampled: wait for its image")
         self.error_box.clear()
         kw = self.sampler_kwargs()
         if not kw["prompt"].strip():
@@ -222,7 +225,7 @@ class Studio(ErrorsMixin, W.VBox):
         branch's image joins the others side by side. ``wait``: block and return the branch's run."""
         if self.run is None or not self.run.steps:
             raise RuntimeError("nothing to fork yet: Generate a run first")
-        if self.viewer.running or getattr(self, "_fork_thread", None) is not None and self._fork_thread.is_alive():
+        if self.viewer.running or self._forking():
             raise RuntimeError("a run is in progress: wait for it, or press Stop")
         sampler = self.viewer.sampler
         k = int(self.viewer.step if step is None else step)
@@ -266,6 +269,9 @@ class Studio(ErrorsMixin, W.VBox):
                 raise result["error"]
             return result.get("run")
         return None
+
+    def _forking(self) -> bool:
+        return self._fork_thread is not None and self._fork_thread.is_alive()
 
     @staticmethod
     def _card(image, caption: str) -> W.VBox:

@@ -168,8 +168,8 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         return self._steps_sent[i] if 0 <= i < len(self._steps_sent) else None
 
     def _live_step(self, state) -> None:
-        """The sampler's callback: send the step, or keep it for later when the page has not shown the frames
-        sent before (a page that reported nothing yet, or nothing for a second, gets every step)."""
+        """The sampler's callback: send the step, or skip it while the page has not shown the frames sent before
+        (filled in when the run ends); a page that reported nothing yet, or nothing for a second, gets every step."""
         behind = (self._page_seen and self.n_frames and self.shown.value < self.n_frames - 1
                   and time.perf_counter() - self._last_send < 1.0)
         if behind:  # not sent: the end of the run (_complete) fills the gap from the run's own steps
