@@ -7,8 +7,11 @@ live under a :class:`widgets.TrajectoryViewer` that is displayed, so every frame
 serialised and sent on the kernel's iopub socket, as they are to a browser. Measured per step:
 
 * ``frame_ms``: from the step's completion (the sampler's callback) to its frames sent (PNG encoding
-  of all panels, the Image widgets created, the stacks and the slider updated). Target: <= 50 ms on
-  these machines for the shapes model (issue 6);
+  of the live panels, the Image widgets created, the stacks and the slider updated). Target: <= 50 ms on
+  these machines for the shapes model (issues 6, 25). Live, the viewer draws the x0 estimate with the preview
+  decoder and makes the VAE-decoded panel of every step once the run ends (``TrajectoryViewer(decode_live=False)``,
+  the default): ``complete_ms`` is that end-of-run work for the whole run, ``frame_ms_decode_live`` the frame
+  time with the VAE panel made live too (one run);
 * ``bytes_per_frame``: PNG bytes of all panels of one step (what playback later needs, sent once);
 * per panel: milliseconds and bytes of ``x0`` (latent preview), ``image`` (VAE decode), ``latents``,
   ``noise``;
@@ -48,7 +51,8 @@ from IPython.display import display
 pipe = lab.load("shapes")
 PROMPT = "a large red circle and a small blue square on a gray background"
 pipe.sampler(PROMPT, steps=3, progress=False).run()  # warm-up
-out = {"frame_ms": [], "bytes_per_frame": [], "panel_ms": {}, "panel_bytes": {}, "with_viewer_s": [], "plain_s": []}
+out = {"frame_ms": [], "bytes_per_frame": [], "panel_ms": {}, "panel_bytes": {}, "with_viewer_s": [], "plain_s": [],
+       "complete_ms": []}
 for r in range(RUNS):
     t = time.perf_counter(); pipe.sampler(PROMPT, steps=STEPS, seed=r, progress=False).run()
     out["plain_s"].append(time.perf_counter() - t)
@@ -58,6 +62,11 @@ for r in range(RUNS):
     out["with_viewer_s"].append(time.perf_counter() - t)
     out["frame_ms"] += v.frame_ms
     out["bytes_per_frame"] += v.frame_bytes
+    out["complete_ms"].append(v.complete_ms)
+dl = widgets.TrajectoryViewer(pipe=pipe, decode_live=True)
+display(dl)
+dl.follow(pipe.sampler(PROMPT, steps=STEPS, seed=0, progress=False), block=True)
+out["frame_ms_decode_live"] = dl.frame_ms
 # per panel: encode each panel alone for the steps of the last run
 for p in ("x0", "image", "latents", "noise"):
     one = widgets.TrajectoryViewer(pipe=pipe, panels=(p,))
@@ -218,6 +227,9 @@ def main(argv=None):
         "panel_bytes": {k: int(v) for k, v in raw["panel_bytes"].items()},
         "sampling_ms_per_step": {"plain": round(per_step_plain, 1), "live_viewer": round(per_step_viewer, 1)},
         "frame_ms_p95": round(_pct(fm, 0.95), 2),
+        "complete_ms": round(_pct(raw["complete_ms"], 0.5), 1),
+        "frame_ms_decode_live": {"median": round(_pct(raw["frame_ms_decode_live"], 0.5), 2),
+                                 "p95": round(_pct(raw["frame_ms_decode_live"], 0.95), 2)},
         **preview_quality(),
         **({} if args.no_browser else stop_latency()),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {sys.version.split()[0]}",

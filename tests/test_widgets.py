@@ -166,7 +166,7 @@ def test_trajectory_viewer_shows_every_step(run_with_everything):
         v.show(n)
     x0 = Image.open(__import__("io").BytesIO(v.stacks["x0"].children[0].value))
     image = Image.open(__import__("io").BytesIO(v.stacks["image"].children[0].value))
-    assert x0.size == (16, 16) and image.size == (64, 64)
+    assert x0.size == image.size == (64, 64)  # the preview decoder draws at full resolution
     assert len(v.frame_ms) == n and all(b > 0 for b in v.frame_bytes)
     # frames differ from step to step (the trajectory moves)
     assert v.stacks["x0"].children[0].value != v.stacks["x0"].children[-1].value
@@ -227,6 +227,27 @@ def test_live_viewer_drops_steps_while_the_page_is_behind_and_fills_them_in_at_t
     for k in (3, steps - 1):
         assert v.stacks["x0"].children[k].value == png(shapes_pipe.preview(run.steps[k].pred_x0[0]))
     assert v.slider.value == v.play.value == steps - 1 and "shown only at the end" in v.status.value
+
+
+def test_live_run_defers_the_vae_panel_to_the_end(shapes_pipe):
+    v = widgets.TrajectoryViewer(pipe=shapes_pipe)
+    seen = []
+    send = v.add_step
+
+    def add_step(state):  # what the page gets while the run is live
+        ms = send(state)
+        seen.append(type(v.stacks["image"].children[-1]).__name__)
+        return ms
+    v.add_step = add_step
+    v.follow(shapes_pipe.sampler(PROMPT, steps=5, progress=False), block=True)
+    # live: the preview decoder's x0, latents and noise; the VAE panel is a placeholder until the run ends
+    assert seen == ["HTML"] * 5 and v.complete_ms > 0 and "VAE panels made at the end" in v.status.value
+    from widgets._base import png
+    assert [c.value for c in v.stacks["image"].children] == [png(shapes_pipe.decode(s.pred_x0[:1])[0]) for s in v.run.steps]
+    assert not v._deferred
+    live = widgets.TrajectoryViewer(pipe=shapes_pipe, decode_live=True)
+    live.follow(shapes_pipe.sampler(PROMPT, steps=2, progress=False), block=True)
+    assert all(type(c).__name__ == "Image" for c in live.stacks["image"].children) and live.complete_ms == 0
 
 
 def test_stop_keeps_one_step_past_what_the_page_showed(shapes_pipe):

@@ -37,14 +37,17 @@ PANELS = {
 class TrajectoryViewer(ErrorsMixin, W.VBox):
     """``run``: a :class:`lab.Run` to show; ``pipe``: the pipeline (default ``run.pipe``; needed for the
     x0 preview and the decoded image); ``panels``: any of ``"x0"``, ``"image"``, ``"latents"``, ``"noise"``;
-    ``size``: display size of each panel in screen pixels; ``interval``: playback ms per frame."""
+    ``size``: display size of each panel in screen pixels; ``interval``: playback ms per frame;
+    ``decode_live``: make the VAE-decoded panel of every live step as it comes (by default a live run shows the
+    preview decoder's x0 and the VAE decodes are made once, when the run ends: the VAE is most of a frame's
+    cost)."""
 
     run = traitlets.Any(None, allow_none=True)   # the run shown (set when a live run finishes or stops)
     running = traitlets.Bool(False)
     n_frames = traitlets.Int(0)
 
     def __init__(self, run=None, *, pipe=None, panels=("x0", "image", "latents", "noise"), size: int = 160,
-                 interval: int = 200, batch: int = 0, raise_errors: bool | None = None):
+                 interval: int = 200, batch: int = 0, decode_live: bool = False, raise_errors: bool | None = None):
         unknown = [p for p in panels if p not in PANELS]
         if unknown:
             raise ValueError(f"unknown panels {unknown}; choose from {list(PANELS)}")
@@ -63,6 +66,10 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self._steps_sent: list[int] = []     # the step of each child of the stacks, in order
         self._page_seen = False              # whether a page has ever reported a shown step
         self._last_send = 0.0
+        self.decode_live = bool(decode_live)
+        self._live = False                   # a followed run is in progress (its frames may defer the VAE panel)
+        self._deferred: set[int] = set()     # steps whose VAE panel waits for the end of the run
+        self.complete_ms = 0.0               # the end of the last live run: deferred and skipped frames made
         self.sampler = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -102,10 +109,12 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
     def _placeholder() -> W.HTML:
         return W.HTML("<i style='color:#888'>no steps yet</i>")
 
-    def _frames(self, state) -> dict[str, bytes]:
+    def _frames(self, state, skip=()) -> dict[str, bytes]:
         b = self.batch
         out = {}
         for p in self.panels:
+            if p in skip:
+                continue
             if p == "x0":
                 out[p] = png(self.pipe.preview(state.pred_x0[b]))
             elif p == "image":
@@ -118,11 +127,17 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
 
     def _widgets(self, state) -> tuple[dict, W.HTML, int]:
         """The Image widget of each panel and the label of one step, and their PNG bytes."""
-        frames = self._frames(state)
+        defer = ("image",) if self._live and not self.decode_live and "image" in self.panels else ()
+        frames = self._frames(state, skip=defer)
         px = f"{self.size}px"
         images = {}
-        for p, data in frames.items():
-            images[p] = W.Image(value=data, format="png", layout=W.Layout(width=px, height=px))
+        for p in self.panels:
+            if p in defer:  # made when the run ends (_complete)
+                images[p] = W.HTML("<i style='color:#888'>VAE decode when the run ends</i>",
+                                   layout=W.Layout(width=px, height=px))
+                self._deferred.add(int(state.index))
+                continue
+            images[p] = W.Image(value=frames[p], format="png", layout=W.Layout(width=px, height=px))
             images[p].add_class("ll-pixelated")
         sigma = "" if np.isnan(state.sigma) else f" · σ = {state.sigma:.3g}"
         label = W.HTML(f"step {state.index} · t = {state.timestep:g}{sigma}")
@@ -178,18 +193,29 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.add_step(state)
 
     def _complete(self, run) -> None:
-        """After a live run: the stacks hold every step of ``run`` in order (frames the page has are kept)."""
+        """After a live run: the stacks hold every step of ``run`` in order, each with all its panels (frames the
+        page has are kept; skipped steps and deferred VAE panels are made now)."""
+        t0 = time.perf_counter()
+        self._live = False
         have = {}
         for i, step in enumerate(self._steps_sent):
             have[step] = ({p: self.stacks[p].children[i] for p in self.panels}, self.labels.children[i])
-        if [s.index for s in run.steps] == self._steps_sent:
+        if [s.index for s in run.steps] == self._steps_sent and not self._deferred:
             return
         order = []
+        px = f"{self.size}px"
         for state in run.steps:
             if state.index not in have:
                 images, label, _ = self._widgets(state)
                 have[state.index] = (images, label)
+            elif state.index in self._deferred:
+                img = W.Image(value=self._frames(state, skip=[p for p in self.panels if p != "image"])["image"],
+                              format="png", layout=W.Layout(width=px, height=px))
+                img.add_class("ll-pixelated")
+                have[state.index][0]["image"] = img
             order.append(have[state.index])
+        self._deferred.clear()
+        self.complete_ms = (time.perf_counter() - t0) * 1e3
         with self._lock:
             if not order:
                 self.clear()
@@ -209,6 +235,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
             self.play.max = self.slider.max = 0
             self.n_frames = 0
             self._steps_sent = []
+            self._deferred = set()
         self.frame_ms.clear()
         self.frame_bytes.clear()
 
@@ -247,6 +274,8 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
             msg += f" · frame {np.median(self.frame_ms):.0f} ms, {np.mean(self.frame_bytes) / 1024:.1f} KiB"
         if self.dropped:
             msg += f" · {self.dropped} steps shown only at the end (the page was behind)"
+        if self.complete_ms and "image" in self.panels and not self.decode_live:
+            msg += f" · VAE panels made at the end in {self.complete_ms / 1e3:.1f} s"
         if run is not None and run.interrupted:
             msg += " · stopped early (partial run kept)"
             if self.stopped_at is not None:
@@ -272,6 +301,8 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self._failure = None
         self.dropped = 0
         self.stopped_at = None
+        self.complete_ms = 0.0
+        self._live = True
 
         def work():
             try:
@@ -289,6 +320,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
                 self._failure = exc
                 self.error_box.show(exc)
             finally:
+                self._live = False
                 self.running = False
                 self.stop_button.disabled = True
                 self._report()
