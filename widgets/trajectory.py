@@ -97,7 +97,7 @@ class TrajectoryViewer(ErrorsMixin, W.VBox):
         self.shown = W.IntText(value=-1, layout=W.Layout(display="none"))
         W.jsdlink((self.labels, "selected_index"), (self.shown, "value"))
         self.shown.observe(self._page_showed, "value")
-        self.status = W.Label()
+        self.status = W.HTML()  # wraps, where a Label would cut a long line
         super().__init__([css(), W.HBox([self.play, self.slider, self.stop_button]), self.labels, W.HBox(cells),
                           self.status, self.error_box, self.shown])
         self.add_class("ll-trajectory")
