@@ -82,6 +82,19 @@ def _select(da: xr.DataArray, *, layers=None, steps=None, heads=None, n_steps=No
     return da
 
 
+def _selections(tree, kind: str, batch: int, **sel):
+    """``(ds, da, layer_dim)`` for every resolution node that recorded ``kind`` (``"cross"`` or ``"self"``)
+    with at least one layer and step left after :func:`_select` (``layers``, ``steps``, ``heads``, ``n_steps``)."""
+    for node in tree.children.values():
+        ds = node.to_dataset()
+        if kind not in ds:
+            continue
+        da = _select(_item(ds[kind], batch), **sel)
+        dim = "layer_self" if "layer_self" in da.dims else "layer"
+        if da.sizes[dim] and da.sizes["step"]:
+            yield ds, da, dim
+
+
 def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``[n, h, w]`` -> ``[n, H, W]``, bicubic (DAAM), clamped at 0."""
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
@@ -102,13 +115,7 @@ def word_heatmap(run, word, *, layers=None, steps=None, heads=None, size=None, b
     size = (size, size) if isinstance(size, int) else tuple(size)
     n_steps = _n_steps(run, tree)
     maps, names = [], []
-    for node in tree.children.values():
-        ds = node.to_dataset()
-        if "cross" not in ds:
-            continue
-        da = _select(_item(ds["cross"], batch), layers=layers, steps=steps, heads=heads, n_steps=n_steps)
-        if da.sizes["layer"] == 0 or da.sizes["step"] == 0:
-            continue
+    for ds, da, _ in _selections(tree, "cross", batch, layers=layers, steps=steps, heads=heads, n_steps=n_steps):
         tok = _token_mask(ds, word, batch)
         m = da.isel(token=np.flatnonzero(tok)).sum("token").mean(["step", "head"])  # [layer, y, x]
         maps.append(_upsample(m.transpose("layer", "query_y", "query_x").values, size))
@@ -176,13 +183,7 @@ def attention_at(run, y: float, x: float, *, layers=None, heads=None, batch: int
     if not (0 <= y < height and 0 <= x < width):
         raise ValueError(f"location (y={y}, x={x}) is outside the {width}x{height} image")
     per_layer, vocab = [], None
-    for node in tree.children.values():
-        ds = node.to_dataset()
-        if "cross" not in ds:
-            continue
-        da = _select(_item(ds["cross"], batch), layers=layers, heads=heads)
-        if da.sizes["layer"] == 0:
-            continue
+    for ds, da, _ in _selections(tree, "cross", batch, layers=layers, heads=heads):
         qy = int(y * da.sizes["query_y"] / height)
         qx = int(x * da.sizes["query_x"] / width)
         cell = da.isel(query_y=qy, query_x=qx).mean("head").drop_vars(
@@ -215,14 +216,7 @@ def self_attention_at(run, y: float, x: float, *, layers=None, steps=None, heads
     size = (size, size) if isinstance(size, int) else tuple(size)
     n_steps = _n_steps(run, tree)
     maps, names = [], []
-    for node in tree.children.values():
-        ds = node.to_dataset()
-        if "self" not in ds:
-            continue
-        da = _select(_item(ds["self"], batch), layers=layers, steps=steps, heads=heads, n_steps=n_steps)
-        dim = "layer_self" if "layer_self" in da.dims else "layer"
-        if da.sizes[dim] == 0 or da.sizes["step"] == 0:
-            continue
+    for _, da, dim in _selections(tree, "self", batch, layers=layers, steps=steps, heads=heads, n_steps=n_steps):
         hh, ww = da.sizes["query_y"], da.sizes["query_x"]
         cell = da.isel(query_y=int(y * hh / height), query_x=int(x * ww / width)).mean(["step", "head"])
         m = cell.transpose(dim, "key").values.reshape(-1, hh, ww)  # keys are the same grid as the queries

@@ -61,15 +61,6 @@ def channel_tiles(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def blend(image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet", stretch: bool = True) -> np.ndarray:
-    """``heat`` ``[H, W]`` drawn over ``image`` (PIL/array ``[H, W, 3]``), like :func:`analysis.overlay`."""
-    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    h = np.asarray(heat, dtype=np.float32)
-    lo, hi = (float(h.min()), float(h.max())) if stretch else (0.0, 1.0)
-    col = colourise(h, cmap, lo, max(hi, lo + 1e-6)).astype(np.float32)
-    return ((1 - alpha) * img + alpha * col).round().clip(0, 255).astype(np.uint8)
-
-
 def forget_current_canvas(canvas) -> None:
     """Make ipycanvas name the canvas again before its next command. ipycanvas sends a canvas's commands
     through one manager that remembers, on both sides, which canvas it drew on last, and only says so when

@@ -210,9 +210,8 @@ class AttentionExplorer(ErrorsMixin, W.VBox):
     def _shared_max(self, sel: dict) -> float:
         key = (repr(sel["layers"]), sel["steps"], sel["heads"])
         if key not in self._shared_cache:
-            self._shared_cache[key] = max(
-                float(analysis.word_heatmap(self.run, w, size=(self.height, self.width), batch=self.batch,
-                                            normalize=False, **sel).max()) for w in self.words)
+            self._shared_cache[key] = float(analysis.token_heatmaps(
+                self.run, size=(self.height, self.width), batch=self.batch, normalize=False, **sel).max())
         return self._shared_cache[key]
 
     def _caption(self) -> None:
