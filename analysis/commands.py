@@ -40,8 +40,13 @@ def evaluate(args) -> int:
     """``eval shapes``: the model's bars against the oracle; ``eval attention``: word heat maps vs masks;
     ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`); ``eval sds``: score distillation
     under the text model (:mod:`lab.shapes.evaluate_sds`); ``eval video``: Text2Video-Zero
-    (:mod:`lab.shapes.evaluate_video`)."""
-    if args.what == "video":
+    (:mod:`lab.shapes.evaluate_video`); ``eval stage1``: the VQGAN, rate-distortion and the pixel-vs-latent race
+    (:mod:`lab.shapes.evaluate_stage1`)."""
+    if args.what == "stage1":
+        from lab.shapes.evaluate_stage1 import run_stage1_eval
+        res = run_stage1_eval(n=args.n or 500, n_samples=args.samples, json_path=args.json, work=args.work,
+                              model=args.model)
+    elif args.what == "video":
         from lab.loading import load
         from lab.shapes.evaluate_video import run_video_eval
         res = run_video_eval(load(args.model), seeds=args.seeds, t0=args.t0, t1=args.t1)
@@ -80,9 +85,10 @@ def register(sub) -> None:
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds", "video"],
+    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds", "video", "stage1"],
                    help="shapes: the model's bars; attention: word heat maps vs object masks; tasks: the task "
-                        "table's models; sds: score distillation of a soft shapes renderer; video: Text2Video-Zero")
+                        "table's models; sds: score distillation of a soft shapes renderer; video: Text2Video-Zero; "
+                        "stage1: the VQ autoencoder, the rate-distortion sweep and the pixel-vs-latent race")
     e.add_argument("--seeds", type=int, default=3, help="eval sds: random starts per prompt; eval video: seeds per prompt (18 prompts)")
     e.add_argument("--ablations", default=None,
                    help="eval sds: instead, the SDS settings with one thing changed (all, or comma-separated "
@@ -91,7 +97,10 @@ def register(sub) -> None:
     e.add_argument("--t1", type=int, default=None, help="eval video: Text2Video-Zero's t1 (default the eval's)")
     e.add_argument("--tasks", default=None, help="eval tasks: which, comma-separated (default: all)")
     e.add_argument("--json", default=None, help="write the results here")
-    e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention)")
+    e.add_argument("--work", default="runs/stage1/work",
+                   help="eval stage1: the training directory of the sweep and race models (train shapes --stage ...)")
+    e.add_argument("--samples", type=int, default=100, help="eval stage1: captions sampled per race model")
+    e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention; stage1: held-out scenes, 500)")
     e.add_argument("--steps", type=int, default=30)
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--model", default="shapes",

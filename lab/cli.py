@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", choices=["shapes"])
     t.add_argument("--stage", default="all",
                    help="vae | preview | unet | controlnet-scribble | controlnet-segmentation | controlnet-edges | all, "
-                        "or several, comma-separated")
+                        "or several, comma-separated; stage 1's studies (lab.shapes.stage1, not in all): vq "
+                        "(VQGAN f=4), vq-nogan, ae-kl-f2 ... ae-vq-f8 (rate-distortion), diffusion-pixel, "
+                        "diffusion-latent (the race)")
     t.add_argument("--task", default=None,
                    help="models of the lecture's task table (lab.shapes.tasks), comma-separated: inpaint, sr, "
                         "segmap (concat), class, layout (tokens by cross-attention), uncond; fine-tunes the UNet "

@@ -188,6 +188,7 @@ class Trainer:
         self.seed = seed
         self.progress = progress
         self._data = None
+        self._progress = 0.0
         self._stats: dict[str, tuple] = {}  # VAE dir -> (scaling factor, posterior means, stds)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -248,6 +249,7 @@ class Trainer:
         t_start = time.time() - elapsed
         running = None
         while elapsed < seconds and (max_steps is None or step < max_steps):
+            self._progress = elapsed / seconds  # for a step_fn whose loss changes over the budget (stage1's GAN)
             for grp in opt.param_groups:
                 grp["lr"] = _cosine_lr(lr, elapsed / seconds) * grp.get("lr_mult", 1.0)
             loss, extra = step_fn()
@@ -937,16 +939,18 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
           export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
           base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None,
           pixel: float | None = None, two_share: float | None = None) -> list[dict]:
-    """Run one stage (``vae``, ``unet``, ``controlnet-KIND``), several (comma-separated; they share the
+    """Run one stage (``vae``, ``unet``, ``controlnet-KIND``, a task's ``task-NAME``, or one of stage 1's
+    studies, :data:`lab.shapes.stage1.STAGES`: ``vq``, ``vq-nogan``, ``ae-KIND-fF``, ``diffusion-SPACE``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
     directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
     ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's);
     ``seconds``: each stage's wall-clock budget (default: the preset's); ``two_share``: the share of
     two-object scenes in the training set (default: the preset's, 0.5 as the world draws)."""
+    from . import stage1
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
-        if s not in STAGES + TASK_STAGES:
-            raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES}")
+        if s not in STAGES + TASK_STAGES + stage1.STAGES:
+            raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES + stage1.STAGES}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
         p = replace(p, grounding=grounding)
@@ -969,6 +973,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_unet())
         elif s in TASK_STAGES:
             out_rows.append(tr.train_task(s.removeprefix("task-")))
+        elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"
+            out_rows.append(stage1.train_stage(tr, s, seconds))
         else:
             out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init))
     if export_to is not None:
