@@ -193,3 +193,11 @@ class _IdentityDecoder(torch.nn.Module):
 
     def decode(self, z):
         return type("D", (), {"sample": z[:, :3]})()
+
+
+def test_eval_stage1_says_what_a_model_directory_lacks(tmp_path):
+    from lab.shapes.evaluate_stage1 import run_stage1_eval
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="--stage vq"):
+        run_stage1_eval(n=2, model=tmp_path / "model", work=tmp_path / "work", progress=lambda *a: None)
+    assert not (tmp_path / "work").exists()  # nothing written

@@ -194,7 +194,7 @@ def run_stage1_eval(*, n: int = 500, n_samples: int = 100, json_path=None, work=
     base, work = Path(resolve_path(model)), Path(work)
     d = world.generate(n, seed=1, split="heldout")
     images, captions = d["image"], d["caption"]
-    res: dict = {"n": n, "work": str(work), "model": model}
+    res: dict = {"n": n, "work": str(work), "model": str(model)}
     shown = {"scenes": images[:SHOW], "captions": np.array(captions[:SHOW])}
 
     if not (base / stage1.VQ_DIR / "config.json").exists():
