@@ -189,7 +189,6 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 # ------------------------------------------------------------------ training (a Trainer's stages)
 def train_autoencoder(tr, kind: str, f: int, *, name: str, gan: bool, seconds: float) -> dict:
     """Train one autoencoder on ``tr``'s scenes for ``seconds`` and save it as ``tr.out / name``."""
-    from .train import _autocast
     torch.manual_seed(tr.seed + 20)
     model = make_autoencoder(kind, f).to(tr.device)
     images = tr.data["image"]
@@ -205,7 +204,7 @@ def train_autoencoder(tr, kind: str, f: int, *, name: str, gan: bool, seconds: f
             x = _crops(float_images(images[tr._batch_idx(g, CROP_BATCH)]), g)
         else:
             x = float_images(images[tr._batch_idx(g, BATCH)])
-        with _autocast(tr.device):
+        with tr.autocast():
             if kind == "kl":
                 post = model.encode(x).latent_dist
                 z = post.sample(generator=g)
@@ -366,7 +365,6 @@ class DiffusionData:
 def train_diffusion(tr, space: str, *, seconds: float) -> dict:
     """The pixel-vs-latent race: a UNet from scratch on ``space`` ("pixel" or "latent") for ``seconds``, plain
     epsilon-prediction loss, 10% of captions dropped; saved as ``tr.out / "diffusion-SPACE"``."""
-    from .train import _autocast, _forward_process
     torch.manual_seed(tr.seed + 30)
     unet = make_diffusion_unet(space).to(tr.device).train()
     data = DiffusionData(tr, space)
@@ -375,8 +373,8 @@ def train_diffusion(tr, space: str, *, seconds: float) -> dict:
 
     def step_fn():
         x0, cond = data.batch(g, DIFFUSION_BATCH)
-        xt, t, eps = _forward_process(x0, abar, g)
-        with _autocast(tr.device):
+        xt, t, eps = tr.forward_process(x0, abar, g)
+        with tr.autocast():
             pred = unet(xt, t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred.float(), eps), {}
 

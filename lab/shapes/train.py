@@ -216,6 +216,12 @@ class Trainer:
         """Where a trained component comes from: this run's own, else the base's."""
         return self.out / name if (self.out / name / "config.json").exists() else self.base / name
 
+    def autocast(self):
+        """bf16 autocast on CUDA, none on CPU (for stages defined outside this module: lab.shapes.stage1)."""
+        return _autocast(self.device)
+
+    forward_process = staticmethod(_forward_process)
+
     def tokenizer(self):
         from transformers import CLIPTokenizer
         return CLIPTokenizer.from_pretrained(self.tokenizer_dir)
