@@ -288,6 +288,7 @@ def export_vq(work: str | Path, dest: str | Path, name: str = VQ_DIR) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     VQModel.from_pretrained(work / name, dtype=torch.float32).to(torch.float16).save_pretrained(tmp)
     record = json.loads((work / "logs" / f"{name}.summary.json").read_text())
+    record.pop("ema_decay", None)  # the loop's default; autoencoders keep no EMA
     record.setdefault("kind", "vq")
     record.setdefault("f", 4)
     record.setdefault("gan", name == VQ_DIR)
