@@ -71,8 +71,13 @@ def evaluate(args) -> int:
                              model=args.model)
     else:
         from lab.shapes.evaluate import run_eval
+        from lab.shapes import world
+        from lab.shapes.evaluate import PARTS
         res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json,
-                       model=args.model, attend_and_excite=args.attend_and_excite)
+                       model=args.model, attend_and_excite=args.attend_and_excite,
+                       parts=tuple(args.parts.split(",")) if args.parts else PARTS,
+                       kinds=tuple(args.kinds.split(",")) if args.kinds else world.CONDITION_KINDS)
+        res = {k: v for k, v in res.items() if k != "preprocessors"}
     print(json.dumps(res, indent=2))
     return 0
 
@@ -106,6 +111,11 @@ def register(sub) -> None:
     e.add_argument("--model", default="shapes",
                    help="the bundled model or a pipeline directory (a training run's --export; eval shapes "
                         "needs its controlnet-KIND subfolders)")
+    e.add_argument("--parts", default=None,
+                   help="eval shapes: measure only these parts, comma-separated (vae, oracle, fidelity, binding, "
+                        "controlnet, composition, preprocessors, speed), merged into an existing --json")
+    e.add_argument("--kinds", default=None,
+                   help="eval shapes: the ControlNets measured, comma-separated (default: all five kinds)")
     e.add_argument("--attend-and-excite", action="store_true",
                    help="eval shapes: also the two-object keys sampled with Attend-and-Excite on the shape words")
     e.set_defaults(func=evaluate)

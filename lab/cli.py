@@ -100,7 +100,8 @@ def _train(args) -> int:
             f"{args.stage},{','.join(f'task-{t}' for t in args.task.split(','))}"
     rows = train.train(stage, args.out, preset=args.preset, device=args.device,
                        export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
-                       seconds=args.seconds, pixel=args.pixel, two_share=args.two_share)
+                       seconds=args.seconds, pixel=args.pixel, two_share=args.two_share, drop=args.drop,
+                       probe_every=args.probe_every)
     for r in rows:
         print(r)
     return 0
@@ -159,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--two-share", type=float, default=None,
                    help="share of two-object scenes in the training set (default 0.5, as the world draws; "
                         "a harder mix for binding: 0.75)")
+    t.add_argument("--drop", type=float, default=None,
+                   help="ControlNets: share of prompts dropped to \"\" (default 0.5, as the ControlNet paper)")
+    t.add_argument("--probe-every", type=int, default=None,
+                   help="ControlNets: log the condition IoU of fresh samples (with and without the prompt) every "
+                        "N steps, off the clock: training as it happens (default: off)")
     t.set_defaults(func=_train)
     _add_registered(sub, p)
     return p

@@ -188,8 +188,8 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
 
     ``name_or_path``: ``"shapes"`` (bundled), a local diffusers directory (SD 1.x/2.x, SDXL,
     inpainting layouts), or a Hugging Face repo id present in the local cache.
-    ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``), a
-    ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
+    ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``, ``"pose"``,
+    ``"depth"``), a ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
     ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
     shapes model's ``"segmap"``, ``"class"``, ..., :mod:`lab.shapes.tasks`): its UNet with the directory's other
     components (and an upscaler's ``low_res_scheduler`` folder, a class or layout model's token encoder).

@@ -18,6 +18,13 @@ two-object captions are combinations training never saw) sampled with fixed seed
 * ``controlnet_iou[kind]``: mean IoU between the sample's foreground and the condition's object regions;
 * ``controlnet_fidelity``: fraction of controlled samples whose object colours match the caption
   (all kinds together; per kind in ``controlnet_fidelity_per_kind``);
+* ``composition_fidelity``: pose and depth of one scene of two overlapping objects, both ControlNets at once
+  (diffusers' multi-ControlNet sum, the lecture's Figure 6), scored by :func:`composition_score`: each object
+  where it should be and the nearer one in front; ``composition_placed``, ``composition_order`` its two parts;
+  ``composition_pose_only`` / ``composition_depth_only``: the same scenes under one of the two nets;
+* ``preprocessor_segmentation_miou``, ``preprocessor_depth_order_accuracy``, ``preprocessor_pose_pck``: the
+  conditions read back from world images (:mod:`lab.shapes.preprocess`, :func:`lab.shapes.preprocess.score` on
+  ``max(n, 500)`` scenes of each kind), with their other keys under ``preprocessors``;
 * ``evaluator_accuracy``: the oracle itself on 1,000 held-out ground-truth images; ``_touching``: on 1,000
   scenes of two touching objects of different colours; ``_vae``: after a VAE round trip (:func:`oracle_accuracy`);
 * ``attend_and_excite`` (with ``--attend-and-excite``): the two-object keys again, sampled with
@@ -40,13 +47,12 @@ from .evaluator import evaluate, mask_iou
 
 
 def _sample_images(pipe, captions, *, steps, guidance, seed, control=None, chunk=50, guides=()) -> list[np.ndarray]:
+    """``control``: ``(kind, images)``, or a list of them (several ControlNets at once)."""
     import lab
+    controls = [control] if isinstance(control, tuple) else list(control or [])
     out = []
     for a in range(0, len(captions), chunk):
-        ctl = None
-        if control is not None:
-            kind, images = control
-            ctl = lab.Control(kind, list(images[a:a + chunk]))
+        ctl = [lab.Control(kind, list(images[a:a + chunk])) for kind, images in controls] or None
         run = pipe.sampler(captions[a:a + chunk], steps=steps, guidance=guidance, scheduler="ddim", seed=seed + a,
                            control=ctl, progress=False, guides=guides).run()
         out.extend(np.asarray(im) for im in run.images)
@@ -144,25 +150,122 @@ def binding_eval(pipe, n: int, *, steps: int, guidance: float, seed: int = 0, gu
     return res
 
 
+def composition_score(image: np.ndarray, example: dict) -> dict:
+    """How a sample made from the pose and depth of ``example`` (two overlapping objects of different colours)
+    composes them. Each pixel takes the nearest of the scene's background colour and the caption's two object
+    colours; ``placed``: each object's pixels have IoU >= 0.5 with what of it should be in view; ``order``:
+    where the two objects overlap (10 pixels or more), more of the nearer one's colour shows than of the other's
+    (True where they do not overlap); ``ok``: both."""
+    objs = example["scene"].objects
+    pal = np.asarray([world.BACKGROUNDS[example["scene"].background]] + [world.COLOURS[o.colour] for o in objs],
+                     np.float32)
+    label = np.linalg.norm(np.asarray(image, np.float32)[:, :, None] - pal[None, None], axis=3).argmin(2)
+    placed = all(mask_iou(label == i + 1, example["visible"][i]) >= 0.5 for i in range(len(objs)))
+    both = example["masks"].all(0)
+    order = True
+    if len(objs) == 2 and both.sum() >= 10:
+        order = bool((label[both] == 2).sum() > (label[both] == 1).sum())
+    return {"placed": placed, "order": order, "ok": placed and order}
+
+
+def composition_eval(pipe, n: int, *, steps: int, guidance: float, seed: int = 0, progress=print) -> dict:
+    """``composition_*`` keys (module docstring) on ``n`` held-out scenes of two overlapping objects."""
+    exs = [world.make_example(210, i, split="heldout", overlap=True) for i in range(n)]
+    caps = [e["caption"] for e in exs]
+    res = {}
+    for key, kinds in (("composition", ("pose", "depth")), ("composition_pose_only", ("pose",)),
+                       ("composition_depth_only", ("depth",))):
+        imgs = _sample_images(pipe, caps, steps=steps, guidance=guidance, seed=seed,
+                              control=[(k, [e[k] for e in exs]) for k in kinds])
+        scores = [composition_score(im, e) for im, e in zip(imgs, exs)]
+        if key == "composition":
+            res["composition_fidelity"] = float(np.mean([s["ok"] for s in scores]))
+            res["composition_placed"] = float(np.mean([s["placed"] for s in scores]))
+            res["composition_order"] = float(np.mean([s["order"] for s in scores]))
+            progress(f"composition_fidelity {res['composition_fidelity']:.3f} (placed {res['composition_placed']:.3f},"
+                     f" order {res['composition_order']:.3f})")
+        else:
+            res[key] = {part: float(np.mean([s[part] for s in scores])) for part in ("ok", "placed", "order")}
+            progress(f"{key} {res[key]}")
+    return res
+
+
+PARTS = ("vae", "oracle", "fidelity", "binding", "controlnet", "composition", "preprocessors", "speed")
+
+
 def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, json_path=None,
-             kinds=world.CONDITION_KINDS, progress=print, model="shapes", attend_and_excite: bool = False) -> dict:
+             kinds=world.CONDITION_KINDS, progress=print, model="shapes", attend_and_excite: bool = False,
+             parts=PARTS) -> dict:
     """Every key of the module docstring for ``model`` (the bundled ``"shapes"`` or a pipeline directory
     holding ``controlnet-KIND`` subfolders); ``attend_and_excite``: the two-object keys again, sampled with
-    Attend-and-Excite on the shape words (:class:`lab.AttendAndExcite`), under ``"attend_and_excite"``."""
+    Attend-and-Excite on the shape words (:class:`lab.AttendAndExcite`), under ``"attend_and_excite"``.
+    ``parts``: which of :data:`PARTS` to measure; with fewer than all, the keys measured are merged into an
+    existing ``json_path`` (its other keys kept, ``updated_parts`` saying which were measured again)."""
     import lab
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown eval parts {unknown}; expected some of {PARTS}")
     t0 = time.time()
-    pipe = lab.load(model, controlnet=list(kinds))
+    need = list(kinds) if "controlnet" in parts else []
+    need += [k for k in world.OVERLAP_KINDS if "composition" in parts and k not in need]
+    pipe = lab.load(model, controlnet=need or None)
     res: dict = {"model": str(model), "n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim",
                  "seed": seed}
-    res["vae_psnr_db"] = vae_psnr(pipe.vae, n)
-    progress(f"vae_psnr_db {res['vae_psnr_db']:.2f}")
+    if "vae" in parts:
+        res["vae_psnr_db"] = vae_psnr(pipe.vae, n)
+        progress(f"vae_psnr_db {res['vae_psnr_db']:.2f}")
+    if "oracle" in parts:
+        _oracle_keys(res, pipe, progress)
+    if "fidelity" in parts:
+        _fidelity_keys(res, pipe, n, steps, guidance, seed, progress)
+    if "binding" in parts:
+        res.update(binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress))
+        if attend_and_excite:
+            res["attend_and_excite"] = binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed,
+                                                    progress=progress, guides=[AttendAndExcite(list(world.SHAPES))])
+    if "controlnet" in parts:
+        _controlnet_keys(res, pipe, n, steps, guidance, seed, kinds, progress)
+    if "composition" in parts:
+        res.update(composition_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress))
+    if "preprocessors" in parts:
+        from .preprocess import score
+        pre = score(max(n, 500))
+        res["preprocessor_segmentation_miou"] = pre["segmentation_miou"]
+        res["preprocessor_depth_order_accuracy"] = pre["depth_order_accuracy"]
+        res["preprocessor_pose_pck"] = pre["pose_pck"]
+        res["preprocessors"] = pre
+        progress(f"preprocessors: segmentation mIoU {pre['segmentation_miou']:.3f}, depth order "
+                 f"{pre['depth_order_accuracy']:.3f}, pose PCK {pre['pose_pck']:.3f}")
+    if "speed" in parts:
+        _speed_keys(res, pipe)
+    res["torch_threads"] = torch.get_num_threads()
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    if json_path:
+        path = Path(json_path)
+        if set(parts) != set(PARTS) and path.exists():
+            old = json.loads(path.read_text())
+            for key in ("controlnet_iou", "controlnet_fidelity_per_kind"):  # per kind: kinds not measured stay
+                if key in res and key in old:
+                    res[key] = {**old[key], **res[key]}
+            if "controlnet_fidelity_per_kind" in res:  # equal n per kind: the mean over kinds
+                res["controlnet_fidelity"] = float(np.mean(list(res["controlnet_fidelity_per_kind"].values())))
+            res = {**old, **res, "updated_parts": {**old.get("updated_parts", {}),
+                                                   **{p: time.strftime("%Y-%m-%d") for p in parts}},
+                   "eval_seconds": old.get("eval_seconds")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+    return res
 
+
+def _oracle_keys(res, pipe, progress) -> None:
     for key, touching, vae in (("evaluator_accuracy", False, None), ("evaluator_accuracy_touching", True, None),
                                ("evaluator_accuracy_vae", False, pipe.vae),
                                ("evaluator_accuracy_touching_vae", True, pipe.vae)):
         res[key] = oracle_accuracy(1000, touching=touching, vae=vae)
         progress(f"{key} {res[key]:.3f}")
 
+
+def _fidelity_keys(res, pipe, n, steps, guidance, seed, progress) -> None:
     for name, k in (("single", 1), ("double", 2)):
         exs = [world.make_example(100 + k, i, split="heldout", n_objects=k) for i in range(n)]
         caps = [e["caption"] for e in exs]
@@ -177,11 +280,8 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
         res[f"background_ok_{name}"] = float(np.mean([s["background_ok"] for s in scores]))
         progress(f"fidelity_{name} {res['fidelity_' + name]:.3f}")
 
-    res.update(binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress))
-    if attend_and_excite:
-        res["attend_and_excite"] = binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress,
-                                                guides=[AttendAndExcite(list(world.SHAPES))])
 
+def _controlnet_keys(res, pipe, n, steps, guidance, seed, kinds, progress) -> None:
     res["controlnet_iou"], per_kind_fid, all_fid = {}, {}, []
     for kind in kinds:
         exs = [world.make_example(200, i, split="heldout") for i in range(n)]
@@ -197,6 +297,8 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
     res["controlnet_fidelity"] = float(np.mean(all_fid)) if all_fid else None
     res["controlnet_fidelity_per_kind"] = per_kind_fid
 
+
+def _speed_keys(res, pipe) -> None:
     times = []
     for _ in range(3):
         t = time.perf_counter()
@@ -204,9 +306,3 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
                      scheduler="ddim", seed=0, progress=False).run().image
         times.append(time.perf_counter() - t)
     res["sample_seconds_50_steps"] = float(np.median(times))
-    res["torch_threads"] = torch.get_num_threads()
-    res["eval_seconds"] = round(time.time() - t0, 1)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
-    return res

@@ -74,6 +74,11 @@ class Preset:
     grounding: float = 0.0  # weight of the token grounding loss on cross-attention (0: plain L_LDM)
     pixel: float = 0.0  # weight of the pixel grounding loss (BCE of each token's map vs its region)
     two_share: float = 0.5  # share of two-object scenes in the training set (the world's default: 0.5)
+    overlap_share: float = 0.5  # pose and depth ControlNets: share of scenes of two overlapping objects
+    controlnet_drop: float = 0.5  # share of prompts dropped to "" in ControlNet training (the paper's 50%)
+    probe_every: int = 0  # ControlNet training: the condition IoU of fresh samples every this many steps (0: off)
+    probe_n: int = 16  # conditions per probe
+    probe_steps: int = 20  # DDIM steps per probe sample
     preview_seconds: float = 900.0  # the preview decoder (lab.preview.PreviewDecoder), distilled from the VAE
     preview_pairs: int = 8192  # (latent, VAE decode) pairs it trains on, decoded once
     preview_batch: int = 32
@@ -137,7 +142,7 @@ def _save_ckpt(path: Path, obj) -> None:
 
 
 def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device,
-                    two_share: float = 0.5) -> Path | None:
+                    two_share: float = 0.5, overlap_share: float = 0.0) -> Path | None:
     """Where the VAE encoding of a training set is kept between commands: ``$LATENT_LAB_CACHE`` (default
     ``~/.cache/latent-lab``; ``LATENT_LAB_CACHE=off`` disables it), named by a hash of the VAE's weights
     and config, of the world's generator source, the set's size and seed and the device type, so a changed
@@ -154,6 +159,8 @@ def _encoding_cache(vae_dir: Path, n_train: int, seed: int, device: torch.device
     h.update(f"{n_train}-{seed}-{device.type}".encode())
     if two_share != 0.5:
         h.update(f"two_share={two_share}".encode())
+    if overlap_share:
+        h.update(f"overlap_share={overlap_share}".encode())
     return Path(root) / "encodings" / f"{h.hexdigest()[:20]}.pt"
 
 
@@ -176,17 +183,20 @@ class Trainer:
     """Holds the in-memory dataset and the models while the stages run."""
 
     def __init__(self, out: str | Path, preset: str | Preset = "cpu", device: str | None = None, seed: int = 0,
-                 progress: bool = True, base: str | Path | None = None):
+                 progress: bool = True, base: str | Path | None = None, overlap_share: float = 0.0):
         """``base``: a pipeline directory (e.g. the bundled model) to start from: later stages use its
         components where this trainer has not trained its own (``out/unet`` wins over ``base/unet``), the
         ``unet`` stage fine-tunes its UNet and text encoder, a ControlNet stage with ``init="base"`` its
-        ControlNet of that kind."""
+        ControlNet of that kind. ``overlap_share``: the share of the training scenes drawn as two overlapping
+        objects (:func:`lab.shapes.world.generate`; :func:`train` gives the pose and depth ControlNets a trainer
+        with the preset's)."""
         self.out = Path(out)
         self.base = Path(base) if base is not None else self.out
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
         self.device = _device(device)
         self.seed = seed
         self.progress = progress
+        self.overlap_share = overlap_share
         self._data = None
         self._progress = 0.0
         self._stats: dict[str, tuple] = {}  # VAE dir -> (scaling factor, posterior means, stds)
@@ -202,7 +212,7 @@ class Trainer:
         if self._data is None:
             t0 = time.time()
             d = world.generate(self.preset.n_train, self.seed, split="train", workers=self.preset.workers,
-                               two_share=self.preset.two_share)
+                               two_share=self.preset.two_share, overlap_share=self.overlap_share)
             self._data = {
                 "caption": d["caption"],
                 **{k: torch.from_numpy(d[k]).to(self.device) for k in ("image", *world.CONDITION_KINDS)},
@@ -234,7 +244,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _loop(self, stage: str, params, seconds: float, lr: float, step_fn, state_fn, load_fn, batch_g,
-              batch: int | None = None):
+              batch: int | None = None, probe=None, record: dict | None = None):
+        """``probe``: ``(every, fn)``: ``fn()`` -> a dict of measurements logged (with the step) before the first
+        step and every ``every`` steps, off the clock (its time does not count against ``seconds``);
+        ``record``: more keys for the stage's summary."""
         ckpt_path = self.out / "ckpt" / f"{stage}.pt"
         # params: tensors, or param groups whose "lr_mult" scales the schedule's learning rate for that group
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
@@ -254,6 +267,16 @@ class Trainer:
         t_last_ckpt = time.time()
         t_start = time.time() - elapsed
         running = None
+
+        def run_probe():
+            nonlocal t_start
+            t0 = time.time()
+            row = probe[1]()
+            log(step=step, t=round(elapsed, 2), probe_seconds=round(time.time() - t0, 2), **row)
+            t_start += time.time() - t0  # off the clock
+
+        if probe is not None and step == 0:
+            run_probe()
         while elapsed < seconds and (max_steps is None or step < max_steps):
             self._progress = elapsed / seconds  # for a step_fn whose loss changes over the budget (stage1's GAN)
             for grp in opt.param_groups:
@@ -273,18 +296,24 @@ class Trainer:
             now = time.time()
             bar.update(int(now - t_start) - bar.n)
             elapsed = now - t_start
+            if probe is not None and step % probe[0] == 0:
+                run_probe()
+                elapsed = time.time() - t_start
             if now - t_last_ckpt > self.preset.ckpt_every and self.preset.ckpt_every > 0:
                 _save_ckpt(ckpt_path, {**state_fn(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                                        "gen": batch_g.get_state()})
                 t_last_ckpt = now
         bar.close()
+        if probe is not None and step % probe[0] != 0:
+            run_probe()
         _save_ckpt(ckpt_path, {**state_fn(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                                "gen": batch_g.get_state()})
         summary = {"stage": stage, "steps": step, "seconds": round(elapsed, 1), "final_loss": running,
                    "device": str(self.device), "batch": batch, "lr": lr, "ema_decay": self.preset.ema_decay,
                    "lr_mults": sorted({grp.get("lr_mult", 1.0) for grp in opt.param_groups}),
                    "trained_params": sum(q.numel() for q in params), "n_train": self.preset.n_train,
-                   "base": os.path.relpath(self.base) if self.base.is_absolute() else str(self.base)}
+                   "base": os.path.relpath(self.base) if self.base.is_absolute() else str(self.base),
+                   **(record or {})}
         (self.out / "logs" / f"{stage}.summary.json").write_text(json.dumps(summary, indent=2))
         print(f"[{stage}] {step} steps in {elapsed:.0f}s, loss {running}", flush=True)
         return summary
@@ -376,7 +405,8 @@ class Trainer:
         if key not in self._stats:
             from diffusers import AutoencoderKL
             scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
-            cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device, self.preset.two_share)
+            cache = _encoding_cache(vae_dir, self.preset.n_train, self.seed, self.device, self.preset.two_share,
+                                    self.overlap_share)
             if cache is not None and cache.exists():
                 ck = torch.load(cache, map_location=self.device)
                 mean, std = ck["mean"], ck["std"]
@@ -529,7 +559,12 @@ class Trainer:
         DDIMScheduler(**configs.SCHEDULER).save_pretrained(self.out / "scheduler")
 
     # ---------------------------------------------------------------- stage 3
-    def train_controlnet(self, kind: str, init: str = "zero"):
+    def train_controlnet(self, kind: str, init: str = "zero", drop: float | None = None):
+        """A ControlNet for condition ``kind`` on the frozen UNet and text encoder, ``drop`` (default: the preset's
+        ``controlnet_drop``, 0.5) of prompts replaced by "". Its stage (and output folder) is
+        ``controlnet-KIND``, with ``-gaussian`` for ``init="gaussian"`` and ``-dropNN`` for another drop rate than
+        0.5. With the preset's ``probe_every`` > 0 the log also gets the condition IoU of fresh samples
+        (:meth:`_condition_probe`) every that many steps: the curve on which sudden convergence shows."""
         from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
         if kind not in world.CONDITION_KINDS:
@@ -537,7 +572,11 @@ class Trainer:
         p = self.preset
         if init not in ("zero", "gaussian", "base"):
             raise ValueError(f"unknown init {init!r}; expected 'zero', 'gaussian' or 'base'")
-        stage = f"controlnet-{kind}" + ("-gaussian" if init == "gaussian" else "")
+        drop = p.controlnet_drop if drop is None else drop
+        if not 0.0 <= drop <= 1.0:
+            raise ValueError(f"prompt drop rate must be within [0, 1], got {drop}")
+        stage = (f"controlnet-{kind}" + ("-gaussian" if init == "gaussian" else "")
+                 + (f"-drop{round(drop * 100)}" if drop != 0.5 else ""))
         start = self.base / f"controlnet-{kind}"
         if init == "base" and not (start / "config.json").exists():
             raise FileNotFoundError(f"init='base' needs a ControlNet to start from; {start} has none (pass base=)")
@@ -565,8 +604,7 @@ class Trainer:
             idx = self._batch_idx(g, p.controlnet_batch)
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=self.device)) * scale
             tok = ids[idx].clone()
-            drop = torch.rand(len(idx), generator=g, device=self.device) < 0.5
-            tok[drop] = empty
+            tok[torch.rand(len(idx), generator=g, device=self.device) < drop] = empty
             hint = cond_u8[idx].permute(0, 3, 1, 2).float() / 255.0  # [B, 3, 64, 64] in [0, 1]
             zt, t, eps = _forward_process(z0, abar, g)
             with torch.no_grad(), _autocast(self.device):
@@ -577,11 +615,47 @@ class Trainer:
                             mid_block_additional_residual=mid).sample
             return F.mse_loss(pred.float(), eps), {}
 
+        probe = (p.probe_every, self._condition_probe(kind, net, unet, text)) if p.probe_every > 0 else None
         summary = self._loop(stage, list(net.parameters()), p.controlnet_seconds, p.controlnet_lr, step_fn,
                              lambda: {"model": net.state_dict()}, lambda ck: net.load_state_dict(ck["model"]), g,
-                             p.controlnet_batch)
+                             p.controlnet_batch, probe=probe,
+                             record={"kind": kind, "init": init, "prompt_drop": drop,
+                                     "overlap_share": self.overlap_share})
         net.save_pretrained(self.out / stage)
         return summary
+
+    def _condition_probe(self, kind: str, net, unet, text):
+        """A function measuring how well ``net`` (in training) controls: :data:`Preset.probe_n` held-out scenes'
+        ``kind`` conditions sampled through the lab's sampler (DDIM, ``probe_steps`` steps, guidance 5, fixed
+        seeds) with their captions, and with no prompt; the oracle's foreground against the condition's objects
+        (:func:`lab.shapes.evaluator.mask_iou`). Returns ``{"iou": ..., "iou_no_prompt": ...}``."""
+        import numpy as np
+        from diffusers import AutoencoderKL, DDIMScheduler
+
+        from ..conditioning.controlnet import Control
+        from ..pipeline import Pipeline
+        from .evaluator import detect, mask_iou
+        p = self.preset
+        vae = AutoencoderKL.from_pretrained(self._component("vae"), dtype=torch.float32).to(self.device).eval()
+        pipe = Pipeline.from_components(vae=vae, unet=unet, text_encoder=text, tokenizer=self.tokenizer(),
+                                        scheduler=DDIMScheduler(**configs.SCHEDULER), controlnets={kind: net},
+                                        device=self.device, name="probe")
+        exs = [world.make_example(200, i, split="heldout") for i in range(p.probe_n)]
+        conditions = [e[kind] for e in exs]
+        targets = [e["masks"].any(0) for e in exs]
+
+        def probe() -> dict:
+            out = {}
+            for key, prompts in (("iou", [e["caption"] for e in exs]), ("iou_no_prompt", [""] * len(exs))):
+                with torch.no_grad():
+                    run = pipe.sampler(prompts, steps=p.probe_steps, guidance=5.0, scheduler="ddim", seed=0,
+                                       control=Control(kind, conditions), progress=False).run()
+                out[key] = float(np.mean([mask_iou(detect(np.asarray(im))[2], m)
+                                          for im, m in zip(run.images, targets)]))
+            net.train()
+            return out
+
+        return probe
 
     # ---------------------------------------------------------------- the task table
     def train_task(self, task: str) -> dict:
@@ -944,14 +1018,19 @@ def write_preview_map(pipeline_dir: Path, n: int = 256) -> float:
 def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str | None = None,
           export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
           base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None,
-          pixel: float | None = None, two_share: float | None = None) -> list[dict]:
+          pixel: float | None = None, two_share: float | None = None, drop: float | None = None,
+          probe_every: int | None = None) -> list[dict]:
     """Run one stage (``vae``, ``unet``, ``controlnet-KIND``, a task's ``task-NAME``, or one of stage 1's
     studies, :data:`lab.shapes.stage1.STAGES`: ``vq``, ``vq-nogan``, ``ae-KIND-fF``, ``diffusion-SPACE``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
     directory to start from (its VAE, text encoder and UNet; the ``unet`` stage then fine-tunes them);
     ``grounding``, ``pixel``: the token and pixel grounding loss weights (default: the preset's);
     ``seconds``: each stage's wall-clock budget (default: the preset's); ``two_share``: the share of
-    two-object scenes in the training set (default: the preset's, 0.5 as the world draws)."""
+    two-object scenes in the training set (default: the preset's, 0.5 as the world draws); ``drop``: the
+    ControlNets' prompt drop rate (default: the preset's, 0.5); ``probe_every``: log the ControlNets' condition
+    IoU every that many steps (:meth:`Trainer._condition_probe`; default: the preset's, off). The pose and depth
+    ControlNets (:data:`lab.shapes.world.OVERLAP_KINDS`) train on a set with the preset's share of overlapping
+    objects, the other stages on the world as it draws."""
     from . import stage1
     stages = STAGES if stage in (None, "all") else tuple(stage.split(","))
     for s in stages:
@@ -968,9 +1047,15 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         p = replace(p, two_share=two_share)
     if seconds is not None:
         p = replace(p, vae_seconds=seconds, unet_seconds=seconds, controlnet_seconds=seconds, preview_seconds=seconds)
-    tr = Trainer(out, p, device, progress=progress, base=base)
+    if probe_every is not None:
+        p = replace(p, probe_every=probe_every)
+    trainers: dict[float, Trainer] = {}
     out_rows = []
     for s in stages:
+        share = p.overlap_share if s in tuple(f"controlnet-{k}" for k in world.OVERLAP_KINDS) else 0.0
+        if share not in trainers:
+            trainers[share] = Trainer(out, p, device, progress=progress, base=base, overlap_share=share)
+        tr = trainers[share]
         if s == "vae":
             out_rows.append(tr.train_vae())
         elif s == "preview":
@@ -982,7 +1067,7 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"
             out_rows.append(stage1.train_stage(tr, s, seconds))
         else:
-            out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init))
+            out_rows.append(tr.train_controlnet(s.split("-", 1)[1], init=init, drop=drop))
     if export_to is not None:
-        tr.export(export_to)
+        export_pipeline(out, export_to, base=base)
     return out_rows

@@ -8,12 +8,21 @@ free positions) on a plain background (gray, white, black), a caption from a sma
 
     "a large red circle and a small blue square on a gray background"
 
-per-object masks, and three ControlNet conditions made from the masks and the image:
+per-object masks, and five ControlNet conditions made from the scene and the image:
 
 * ``scribble``: each outline redrawn as a person would with a mouse: low-frequency wobble, a
   random start point, a stroke that may stop short or overshoot, a varying stroke width;
 * ``segmentation``: one colour per shape class (:data:`SEG_PALETTE`), black background;
-* ``edges``: Canny on the colour image (:func:`lab.conditions.canny`, thresholds 100/200, as ControlNet's annotator).
+* ``edges``: Canny on the colour image (:func:`lab.conditions.canny`, thresholds 100/200, as ControlNet's annotator);
+* ``pose``: each object's keypoints (its vertices, or four points on a circle's rim, and its centre) joined by
+  coloured limbs on black, drawn the OpenPose way (:func:`pose_map`; one colour per keypoint slot, so the
+  colours say the shape);
+* ``depth``: an inverse-depth map as MiDaS gives (near is bright, the background black; :func:`depth_map`):
+  each object at a depth by its drawing order (later is nearer), circles shaded as spheres, squares and
+  triangles as planes tilted back at the top.
+
+With ``overlap=True`` (two objects) the second object overlaps the first and hides part of it (it is drawn
+later, so it is nearer: the depth map's and the composition eval's case); the two take different colours.
 
 Images and conditions are ``uint8`` arrays ``[H, W, 3]``; masks are ``bool`` ``[H, W]``.
 """
@@ -54,7 +63,16 @@ SEG_PALETTE: dict[str, tuple[int, int, int]] = {  # segmentation colour per clas
     "square": (0, 200, 255),
     "triangle": (255, 200, 0),
 }
-CONDITION_KINDS = ("scribble", "segmentation", "edges")
+CONDITION_KINDS = ("scribble", "segmentation", "edges", "pose", "depth")
+OVERLAP_KINDS = ("pose", "depth")  # their ControlNets train on a mix with overlapping objects (Preset.overlap_share)
+# OpenPose's limb colours (its 18-colour wheel), one per keypoint slot: a circle's rim points (top, right,
+# bottom, left), a square's corners (clockwise from top left), a triangle's vertices (apex, right, left)
+POSE_SLOTS: dict[str, tuple[int, ...]] = {"circle": (0, 1, 2, 3), "square": (5, 6, 7, 8), "triangle": (11, 12, 13)}
+OPENPOSE_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+                    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+DEPTH_NEAR, DEPTH_STEP = 200.0, 70.0  # the nearest object's base inverse depth, and the step to the next one back
+DEPTH_RELIEF = 40.0  # a sphere's bulge, and a plane's tilt over its height
 VOCABULARY = sorted(
     {"a", "and", "on", "background", *COLOURS, *BACKGROUNDS, *SHAPES, *SIZES}
 )
@@ -125,18 +143,21 @@ def sample_attributes(rng: np.random.Generator, *, split: str = "train", n_objec
 
 
 def sample_scene(rng: np.random.Generator, *, split: str = "train", n_objects: int | None = None,
-                 touching: bool = False, two_share: float = 0.5) -> Scene:
+                 touching: bool = False, two_share: float = 0.5, overlap: bool = False) -> Scene:
     """Draw one scene: its objects' attributes first (shape, colour, size, each uniform and independent;
     two objects with probability ``two_share`` unless ``n_objects`` says), then places for them, so that every
     caption the grammar allows comes out as often as its attributes say (two large objects in a quarter of the
     two-object scenes; a placement that cannot fit is redrawn, not the attributes). ``split="train"`` never
     yields a held-out two-object combination; ``split="heldout"`` yields only held-out ones when it draws two
     objects. ``touching=True`` (two objects) puts the second one against a side of the first, bounding boxes
-    abutting, in another colour (the oracle's hard case; the training mix keeps objects 3 px apart)."""
+    abutting, in another colour (the oracle's hard case; the training mix keeps objects 3 px apart);
+    ``overlap=True`` (two objects) puts the second one over part of the first (:func:`_over`), in another colour."""
+    if overlap and n_objects not in (None, 2):
+        raise ValueError(f"overlap=True needs two objects, got n_objects={n_objects}")
     while True:
-        attrs, background = sample_attributes(rng, split=split, n_objects=n_objects, touching=touching,
-                                              two_share=two_share)
-        objects = _place(rng, attrs, touching)
+        attrs, background = sample_attributes(rng, split=split, n_objects=2 if overlap else n_objects,
+                                              touching=touching or overlap, two_share=two_share)
+        objects = _place_over(rng, attrs) if overlap else _place(rng, attrs, touching)
         if objects is not None:
             return Scene(tuple(objects), background, Scene.make_caption(objects, background))
 
@@ -159,6 +180,31 @@ def _place(rng: np.random.Generator, attrs, touching: bool) -> list[ShapeObject]
         if len(objects) == len(attrs):
             return objects
     return None
+
+
+def _place_over(rng: np.random.Generator, attrs) -> list[ShapeObject] | None:
+    """Two objects, the second over part of the first: its centre 35-75% of the two half-sides away from the
+    first's along a random direction, so that it hides some of the first, with at least 40% of the first's
+    bounding box left in view."""
+    (s0, c0, z0), (s1, c1, z1) = attrs
+    reach = (SIZES[z0] + SIZES[z1]) / 2
+    for _attempt in range(200):
+        first = _free(rng, s0, c0, z0)
+        angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.75) * reach
+        cx, cy = first.cx + dist * np.cos(angle), first.cy + dist * np.sin(angle)
+        half = SIZES[z1] / 2
+        second = ShapeObject(s1, c1, z1, float(cx), float(cy))
+        if half + 1 <= cx <= SIZE - half - 1 and half + 1 <= cy <= SIZE - half - 1 and _in_view(first, second) >= 0.4:
+            return [first, second]
+    return None
+
+
+def _in_view(back: ShapeObject, front: ShapeObject) -> float:
+    """The share of ``back``'s bounding box that ``front``'s does not cover."""
+    ax0, ay0, ax1, ay1 = back.bbox
+    bx0, by0, bx1, by1 = front.bbox
+    cover = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    return 1.0 - cover / ((ax1 - ax0) * (ay1 - ay0))
 
 
 def _free(rng: np.random.Generator, shape: str, colour: str, size: str) -> ShapeObject:
@@ -269,6 +315,71 @@ def segmentation_map(scene: Scene, masks: np.ndarray) -> np.ndarray:
     return seg
 
 
+def visible_masks(masks: np.ndarray) -> np.ndarray:
+    """What of each object is in view: its mask less the masks of the objects drawn after it (nearer)."""
+    out = masks.copy()
+    for i in range(len(masks)):
+        out[i] &= ~masks[i + 1:].any(0)
+    return out
+
+
+def keypoints(obj: ShapeObject) -> np.ndarray:
+    """An object's keypoints ``[k + 1, 2]`` (x, y in pixels): its slots (:data:`POSE_SLOTS`: a circle's four rim
+    points top, right, bottom, left; a square's corners clockwise from top left; a triangle's apex, right and left
+    base corners), then its centre (the bounding box's)."""
+    x0, y0, x1, y1 = obj.bbox
+    cx, cy = obj.cx, obj.cy
+    pts = {"circle": [(cx, y0), (x1, cy), (cx, y1), (x0, cy)],
+           "square": [(x0, y0), (x1, y0), (x1, y1), (x0, y1)],
+           "triangle": [(cx, y0), (x1, y1), (x0, y1)]}[obj.shape]
+    return np.array(pts + [(cx, cy)], np.float64)
+
+
+def pose_map(objects, *, size: int = SIZE) -> np.ndarray:
+    """The OpenPose-style skeleton of ``objects`` (:class:`ShapeObject`, back to front) on black, ``[H, W, 3]
+    uint8``: a limb from the centre to each keypoint in that slot's colour (:data:`OPENPOSE_COLOURS`, dimmed to
+    60% as OpenPose draws limbs), then the keypoints as dots in full colour, the centre white."""
+    s = SUPERSAMPLE
+    big = Image.new("RGB", (size * s, size * s), (0, 0, 0))
+    draw = ImageDraw.Draw(big)
+    r = 1.5 * s
+    for obj in objects:
+        pts = keypoints(obj) * s
+        centre = tuple(pts[-1])
+        for slot, p in zip(POSE_SLOTS[obj.shape], pts[:-1]):
+            colour = tuple(int(0.6 * v) for v in OPENPOSE_COLOURS[slot])
+            draw.line([centre, tuple(p)], fill=colour, width=int(1.5 * s))
+        for slot, (x, y) in zip(POSE_SLOTS[obj.shape], pts[:-1]):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=OPENPOSE_COLOURS[slot])
+        draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=(255, 255, 255))
+    return np.asarray(big.resize((size, size), Image.BOX))
+
+
+def depth_map(objects, *, size: int = SIZE) -> np.ndarray:
+    """Inverse depth as MiDaS gives it (near is bright, the background 0), ``[H, W, 3] uint8``, of ``objects``
+    (back to front): the nearest object at :data:`DEPTH_NEAR`, each one further back :data:`DEPTH_STEP` less;
+    a circle bulges towards the viewer as a sphere (+:data:`DEPTH_RELIEF` at its centre), a square or triangle
+    is a plane tilted back at the top (+:data:`DEPTH_RELIEF` at its bottom edge, +0 at its top)."""
+    s = SUPERSAMPLE
+    n = len(objects)
+    yy, xx = (np.mgrid[0:size * s, 0:size * s] + 0.5) / s
+    depth = np.zeros((size * s, size * s), np.float64)
+    for i, obj in enumerate(objects):
+        m = Image.new("L", (size * s, size * s), 0)
+        _draw_object(ImageDraw.Draw(m), obj, 255)
+        inside = np.asarray(m) >= 128
+        x0, y0, x1, y1 = obj.bbox
+        base = DEPTH_NEAR - DEPTH_STEP * (n - 1 - i)
+        if obj.shape == "circle":
+            rr = ((xx - obj.cx) ** 2 + (yy - obj.cy) ** 2) / ((x1 - x0) / 2) ** 2
+            relief = DEPTH_RELIEF * np.sqrt(np.clip(1 - rr, 0, 1))
+        else:
+            relief = DEPTH_RELIEF * np.clip((yy - y0) / (y1 - y0), 0, 1)
+        depth[inside] = (base + relief)[inside]
+    small = depth.reshape(size, s, size, s).mean((1, 3))
+    return np.repeat(np.clip(small, 0, 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 def edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Canny edges of an RGB image, white on black, ``[H, W, 3] uint8``: :func:`lab.conditions.canny`, the one
     Canny of the lab (users' edge conditions and the edges ControlNet's training data agree)."""
@@ -306,29 +417,42 @@ def scribble(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_example(seed: int, index: int, *, split: str = "train", n_objects: int | None = None,
-                 touching: bool = False, two_share: float = 0.5) -> dict:
-    """Scene ``index`` of ``seed``: image, masks, caption, objects, and all three conditions."""
+                 touching: bool = False, two_share: float = 0.5, overlap: bool = False) -> dict:
+    """Scene ``index`` of ``seed``: image, masks (whole objects, back to front; ``visible``: what is in view),
+    caption, objects, and every condition of :data:`CONDITION_KINDS`. ``overlap``: the second object over part of
+    the first (:func:`sample_scene`)."""
     split_tag = {"train": 0, "heldout": 1}[split]
-    rng = np.random.default_rng([seed, index, split_tag] + ([1] if touching else []))
-    scene = sample_scene(rng, split=split, n_objects=n_objects, touching=touching, two_share=two_share)
+    rng = np.random.default_rng([seed, index, split_tag] + ([1] if touching else []) + ([2] if overlap else []))
+    scene = sample_scene(rng, split=split, n_objects=n_objects, touching=touching, two_share=two_share,
+                         overlap=overlap)
     image, masks = render(scene)
+    visible = visible_masks(masks)
     return {
         "scene": scene,
         "caption": scene.caption,
         "image": image,
         "masks": masks,
+        "visible": visible,
         "scribble": scribble(scene, rng),
-        "segmentation": segmentation_map(scene, masks),
+        "segmentation": segmentation_map(scene, visible),
         "edges": edges(image),
+        "pose": pose_map(scene.objects),
+        "depth": depth_map(scene.objects),
     }
 
 
+def overlaps(seed: int, index: int, overlap_share: float) -> bool:
+    """Whether scene ``index`` of ``seed`` is drawn as two overlapping objects in a set with ``overlap_share``
+    (its own random stream: the other scenes stay what they are without overlaps)."""
+    return overlap_share > 0 and np.random.default_rng([seed, index, 3]).random() < overlap_share
+
+
 def _chunk(args):
-    seed, start, stop, split, two_share = args
-    out = {k: [] for k in ("image", "caption", "scribble", "segmentation", "edges", "mask_union", "object_masks")}
+    seed, start, stop, split, two_share, overlap_share = args
+    out = {k: [] for k in ("image", "caption", *CONDITION_KINDS, "mask_union", "object_masks")}
     for i in range(start, stop):
-        ex = make_example(seed, i, split=split, two_share=two_share)
-        for k in ("image", "caption", "scribble", "segmentation", "edges"):
+        ex = make_example(seed, i, split=split, two_share=two_share, overlap=overlaps(seed, i, overlap_share))
+        for k in ("image", "caption", *CONDITION_KINDS):
             out[k].append(ex[k])
         out["mask_union"].append(ex["masks"].any(0))
         masks = np.zeros((MAX_OBJECTS, SIZE, SIZE), bool)
@@ -338,12 +462,16 @@ def _chunk(args):
 
 
 def generate(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048,
-             two_share: float = 0.5) -> dict:
-    """``n`` examples as stacked arrays: ``image``/``scribble``/``segmentation``/``edges``
-    ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool``, ``object_masks`` ``[n, 2, H, W] bool`` (in
-    caption order; all False for a missing second object) and ``caption`` (list of str).
-    ``two_share``: the share of two-object scenes. The result does not depend on ``workers`` or ``chunk``."""
-    jobs = [(seed, a, min(a + chunk, n), split, two_share) for a in range(0, n, chunk)]
+             two_share: float = 0.5, overlap_share: float = 0.0) -> dict:
+    """``n`` examples as stacked arrays: ``image`` and each condition of :data:`CONDITION_KINDS`
+    ``[n, H, W, 3] uint8``, ``mask_union`` ``[n, H, W] bool``, ``object_masks`` ``[n, 2, H, W] bool`` (whole
+    objects in caption order; all False for a missing second object) and ``caption`` (list of str).
+    ``two_share``: the share of two-object scenes; ``overlap_share``: the share of scenes drawn instead as two
+    overlapping objects (:func:`overlaps`; the pose and depth ControlNets' mix). The result does not depend on
+    ``workers`` or ``chunk``."""
+    if not 0.0 <= overlap_share <= 1.0:
+        raise ValueError(f"overlap_share must be within [0, 1], got {overlap_share}")
+    jobs = [(seed, a, min(a + chunk, n), split, two_share, overlap_share) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_chunk, jobs))
