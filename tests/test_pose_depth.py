@@ -148,3 +148,19 @@ def test_eval_parts_merge_into_an_existing_json(tmp_path):
     assert saved["vae_psnr_db"] == res["vae_psnr_db"] and "vae" in saved["updated_parts"]
     with pytest.raises(ValueError, match="unknown eval parts"):
         evaluate.run_eval(4, parts=("vea",))
+
+
+def test_the_shipped_pose_and_depth_nets_steer_the_bundled_model():
+    import lab
+    from lab.shapes.evaluator import detect, mask_iou
+    pipe = lab.load("shapes", controlnet=["pose", "depth"])
+    exs = [world.make_example(230, i, split="heldout") for i in range(4)]
+    for kind in ("pose", "depth"):
+        record = json.loads((BUNDLED["shapes"] / f"controlnet-{kind}" / "lab_training.json").read_text())
+        assert record["kind"] == kind and record["overlap_share"] == 0.5
+        runs = {on: pipe.sampler([e["caption"] for e in exs], steps=15, guidance=5.0, seed=0, progress=False,
+                                 control=lab.Control(kind, [e[kind] for e in exs]) if on else None).run()
+                for on in (False, True)}
+        iou = {on: np.mean([mask_iou(detect(np.asarray(im))[2], e["masks"].any(0))
+                            for im, e in zip(runs[on].images, exs)]) for on in runs}
+        assert iou[True] >= 0.5 and iou[True] > iou[False] + 0.2, (kind, iou)  # the net, not the text, places them
