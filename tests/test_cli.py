@@ -20,7 +20,7 @@ def _cli(*args, cwd=None):
 def test_info():
     out = _cli("info")
     assert out.returncode == 0, out.stderr
-    assert "shapes" in out.stdout and "ok" in out.stdout and "controlnets: edges, scribble, segmentation" in out.stdout
+    assert "shapes" in out.stdout and "ok" in out.stdout and "controlnets: depth, edges, pose, scribble, segmentation" in out.stdout
 
 
 def test_sample_writes_image_and_run(tmp_path):

@@ -95,7 +95,7 @@ def test_controlnet_directory_passed_as_base_is_explained():
 
 def test_unknown_controlnet_kind_lists_the_shipped_ones():
     with pytest.raises(ModelNotFound, match="scribble"):
-        lab.load("shapes", controlnet="depth")
+        lab.load("shapes", controlnet="normal")
 
 
 def test_local_directory_roundtrip(tmp_path):
