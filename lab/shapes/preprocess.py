@@ -175,8 +175,12 @@ def objects(image) -> list[Found]:
 def segmentation(image) -> np.ndarray:
     """The segmentation condition of ``image``: each object's visible region in its shape's colour
     (:data:`lab.shapes.world.SEG_PALETTE`) on black, ``uint8 [H, W, 3]``."""
-    seg = np.zeros(_check(image).shape, np.uint8)
-    for f in objects(image):
+    return _segmentation_of(objects(image), _check(image).shape)
+
+
+def _segmentation_of(found: list[Found], shape) -> np.ndarray:
+    seg = np.zeros(shape, np.uint8)
+    for f in found:
         seg[f.visible] = world.SEG_PALETTE[f.shape]
     return seg
 
@@ -235,10 +239,7 @@ def score(n: int = 500, *, seed: int = 400) -> dict:
         for i in range(n):
             ex = world.make_example(seed, i, split="heldout", overlap=overlap)
             found = objects(ex["image"])
-            seg = np.zeros_like(ex["image"])
-            for f in found:
-                seg[f.visible] = world.SEG_PALETTE[f.shape]
-            a, b = _class_map(seg), _class_map(ex["segmentation"])
+            a, b = _class_map(_segmentation_of(found, ex["image"].shape)), _class_map(ex["segmentation"])
             for c in range(len(SEG_CLASSES)):
                 inter[c] += np.logical_and(a == c, b == c).sum()
                 union[c] += np.logical_or(a == c, b == c).sum()
