@@ -41,7 +41,10 @@ def evaluate(args) -> int:
     ``eval tasks``: the task table's models (:mod:`lab.shapes.evaluate_tasks`); ``eval sds``: score distillation
     under the text model (:mod:`lab.shapes.evaluate_sds`); ``eval video``: Text2Video-Zero
     (:mod:`lab.shapes.evaluate_video`); ``eval stage1``: the VQGAN, rate-distortion and the pixel-vs-latent race
-    (:mod:`lab.shapes.evaluate_stage1`)."""
+    (:mod:`lab.shapes.evaluate_stage1`); ``eval views``: the view model (:mod:`lab.shapes.evaluate_views`)."""
+    args.guidance_given = args.guidance is not None
+    if args.guidance is None:
+        args.guidance = 5.0
     if args.what == "stage1":
         from lab.shapes.evaluate_stage1 import run_stage1_eval
         res = run_stage1_eval(n=args.n or 500, n_samples=args.samples, json_path=args.json, work=args.work,
@@ -54,6 +57,10 @@ def evaluate(args) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(res, indent=2))
         res = {k: v for k, v in res.items() if k != "rows"}
+    elif args.what == "views":
+        from lab.shapes.evaluate_views import run_views_eval
+        res = run_views_eval(args.n or 200, steps=args.steps, guidance=args.guidance if args.guidance_given else 3.0,
+                             json_path=args.json, model=args.model)
     elif args.what == "sds":
         from lab.shapes.evaluate_sds import run_sds_ablations, run_sds_eval
         if args.ablations:
@@ -90,10 +97,11 @@ def register(sub) -> None:
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="measure the bundled model against the shapes world's oracle")
-    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds", "video", "stage1"],
+    e.add_argument("what", choices=["shapes", "attention", "tasks", "sds", "video", "stage1", "views"],
                    help="shapes: the model's bars; attention: word heat maps vs object masks; tasks: the task "
                         "table's models; sds: score distillation of a soft shapes renderer; video: Text2Video-Zero; "
-                        "stage1: the VQ autoencoder, the rate-distortion sweep and the pixel-vs-latent race")
+                        "stage1: the VQ autoencoder, the rate-distortion sweep and the pixel-vs-latent race; views: "
+                        "the Zero-1-to-3 view model on held-out camera changes")
     e.add_argument("--seeds", type=int, default=3, help="eval sds: random starts per prompt; eval video: seeds per prompt (18 prompts)")
     e.add_argument("--ablations", default=None,
                    help="eval sds: instead, the SDS settings with one thing changed (all, or comma-separated "
@@ -107,7 +115,8 @@ def register(sub) -> None:
     e.add_argument("--samples", type=int, default=100, help="eval stage1: captions sampled per race model")
     e.add_argument("--n", type=int, default=None, help="captions (default 200 for shapes, 100 for attention; stage1: held-out scenes, 500)")
     e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default 5; eval views: 3, Zero-1-to-3's)")
     e.add_argument("--model", default="shapes",
                    help="the bundled model or a pipeline directory (a training run's --export; eval shapes "
                         "needs its controlnet-KIND subfolders)")

@@ -38,6 +38,8 @@ def _info(args) -> int:
         ok = (path / "model_index.json").exists()
         nets = sorted(p.name.removeprefix("controlnet-") for p in path.glob("controlnet-*"))
         print(f"  {name:<10} bundled  {path}  {'ok' if ok else 'MISSING'}  controlnets: {', '.join(nets) or '-'}")
+        tasks = sorted(p.name.removeprefix("unet-") for p in path.glob("unet-*"))
+        print(f"  {'':<10} task models (lab.load(..., task=NAME)): {', '.join(tasks) or '-'}")
     cache = Path(_hf_cache_dir())
     repos = sorted(p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")) if cache.exists() else []
     print(f"  Hugging Face cache {cache}: {', '.join(repos) if repos else 'no models'}")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusion-latent (the race)")
     t.add_argument("--task", default=None,
                    help="models of the lecture's task table (lab.shapes.tasks), comma-separated: inpaint, sr, "
-                        "segmap (concat), class, layout (tokens by cross-attention), uncond; fine-tunes the UNet "
+                        "segmap (concat), class, layout (tokens by cross-attention), uncond; views (Zero-1-to-3 with a 2D "
+                        "camera, lab.shapes.view_model); fine-tunes the UNet "
                         "of --base (or of --out) for each; with --stage, after those stages")
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])

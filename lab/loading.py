@@ -147,15 +147,17 @@ def quiet_libraries():
 
 def _task_unet(path: Path, task: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
-    from .token_encoders import PARTIAL_FILE, TOKEN_ENCODERS, load_partial
+    from .token_encoders import LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora
     sub = path / f"unet-{task}"
     if (sub / PARTIAL_FILE).exists():
         # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
         with quiet_libraries():
             unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
         load_partial(unet, sub / PARTIAL_FILE)
+        if (sub / LORA_FILE).exists():  # a LoRA adapter over the text UNet (the view model's), merged in
+            merge_lora(unet, sub / LORA_FILE)
         out = {"unet": unet}
-        name = f"{task}_embedder"
+        name = {"views": "camera_embedder"}.get(task, f"{task}_embedder")
         if name in TOKEN_ENCODERS:
             if not (path / name / "config.json").exists():
                 raise IncompleteModel(f"the {task!r} model reads tokens made by {path / name}, which is missing",

@@ -43,6 +43,8 @@ def _helper_class(components: dict):
         return "class", StableDiffusionPipeline
     if components.get("layout_embedder") is not None:  # box tokens by cross-attention (lab.shapes.tasks)
         return "layout", StableDiffusionPipeline
+    if components.get("camera_embedder") is not None:  # a view model (lab.shapes.view_model): input view + camera
+        return "views", StableDiffusionPipeline
     if components["unet"].config.in_channels == 9:
         return "inpaint", StableDiffusionInpaintPipeline
     if components.get("low_res_scheduler") is not None:  # SD's x4 upscaler layout: [z_t, noised low-res image]
@@ -56,7 +58,8 @@ class Pipeline:
     Attributes: ``vae``, ``unet``, ``text_encoder`` (and ``text_encoder_2`` for SDXL), ``tokenizer``,
     ``scheduler`` (the default one; samplers copy it), ``controlnets`` (dict name -> ControlNetModel),
     ``kind`` (``"sd"``, ``"sdxl"``, ``"inpaint"``, ``"upscale"``, or ``"class"`` / ``"layout"``: class or box
-    tokens by cross-attention, the ``class_embedder`` / ``layout_embedder`` component), ``diffusers`` (the diffusers pipeline sharing
+    tokens by cross-attention, the ``class_embedder`` / ``layout_embedder`` component; ``"views"``: a view model,
+    the input view concatenated and the camera by cross-attention, the ``camera_embedder`` component), ``diffusers`` (the diffusers pipeline sharing
     these modules, used for its helpers and for equivalence checks).
     """
 
@@ -128,7 +131,7 @@ class Pipeline:
         if dtype is not None:
             self.dtype = dtype
         self.diffusers.to(self.device, self.dtype)
-        for name in ("class_embedder", "layout_embedder"):
+        for name in ("class_embedder", "layout_embedder", "camera_embedder"):
             if self.components.get(name) is not None:
                 self.components[name].to(self.device, self.dtype)
         for net in self.controlnets.values():

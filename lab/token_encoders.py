@@ -15,6 +15,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 PARTIAL_FILE = "unet_partial.safetensors"  # unet-TASK/: the UNet weights a fine-tune changed, by the UNet's names
+LORA_FILE = "pytorch_lora_weights.safetensors"  # unet-TASK/: a LoRA adapter over the text UNet (diffusers' name)
 
 
 def _states(text_encoder, tokenizer, texts) -> torch.Tensor:
@@ -122,7 +123,37 @@ class LayoutTokenEncoder(ModelMixin, ConfigMixin):
         return enc
 
 
-TOKEN_ENCODERS = {"class_embedder": ClassTokenEncoder, "layout_embedder": LayoutTokenEncoder}  # by folder name
+class CameraTokenEncoder(ModelMixin, ConfigMixin):
+    """A relative camera -> one more cross-attention token after the context (Zero-1-to-3's conditioning: its
+    ``cc_projection``, a linear map of the input image's CLIP embedding concatenated with the camera, started
+    as the identity on the embedding and zero on the camera). Ours reads the mean of the context it is appended
+    to (the caption's states: what our model has of "the image's embedding") beside the camera's ``features``
+    numbers (:data:`lab.shapes.views.CAMERA_FEATURES`): ``token = W [mean(context); camera] + b``, ``W`` started
+    as ``[I | 0]``. The null camera (guidance: both conditions dropped) is all zeros, which no real change is
+    (its roll cosine would be 0 with sine 0)."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, dim: int = 128, features: int = 5, feature_names: tuple = ()):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim + features, dim)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.weight[:, :dim].copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+
+    def token(self, context: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
+        """``context`` ``[B, L, dim]``, ``camera`` ``[B, features]`` -> the camera token ``[B, dim]``."""
+        return self.proj(torch.cat([context.mean(1), camera.to(context.dtype)], -1))
+
+    def forward(self, context: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
+        """``[B, L, dim]`` and ``[B, features]`` -> ``[B, L + 1, dim]``: the context, then the camera token."""
+        return torch.cat([context, self.token(context, camera)[:, None]], 1)
+
+
+TOKEN_ENCODERS = {"class_embedder": ClassTokenEncoder, "layout_embedder": LayoutTokenEncoder,
+                  "camera_embedder": CameraTokenEncoder}  # by folder name
 
 
 COORD_CHANNELS = 2  # x and y
@@ -155,3 +186,32 @@ def load_partial(unet, path) -> None:
             old.weight.device, old.weight.dtype)
         unet.register_to_config(in_channels=int(w.shape[1]))
     unet.load_state_dict(state, strict=False)
+
+
+def merge_lora(unet, path) -> int:
+    """Merge a LoRA adapter (:data:`LORA_FILE` as diffusers' ``save_lora_adapter`` writes it: ``NAME.lora_A.weight``
+    and ``NAME.lora_B.weight`` per module, ``lora_alpha`` and ``r`` in its ``lora_adapter_metadata``) into the
+    weights of ``unet``: ``W += alpha / r * B A`` (for a convolution, ``B``'s 1x1 kernel after ``A``'s). What
+    ``unet.load_lora_adapter(...)`` then ``unet.fuse_lora()`` computes, leaving plain modules (no peft layers in
+    the way of attention processors and recorders). Returns the number of modules changed."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+    if not names or len(names) * 2 != len(state):
+        raise ValueError(f"{path} is not a LoRA adapter (lora_A/lora_B pairs): {sorted(state)[:3]}")
+    r = int(meta.get("r", state[f"{names[0]}.lora_A.weight"].shape[0]))
+    scale = float(meta.get("lora_alpha", r)) / r
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name in names:
+            m = modules.get(name)
+            if m is None:
+                raise ValueError(f"{path} adapts {name!r}, which this UNet does not have")
+            a, b = state[f"{name}.lora_A.weight"].float(), state[f"{name}.lora_B.weight"].float()
+            delta = (b.flatten(1) @ a.flatten(1)).reshape(m.weight.shape) * scale
+            m.weight.add_(delta.to(m.weight.dtype))
+    return len(names)

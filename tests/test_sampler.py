@@ -457,3 +457,9 @@ def test_records_are_only_read_through_their_copy_event(shapes_pipe):
                 assert torch.equal(got, r), name
             else:
                 assert torch.equal(got.map, r.map) and torch.equal(got.tensor, r.tensor), name
+
+
+def test_recorders_that_are_not_recorders_are_refused_before_sampling(shapes_pipe):
+    for bad, what in ((["attention"], "'attention'"), (lambda: None, "function")):
+        with pytest.raises(TypeError, match=f"recorders= takes .*{what}"):
+            shapes_pipe.sampler("a red circle", steps=2, progress=False, recorders=bad)

@@ -7,6 +7,8 @@
     concat.py      Concat       channels appended to the latents; Inpainting (SD's 9-channel layout), Upscale
                                 (SD's x4 upscaler: the noised low-res image, its noise level as class label),
                                 SemanticMap (class probabilities at the latent grid: LDM's semantic synthesis)
+    views.py       InputView    the input view's latents as concat channels (a view model: Zero-1-to-3's c_concat)
+                   CameraToken  the relative camera as one more cross-attention token (its c_crossattn)
     controlnet.py  ControlNet   residuals of one ControlNet (Control: net, image, scale, window, modes)
     base.py        the contract: Setup, UNetInputs, StepInfo, Conditioning
 
@@ -23,8 +25,9 @@ from .classes import ClassLabel, ClassTokens, Layout
 from .concat import Concat, Coordinates, Inpainting, SemanticMap, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
+from .views import CameraToken, InputView, novel_view
 
-__all__ = ["ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Coordinates", "Inpainting",
+__all__ = ["CameraToken", "InputView", "novel_view", "ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Coordinates", "Inpainting",
            "Layout", "MODES", "STOP_WORDS",
            "SemanticMap", "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]
@@ -63,6 +66,12 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
             raise ValueError("a layout model takes its boxes only (conditioning=[Layout(...)]): no prompt or "
                              "negative_prompt")
         prompt = [""] * layouts[0].n_layouts
+    if pipe.kind == "views":  # Zero-1-to-3's two conditions: the input view (concat) and the camera (CA)
+        n_in = sum(isinstance(p, InputView) for p in extra)
+        n_cam = sum(isinstance(p, CameraToken) for p in extra)
+        if (n_in, n_cam) != (1, 1):
+            raise ValueError("a view model needs conditioning=lab.conditioning.novel_view(image, camera): one "
+                             f"InputView and one CameraToken (got {n_in} and {n_cam})")
     out: list[Conditioning] = [Text(prompt, negative_prompt, prompt_2, negative_prompt_2, per_prompt=batch,
                                     micro=micro)]
     if class_labels is not None:

@@ -22,6 +22,13 @@ class Recording:
     bindings describe (``meta``, the run's ``recording_meta``)."""
 
     def __init__(self, recorders=(), meta: dict | None = None):
+        if not isinstance(recorders, (list, tuple)):
+            raise TypeError(f"recorders= takes a list of recorders (lab.AttentionRecorder(), lab.ResidualRecorder()), "
+                            f"not {type(recorders).__name__}")
+        bad = [r for r in recorders if not callable(getattr(r, "bind", None))]
+        if bad:
+            raise TypeError(f"recorders= takes recorders (lab.AttentionRecorder(), lab.ResidualRecorder()), not "
+                            f"{bad[0]!r}")
         self.recorders = list(recorders)
         self.bindings: list | None = None
         self.hooks: AttentionHooks | None = None

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
-from ..token_encoders import COORD_CHANNELS, coordinate_channels
+from ..token_encoders import COORD_CHANNELS, LORA_FILE, coordinate_channels
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
 from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_GROUNDING, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT,
@@ -51,7 +51,8 @@ from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_GROUNDING, LAYOUT_LABEL
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
-TASK_STAGES = tuple(f"task-{t}" for t in TASKS)  # the task table's models (lab.shapes.tasks), on the text model's UNet
+# the task table's models (lab.shapes.tasks) and the view model (lab.shapes.view_model), on the text model's UNet
+TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views",)
 
 
 @dataclass(frozen=True)
@@ -973,6 +974,9 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
             if task in TOKEN_TASKS:
                 folder = TOKEN_TASKS[task]
                 ENCODERS[folder].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
+    if (src("unet-views") / LORA_FILE).exists():  # the view model: LoRA adapter, widened conv_in, camera token
+        from .view_model import export_view_model
+        export_view_model(src("unet-views").parent, tmp)
     if (src("preview_decoder") / "config.json").exists():  # lab.preview.PreviewDecoder, distilled from the VAE
         shutil.copytree(src("preview_decoder"), tmp / "preview_decoder")
     if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
@@ -1062,6 +1066,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_preview())
         elif s == "unet":
             out_rows.append(tr.train_unet())
+        elif s == "task-views":  # Zero-1-to-3 on the world through a camera (lab.shapes.view_model)
+            from .view_model import train_views
+            out_rows.append(train_views(tr))
         elif s in TASK_STAGES:
             out_rows.append(tr.train_task(s.removeprefix("task-")))
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"

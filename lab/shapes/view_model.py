@@ -1,0 +1,225 @@
+"""The view model (issue 24): Zero-1-to-3's recipe on the shapes world through a camera (:mod:`lab.shapes.views`).
+
+What Zero-1-to-3 changes in Stable Diffusion, and what this model changes in the shapes text model:
+
+* **the input view by concatenation**: the UNet takes 8 channels, ``[z_t, E(input view)]`` (the input's VAE
+  posterior mean, scaled as the latents are); ``conv_in``'s 4 new channels start at zero, so the model starts as
+  the text model (:func:`lab.shapes.tasks.widen_conv_in`) and learns them at :data:`NEW_LR_MULT` times the rate;
+* **the camera by cross-attention**: the relative camera's five numbers (:data:`lab.shapes.views.CAMERA_FEATURES`)
+  and the mean of the caption's states through a linear map started as ``[I | 0]`` make one more token after
+  the caption's (:class:`lab.token_encoders.CameraTokenEncoder`: Zero-1-to-3's ``cc_projection`` with the
+  caption standing in for the CLIP image embedding we do not have);
+* **guidance by dropping both**: one time in ten in training the input view is all zeros and the context is the
+  empty caption's with the null camera (zeros); at sampling the unconditional half gets that. Two times in ten
+  only the caption is dropped, so the model also works from the image and the camera alone (``prompt=""``).
+
+The fine-tune is a LoRA adapter (rank :data:`LORA_RANK` on every convolution and attention projection of the
+UNet but ``conv_in``/``conv_out``; peft, as diffusers trains LoRA) with ``conv_in`` trained whole: the bundled
+weights' budget (64 MB for every model) leaves about 1.4 MB, and the adapter is 0.93 MB in fp16. It ships as
+``unet-views/pytorch_lora_weights.safetensors`` (diffusers' ``save_lora_adapter`` format) beside
+``unet-views/unet_partial.safetensors`` (the widened ``conv_in``) and ``camera_embedder/``.
+``lab.load("shapes", task="views")`` merges the adapter into the text UNet's weights (:func:`lab.token_encoders.merge_lora`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..token_encoders import LORA_FILE, PARTIAL_FILE, CameraTokenEncoder
+from . import configs, views
+from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
+
+LORA_RANK = 8
+#: every convolution and attention projection but conv_in (trained whole) and conv_out, by module name
+LORA_TARGETS = r".*\.(conv1|conv2|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0|proj_in|proj_out|proj|ff\.net\.2|time_emb_proj)$"
+ADAPTER = "views"
+VIEW_LR = 1e-3  # LoRA's usual rate: its B starts at zero and its updates are rank-limited
+NULL_DROP = 0.1  # training: both conditions dropped (input view zeros, empty caption, null camera): guidance
+CAPTION_DROP = 0.2  # training: the caption alone dropped (image and camera only)
+VIEW_EMA = 0.995  # EMA decay: a window of ~200 steps (the preset's 0.999 averages over most of a CPU run)
+CAMERA_EMBEDDER = "camera_embedder"
+TASK = "views"
+
+
+def view_unet(base_unet, rank: int = LORA_RANK):
+    """The text UNet made a view model for training: ``conv_in`` widened by 4 zero channels (split so the new
+    ones learn at their own rate, :class:`lab.shapes.tasks.SplitConvIn`), a LoRA adapter of ``rank`` on
+    :data:`LORA_TARGETS`, every other weight frozen."""
+    from peft import LoraConfig
+    unet = widen_conv_in(base_unet, base_unet.config.out_channels)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
+                     adapter_name=ADAPTER)
+    unet.conv_in = SplitConvIn(unet.conv_in, base_unet.config.in_channels)
+    unet.conv_in.old_weight.requires_grad_(True)
+    return unet
+
+
+def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32) -> None:
+    """``out/unet-views/`` (the LoRA adapter and the widened ``conv_in``) and ``out/camera_embedder/``."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = Path(out)
+    folder = out / f"unet-{TASK}"
+    folder.mkdir(parents=True, exist_ok=True)
+    conv = unet.conv_in.merged() if isinstance(unet.conv_in, SplitConvIn) else unet.conv_in
+    save_file({"conv_in.weight": conv.weight.detach().to(dtype).contiguous(),
+               "conv_in.bias": conv.bias.detach().to(dtype).contiguous()}, str(folder / PARTIAL_FILE))
+    keep = unet.conv_in
+    unet.conv_in = conv  # save_lora_adapter reads the peft state only; conv_in is not part of it
+    unet.save_lora_adapter(folder, adapter_name=ADAPTER, weight_name=LORA_FILE)
+    unet.conv_in = keep
+    if dtype != torch.float32:
+        with safe_open(str(folder / LORA_FILE), "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
+        save_file(state, str(folder / LORA_FILE), metadata=meta)
+    encoder.to(dtype).save_pretrained(out / CAMERA_EMBEDDER)
+    encoder.float()
+
+
+def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of ``uint8 [n, H, W, 3]`` images (unscaled)."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch):
+            post = vae.encode(float_images(images_u8[i:i + batch])).latent_dist
+            means.append(post.mean.float())
+            stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_views(tr) -> dict:
+    """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
+    ``unet_seconds``; batch: its ``unet_batch``) from its text model (``base``): EMA weights to
+    ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .train import _autocast, _encoding_cache, _forward_process, _save_ckpt
+    p = tr.preset
+    dev = tr.device
+    t0 = time.time()
+    d = views.generate_pairs(p.n_train, tr.seed, split="train", workers=p.workers)
+    print(f"[views] {p.n_train} pairs in {time.time() - t0:.1f}s", flush=True)
+    vae_dir = tr._component("vae")
+    scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(dev).eval().requires_grad_(False)
+    t0 = time.time()
+    cache = _encoding_cache(vae_dir, p.n_train, tr.seed, dev)
+    if cache is not None:  # the pairs' encoding, keyed as the world's is, and by this module and views.py
+        h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
+        cache = cache.with_name(f"views-{h}-{cache.name}")
+    if cache is not None and cache.exists():
+        ck = torch.load(cache, map_location=dev)
+        in_mean, out_mean, out_std = ck["in_mean"], ck["out_mean"], ck["out_std"]
+        print(f"[views] {2 * p.n_train} views' encoding from {cache}", flush=True)
+    else:
+        in_mean, _ = encode_views(vae, torch.from_numpy(d["input"]).to(dev))
+        out_mean, out_std = encode_views(vae, torch.from_numpy(d["target"]).to(dev))
+        print(f"[views] encoded {2 * p.n_train} views in {time.time() - t0:.1f}s", flush=True)
+        if cache is not None:
+            _save_ckpt(cache, {"in_mean": in_mean.cpu(), "out_mean": out_mean.cpu(), "out_std": out_std.cpu()})
+    del vae
+    cond_latents = (in_mean * scale).contiguous()
+    cameras = torch.from_numpy(d["camera"]).to(dev)
+    text = CLIPTextModel.from_pretrained(tr._component("text_encoder"), dtype=torch.float32).to(dev).eval()
+    text.requires_grad_(False)
+    ids = tr._token_ids(d["caption"])
+    empty = tr._token_ids([""])[0]
+    del d
+    base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(dev)
+    unet = view_unet(base).train()
+    encoder = CameraTokenEncoder(base.config.cross_attention_dim, len(views.CAMERA_FEATURES),
+                                 list(views.CAMERA_FEATURES)).to(dev)
+    del base
+    lora = [q for n, q in unet.named_parameters() if "lora_" in n]
+    params = [{"params": lora + [unet.conv_in.old_weight, unet.conv_in.bias]},
+              {"params": [unet.conv_in.new_weight], "lr_mult": NEW_LR_MULT},
+              {"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
+    print(f"[views] trained: LoRA {sum(q.numel() for q in lora) / 1e6:.3f}M, conv_in, camera token "
+          f"{sum(q.numel() for q in encoder.parameters()) / 1e6:.3f}M", flush=True)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_enc = copy.deepcopy(encoder).requires_grad_(False)
+    abar = DDPMScheduler(**configs.TRAIN_SCHEDULER).alphas_cumprod.to(dev)
+    torch.manual_seed(tr.seed + 24)
+    g = tr._generator(tr.seed + 25)
+    null_camera = torch.zeros(len(views.CAMERA_FEATURES), device=dev)
+
+    def step_fn():
+        idx = tr._batch_idx(g, p.unet_batch)
+        z0 = (out_mean[idx] + out_std[idx] * torch.randn(out_mean[idx].shape, generator=g, device=dev)) * scale
+        u = torch.rand(len(idx), generator=g, device=dev)
+        null = u < NULL_DROP
+        tok = ids[idx].clone()
+        tok[u < NULL_DROP + CAPTION_DROP] = empty
+        view = torch.where(null[:, None, None, None], 0.0, cond_latents[idx])
+        cam = torch.where(null[:, None], null_camera, cameras[idx])
+        zt, t, eps = _forward_process(z0.contiguous(), abar, g)
+        with torch.no_grad(), _autocast(dev):
+            states = text(tok).last_hidden_state
+        with _autocast(dev):
+            pred = unet(torch.cat([zt, view], 1), t, encoder_hidden_states=encoder(states, cam)).sample
+        return F.mse_loss(pred.float(), eps), {}
+
+    def trainable(m):
+        return {k: v for k, v in m.state_dict().items() if "lora_" in k or k.startswith("conv_in.")}
+
+    def state():
+        return {"unet": trainable(unet), "ema_unet": trainable(ema_unet), "encoder": encoder.state_dict(),
+                "ema_encoder": ema_enc.state_dict()}
+
+    def load(ck):
+        unet.load_state_dict(ck["unet"], strict=False)
+        ema_unet.load_state_dict(ck["ema_unet"], strict=False)
+        encoder.load_state_dict(ck["encoder"])
+        ema_enc.load_state_dict(ck["ema_encoder"])
+
+    tr.preset = replace(p, ema_decay=min(p.ema_decay, VIEW_EMA))
+    try:
+        summary = tr._loop_with_ema(f"task-{TASK}", params, p.unet_seconds, VIEW_LR, step_fn, state, load, g,
+                                    [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
+    finally:
+        tr.preset = p
+    summary.update(lora_rank=LORA_RANK, null_drop=NULL_DROP, caption_drop=CAPTION_DROP,
+                   relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
+    save_view_model(ema_unet, ema_enc, tr.out)
+    return summary
+
+
+
+def view_pipeline(pipe, *, seed: int = 0):
+    """Zero-1-to-3's architecture over any text-to-image :class:`lab.Pipeline` of the SD family (its UNet, VAE,
+    text encoder, tokenizer and scheduler): the UNet with ``conv_in`` widened by the latent channels (zero),
+    and a :class:`~lab.token_encoders.CameraTokenEncoder` of the UNet's cross-attention width, started as
+    Zero-1-to-3 starts its projection. What fine-tuning starts from; on a real architecture with random
+    weights, what shows the lab's sampler drives that design (``kind == "views"``)."""
+    from ..pipeline import Pipeline
+    torch.manual_seed(seed)
+    unet = widen_conv_in(pipe.unet, pipe.unet.config.out_channels)
+    enc = CameraTokenEncoder(pipe.unet.config.cross_attention_dim, len(views.CAMERA_FEATURES),
+                             list(views.CAMERA_FEATURES)).to(pipe.device, pipe.dtype)
+    parts = {k: pipe.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    return Pipeline.from_components(unet=unet, camera_embedder=enc, name=f"{pipe.name}+views", device=pipe.device,
+                                    dtype=pipe.dtype, **parts)
+
+
+def export_view_model(src, dest) -> None:
+    """Copy a trained view model (``src/unet-views``, ``src/camera_embedder``) into the pipeline directory ``dest``
+    in fp16 (the adapter keeps its ``lora_adapter_metadata``)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    src, dest = Path(src), Path(dest)
+    (dest / f"unet-{TASK}").mkdir(parents=True, exist_ok=True)
+    for name in (LORA_FILE, PARTIAL_FILE):
+        with safe_open(str(src / f"unet-{TASK}" / name), "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
+        save_file(state, str(dest / f"unet-{TASK}" / name), metadata=meta)
+    CameraTokenEncoder.from_pretrained(src / CAMERA_EMBEDDER).to(torch.float16).save_pretrained(dest / CAMERA_EMBEDDER)

@@ -1,0 +1,215 @@
+"""Zero-1-to-3 on the shapes world through a 2D camera (issue 24): the camera, the pairs, the view model's
+conditioning plug-ins, its LoRA adapter as diffusers loads it, training, the eval's scoring, and the shipped model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lab
+from lab.conditioning import CameraToken, InputView, novel_view
+from lab.loading import BUNDLED
+from lab.shapes import evaluate_views, train, views, world
+from lab.token_encoders import LORA_FILE, PARTIAL_FILE, CameraTokenEncoder, merge_lora
+
+
+def test_the_canonical_camera_sees_the_world_as_it_renders():
+    for i in range(10):
+        ex = world.make_example(4, i)
+        image, masks = views.render_view(ex["scene"], views.Camera())
+        # the same scene; a circle is a 192-gon here, and PIL's rectangle covers its end pixel: edges may differ
+        for m, want in zip(masks, ex["masks"]):
+            assert evaluate_views.mask_iou(m, want) > 0.93, i
+        assert np.abs(image.astype(int) - ex["image"]).mean() < 1.0
+
+
+def test_relative_cameras_compose_and_invert():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = views.Camera(*rng.uniform(20, 44, 2), float(rng.uniform(0.7, 1.5)), float(rng.uniform(-1, 1)))
+        rel = views.random_change(rng)
+        b = views.apply_relative(a, rel)
+        assert np.allclose(views.relative(a, b), rel, atol=1e-5)
+        pts = rng.uniform(0, 64, (5, 2))
+        assert np.allclose(a.to_image(a.to_world(pts)), pts)
+    # a pan right by a quarter frame puts what was 16 px right of the centre at the centre
+    a = views.Camera(30, 30, 1.0, 0.0)
+    b = views.apply_relative(a, views.camera_change(dx=0.25))
+    assert np.allclose(b.to_image(a.to_world(np.array([[48.0, 32.0]]))), [[32.0, 32.0]])
+    # zoom 2 doubles distances from the centre; a camera rolled by +90 degrees sees the world turned by -90
+    z = views.apply_relative(a, views.camera_change(zoom=2.0))
+    assert np.allclose(z.to_image(a.to_world(np.array([[40.0, 32.0]]))), [[48.0, 32.0]])
+    r = views.apply_relative(a, views.camera_change(roll_degrees=90))
+    assert np.allclose(r.to_image(a.to_world(np.array([[40.0, 32.0]]))), [[32.0, 24.0]], atol=1e-6)
+    for bad in [(0.0, 0.0, 0.0, 0.0), (float("nan"), 0, 1, 0)]:
+        with pytest.raises(ValueError):
+            views.camera_change(*bad)
+    with pytest.raises(ValueError, match="5 finite numbers"):
+        views.apply_relative(a, [0.1, 0.2])
+
+
+def test_pairs_are_deterministic_show_every_object_and_roll_the_shapes():
+    a, b = views.make_pair(3, 7), views.make_pair(3, 7)
+    assert np.array_equal(a["input"], b["input"]) and np.array_equal(a["target"], b["target"])
+    assert np.allclose(a["camera"], views.relative(a["camera_in"], a["camera_out"]))
+    left = 0
+    for i in range(60):
+        p = views.make_pair(3, i)
+        for obj, m in zip(p["scene"].objects, p["input_masks"]):
+            assert m.sum() >= views.MIN_INPUT_SHARE * views.full_area(obj, p["camera_in"]) - 1
+        left += int(p["left"].any())
+    assert 0 < left < 30  # some objects leave the target frame, most stay
+    # a rolled camera turns a triangle: its apex is no longer straight above its centre
+    tri = world.Scene((world.ShapeObject("triangle", "red", "large", 32.0, 32.0),), "gray")
+    for roll, centred in ((0.0, True), (40.0, False)):
+        _, (m,) = views.render_view(tri, views.Camera(roll=math.radians(roll)))
+        top = np.nonzero(m.any(1))[0].min()
+        apex_x = np.nonzero(m[top])[0].mean()  # the top row's pixels: the apex when upright
+        assert (abs(apex_x - 31.5) < 2) == centred, (roll, apex_x)
+
+
+def test_warp_moves_the_pixels_it_has_and_the_identity_keeps_them():
+    p = views.make_pair(1, 2)
+    same = views.warp(p["input"], p["camera_in"], p["camera_in"])
+    assert np.abs(same.astype(int) - p["input"]).max() <= 1
+    w = views.warp(p["input"], p["camera_in"], p["camera_out"])
+    # where the input saw an object whole, its warp lands on the target's object
+    ious = [evaluate_views.mask_iou(
+        views.warp(m.astype(np.uint8) * 255, p["camera_in"], p["camera_out"], background=0) >= 128, t)
+        for m, t in zip(p["input_masks"], p["target_masks"]) if t.sum() > 50 and m.sum() > 50]
+    assert w.shape == (64, 64, 3) and all(iou > 0.5 for iou in ious)
+
+
+def test_camera_token_starts_as_the_context_mean_and_reads_the_camera_after_training():
+    enc = CameraTokenEncoder(16, 5)
+    ctx = torch.randn(3, 7, 16)
+    out = enc(ctx, torch.randn(3, 5))
+    assert out.shape == (3, 8, 16)
+    assert torch.allclose(out[:, :7], ctx) and torch.allclose(out[:, 7], ctx.mean(1), atol=1e-6)
+    with torch.no_grad():
+        enc.proj.weight[:, 16:].normal_()
+    a, b = enc(ctx, torch.zeros(3, 5)), enc(ctx, torch.ones(3, 5))
+    assert not torch.allclose(a[:, 7], b[:, 7])
+
+
+@pytest.fixture(scope="module")
+def smoke_views(tmp_path_factory):
+    """A view model trained for 3 steps (smoke preset) over the bundled text model, with its pipeline folder."""
+    import shutil
+    root = tmp_path_factory.mktemp("views")
+    rows = train.train("task-views", root / "work", preset="smoke", base=BUNDLED["shapes"], progress=False)
+    pipe_dir = root / "pipe"
+    shutil.copytree(BUNDLED["shapes"], pipe_dir, ignore=shutil.ignore_patterns("controlnet-*", "unet-*"))
+    for name in ("unet-views", "camera_embedder"):
+        shutil.copytree(root / "work" / name, pipe_dir / name)
+    return rows[0], pipe_dir
+
+
+def test_training_writes_an_adapter_that_diffusers_loads_as_the_lab_merges_it(smoke_views):
+    from diffusers import UNet2DConditionModel
+    from lab.token_encoders import load_partial
+    row, pipe_dir = smoke_views
+    assert row["stage"] == "task-views" and row["steps"] == 3 and row["lora_rank"] == 8
+    folder = pipe_dir / "unet-views"
+    assert (folder / LORA_FILE).exists() and (folder / PARTIAL_FILE).exists()
+    # give the adapter weight (3 steps leave LoRA's B near zero): the merge must be the same computation
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(folder / LORA_FILE), "pt") as f:
+        meta = f.metadata()
+        state = {k: (f.get_tensor(k) + 0.05 * torch.randn_like(f.get_tensor(k)) if "lora_B" in k else f.get_tensor(k))
+                 for k in f.keys()}
+    save_file(state, str(folder / LORA_FILE), metadata=meta)
+    ours = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    load_partial(ours, folder / PARTIAL_FILE)
+    assert ours.config.in_channels == 8
+    assert merge_lora(ours, folder / LORA_FILE) == len({k.rsplit(".lora_", 1)[0] for k in state})
+    theirs = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    load_partial(theirs, folder / PARTIAL_FILE)
+    theirs.load_lora_adapter(str(folder), weight_name=LORA_FILE, adapter_name="views", prefix=None)
+    x, t, ctx = torch.randn(2, 8, 16, 16), torch.tensor([500, 20]), torch.randn(2, 33, 128)
+    with torch.no_grad():
+        a, b = ours(x, t, ctx).sample, theirs(x, t, ctx).sample
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    with pytest.raises(ValueError, match="not a LoRA adapter"):
+        merge_lora(ours, folder / PARTIAL_FILE)
+
+
+def test_view_model_samples_with_recording_and_refuses_bad_conditioning(smoke_views):
+    _, pipe_dir = smoke_views
+    pipe = lab.load(pipe_dir, task="views")
+    assert pipe.kind == "views" and pipe.unet.config.in_channels == 8
+    p = views.make_pair(evaluate_views.EVAL_SEED, 0)
+    rec = lab.AttentionRecorder(kind="cross", heads="mean", half="cond")
+    run = pipe.sampler([p["caption"], ""], steps=3, guidance=3.0, seed=0, progress=False, recorders=[rec],
+                       conditioning=novel_view([p["input"], p["input"]], np.stack([p["camera"]] * 2))).run()
+    assert len(run.images) == 2
+    cross = run.attention["16x16"].ds
+    assert cross.sizes["token"] == 33 and str(cross["word"].values[0, -1]) == "<camera>"
+    with pytest.raises(ValueError, match="novel_view"):
+        pipe.sampler(p["caption"], steps=2, conditioning=[InputView(p["input"])])
+    with pytest.raises(ValueError, match="5 finite numbers"):
+        CameraToken([0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="RGB uint8"):
+        pipe.sampler(p["caption"], steps=2, conditioning=novel_view(p["input"].astype(np.float32), p["camera"]))
+    with pytest.raises(ValueError, match="the input view is 32x32"):
+        pipe.sampler(p["caption"], steps=2, conditioning=novel_view(p["input"][:32, :32], p["camera"]))
+    with pytest.raises(ValueError, match="cameras for 3 prompts"):
+        pipe.sampler(["a", "b", "c"], steps=2, conditioning=novel_view(p["input"], np.stack([p["camera"]] * 2)))
+    text = lab.load("shapes")
+    with pytest.raises(ValueError, match="camera_embedder"):
+        text.sampler("a red circle", steps=2, conditioning=[CameraToken(p["camera"])])
+
+
+def test_scoring_a_view_against_its_target():
+    p = next(q for q in (views.make_pair(evaluate_views.EVAL_SEED, i) for i in range(100)) if q["left"].any())
+    truth = evaluate_views.score_view(p["target"], p)
+    inside = [r for r in truth if r["status"] == "in"]
+    assert inside and all(r["found"] and r["iou"] > 0.9 and r["center_error"] < 0.5 for r in inside)
+    assert all(r["absent"] for r in truth if r["status"] == "left")
+    blank = np.full_like(p["target"], world.BACKGROUNDS[p["scene"].background])
+    s = evaluate_views.summarise(evaluate_views.score_view(blank, p))
+    assert s["view_iou"] == 0.0 and s["view_found"] == 0.0 and s["view_left_frame_absent"] == 1.0
+
+
+def test_on_sd15s_architecture_the_sampler_is_zero123s_loop():
+    """Zero-1-to-3's design over SD 1.5's architecture (random weights, channels / 8): the lab's sampler with
+    ``novel_view`` computes what a hand-written loop does (input latents concatenated, zeros in the
+    unconditional half; the camera token after the prompt's states, the null camera there; CFG; DDIM)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lab.architectures import random_pipeline
+    from lab.schedulers import make_scheduler
+    from lab.shapes.view_model import view_pipeline
+    vp = view_pipeline(random_pipeline("sd15", width=8, layers=2, seed=0))
+    assert vp.kind == "views" and vp.unet.config.in_channels == 8
+    with torch.no_grad():  # weight on the new inputs, so that both conditions matter
+        vp.unet.conv_in.weight[:, 4:].normal_(0, 0.05)
+        vp.components["camera_embedder"].proj.weight[:, -5:].normal_(0, 0.5)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    cam = views.camera_change(0.1, -0.05, 1.2, 15)
+    prompt, w, steps = "a red circle", 3.0, 4
+    got = vp.sampler(prompt, steps=steps, guidance=w, seed=4, height=128, width=128, scheduler="ddim", progress=False,
+                     conditioning=novel_view(image, cam)).run().final_latents
+    sched = make_scheduler("ddim", vp.scheduler.config)
+    sched.set_timesteps(steps)
+    with torch.no_grad():
+        pe, npe = vp.diffusers.encode_prompt(prompt, "cpu", 1, True, None)
+        cams = torch.stack([torch.zeros(5), torch.from_numpy(cam)])
+        ctx = vp.components["camera_embedder"](torch.cat([npe, pe]), cams)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        zc = vp.vae.encode(x).latent_dist.mean * vp.vae.config.scaling_factor
+        cc = torch.cat([torch.zeros_like(zc), zc])
+        lat = randn_tensor((1, 4, 16, 16), generator=torch.Generator().manual_seed(4)) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([lat] * 2), t)
+            eps_u, eps_c = vp.unet(torch.cat([inp, cc], 1), t, encoder_hidden_states=ctx).sample.chunk(2)
+            lat = sched.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
+    assert torch.allclose(got, lat, atol=1e-5), (got - lat).abs().max()
+    # and the camera matters: another camera, another sample
+    other = vp.sampler(prompt, steps=steps, guidance=w, seed=4, height=128, width=128, scheduler="ddim", progress=False,
+                       conditioning=novel_view(image, views.camera_change(-0.2, 0.1, 0.8, -30))).run().final_latents
+    assert (other - got).abs().max() > 1e-3
