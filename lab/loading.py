@@ -193,8 +193,9 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
     ``controlnet``: a kind of the bundled model (``"scribble"``, ``"segmentation"``, ``"edges"``, ``"pose"``,
     ``"depth"``), a ControlNet directory or repo id, a ``ControlNetModel``, or a list/dict of those.
     ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
-    shapes model's ``"segmap"``, ``"class"``, ..., :mod:`lab.shapes.tasks`): its UNet with the directory's other
-    components (and an upscaler's ``low_res_scheduler`` folder, a class or layout model's token encoder).
+    shapes model's ``"segmap"``, ``"class"``, ..., :mod:`lab.shapes.tasks`; ``"views"``, the Zero-1-to-3 view model,
+    :mod:`lab.shapes.view_model`): its UNet with the directory's other components (and an upscaler's
+    ``low_res_scheduler`` folder, a class or layout model's token encoder, the view model's ``camera_embedder``).
     """
     from diffusers import DiffusionPipeline
 

@@ -130,12 +130,13 @@ class CameraTokenEncoder(ModelMixin, ConfigMixin):
     to (the caption's states: what our model has of "the image's embedding") beside the camera's ``features``
     numbers (:data:`lab.shapes.views.CAMERA_FEATURES`): ``token = W [mean(context); camera] + b``, ``W`` started
     as ``[I | 0]``. The null camera (guidance: both conditions dropped) is all zeros, which no real change is
-    (its roll cosine would be 0 with sine 0)."""
+    (its roll cosine would be 0 with sine 0). ``coordinates``: the model's UNet also takes the latent grid's x and
+    y as two more input channels (:func:`coordinate_channels`), after the input view's."""
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, dim: int = 128, features: int = 5, feature_names: tuple = ()):
+    def __init__(self, dim: int = 128, features: int = 5, feature_names: tuple = (), coordinates: bool = False):
         super().__init__()
         self.proj = torch.nn.Linear(dim + features, dim)
         with torch.no_grad():

@@ -101,7 +101,7 @@ def smoke_views(tmp_path_factory):
     root = tmp_path_factory.mktemp("views")
     rows = train.train("task-views", root / "work", preset="smoke", base=BUNDLED["shapes"], progress=False)
     pipe_dir = root / "pipe"
-    shutil.copytree(BUNDLED["shapes"], pipe_dir, ignore=shutil.ignore_patterns("controlnet-*", "unet-*"))
+    shutil.copytree(BUNDLED["shapes"], pipe_dir, ignore=shutil.ignore_patterns("controlnet-*", "unet-*", "camera_embedder"))
     for name in ("unet-views", "camera_embedder"):
         shutil.copytree(root / "work" / name, pipe_dir / name)
     return rows[0], pipe_dir
@@ -213,3 +213,27 @@ def test_on_sd15s_architecture_the_sampler_is_zero123s_loop():
     other = vp.sampler(prompt, steps=steps, guidance=w, seed=4, height=128, width=128, scheduler="ddim", progress=False,
                        conditioning=novel_view(image, views.camera_change(-0.2, 0.1, 0.8, -30))).run().final_latents
     assert (other - got).abs().max() > 1e-3
+
+
+def test_the_shipped_view_model_is_its_adapter_and_reads_its_input_view():
+    """The bundled view model (its eval numbers are in docs/results/eval-views.json, and they fail issue 24's
+    bars): the adapter it ships is what its training record says, and the input view reaches the samples (another
+    input view, same caption and seed, changes them). That the camera reaches the UNet is checked on SD 1.5's
+    architecture above; that this model learned to use it is what the eval measures (it did not: notebook 12)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    pipe = lab.load("shapes", task="views")
+    rec = json.loads((BUNDLED["shapes"] / "unet-views" / "lab_training.json").read_text())
+    assert pipe.kind == "views" and rec["lora_rank"] == 8 and rec["steps"] > 100
+    assert pipe.unet.config.in_channels == 8 + 2 * bool(rec.get("coordinates"))
+    text = UNet2DConditionModel.from_pretrained(BUNDLED["shapes"] / "unet")
+    ours = dict(pipe.unet.named_parameters())
+    moved = {n for n, q in text.named_parameters() if n in ours and not torch.equal(q, ours[n].to(q.dtype))}
+    assert any(".attn1.to_q." in n for n in moved) and any(".resnets.0.conv1." in n for n in moved)
+    assert not any(n.startswith("time_embedding.") or ".norm" in n for n in moved)  # no LoRA there
+    a, b = views.make_pair(evaluate_views.EVAL_SEED, 0), views.make_pair(evaluate_views.EVAL_SEED, 1)
+    kw = dict(steps=10, guidance=3.0, seed=0, progress=False)
+    base = pipe.sampler(a["caption"], conditioning=novel_view(a["input"], a["camera"]), **kw).run().final_latents
+    other_view = pipe.sampler(a["caption"], conditioning=novel_view(b["input"], a["camera"]), **kw).run().final_latents
+    assert (base - other_view).abs().mean() > 0.02

@@ -83,6 +83,8 @@ def plugins(pipe, *, prompt, negative_prompt, prompt_2, negative_prompt_2, batch
     out += extra
     if pipe.kind == "layout" and pipe.components["layout_embedder"].config.get("coordinates", False):
         out.append(Coordinates())  # the model reads where each latent position is beside the latents
+    if pipe.kind == "views" and pipe.components["camera_embedder"].config.get("coordinates", False):
+        out.append(Coordinates())  # after the input view's channels, as the view model trained
     nets = [ControlNet(c) for c in normalise_controls(control, pipe)]
     for p in nets:  # the condition images are checked now, before the text encoder runs
         p.condition(height, width)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..token_encoders import LORA_FILE, PARTIAL_FILE, CameraTokenEncoder
+from ..token_encoders import COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder, coordinate_channels
 from . import configs, views
 from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
 
@@ -47,12 +48,13 @@ CAMERA_EMBEDDER = "camera_embedder"
 TASK = "views"
 
 
-def view_unet(base_unet, rank: int = LORA_RANK):
-    """The text UNet made a view model for training: ``conv_in`` widened by 4 zero channels (split so the new
-    ones learn at their own rate, :class:`lab.shapes.tasks.SplitConvIn`), a LoRA adapter of ``rank`` on
-    :data:`LORA_TARGETS`, every other weight frozen."""
+def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False):
+    """The text UNet made a view model for training: ``conv_in`` widened by 4 zero channels (and 2 for the
+    coordinate channels with ``coordinates``; split so the new ones learn at their own rate,
+    :class:`lab.shapes.tasks.SplitConvIn`), a LoRA adapter of ``rank`` on :data:`LORA_TARGETS`, every other
+    weight frozen."""
     from peft import LoraConfig
-    unet = widen_conv_in(base_unet, base_unet.config.out_channels)
+    unet = widen_conv_in(base_unet, base_unet.config.out_channels + (COORD_CHANNELS if coordinates else 0))
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
                      adapter_name=ADAPTER)
@@ -96,7 +98,7 @@ def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024) -> tuple[torch
     return torch.cat(means), torch.cat(stds)
 
 
-def train_views(tr) -> dict:
+def train_views(tr, coordinates: bool = False) -> dict:
     """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
     ``unet_seconds``; batch: its ``unet_batch``) from its text model (``base``): EMA weights to
     ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16)."""
@@ -136,9 +138,10 @@ def train_views(tr) -> dict:
     empty = tr._token_ids([""])[0]
     del d
     base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(dev)
-    unet = view_unet(base).train()
+    unet = view_unet(base, coordinates=coordinates).train()
     encoder = CameraTokenEncoder(base.config.cross_attention_dim, len(views.CAMERA_FEATURES),
-                                 list(views.CAMERA_FEATURES)).to(dev)
+                                 list(views.CAMERA_FEATURES), coordinates).to(dev)
+    coords = [coordinate_channels(1, configs.LATENT_SIZE, configs.LATENT_SIZE, device=dev)] if coordinates else []
     del base
     lora = [q for n, q in unet.named_parameters() if "lora_" in n]
     params = [{"params": lora + [unet.conv_in.old_weight, unet.conv_in.bias]},
@@ -166,7 +169,8 @@ def train_views(tr) -> dict:
         with torch.no_grad(), _autocast(dev):
             states = text(tok).last_hidden_state
         with _autocast(dev):
-            pred = unet(torch.cat([zt, view], 1), t, encoder_hidden_states=encoder(states, cam)).sample
+            x = torch.cat([zt, view, *(c.expand(len(idx), -1, -1, -1) for c in coords)], 1)
+            pred = unet(x, t, encoder_hidden_states=encoder(states, cam)).sample
         return F.mse_loss(pred.float(), eps), {}
 
     def trainable(m):
@@ -188,8 +192,9 @@ def train_views(tr) -> dict:
                                     [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
     finally:
         tr.preset = p
-    summary.update(lora_rank=LORA_RANK, null_drop=NULL_DROP, caption_drop=CAPTION_DROP,
+    summary.update(lora_rank=LORA_RANK, null_drop=NULL_DROP, caption_drop=CAPTION_DROP, coordinates=coordinates,
                    relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
+    (tr.out / "logs" / f"task-{TASK}.summary.json").write_text(json.dumps(summary, indent=2))  # with these keys
     save_view_model(ema_unet, ema_enc, tr.out)
     return summary
 
