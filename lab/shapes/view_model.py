@@ -15,7 +15,7 @@ What Zero-1-to-3 changes in Stable Diffusion, and what this model changes in the
 
 The fine-tune is a LoRA adapter (rank :data:`LORA_RANK` on every convolution and attention projection of the
 UNet but ``conv_in``/``conv_out``; peft, as diffusers trains LoRA) with ``conv_in`` trained whole: the bundled
-weights' budget (64 MB for every model) leaves about 1.4 MB, and the adapter is 0.93 MB in fp16. It ships as
+weights' budget (64 MB for every model) left about 1.4 MB, and the adapter is 0.96 MB in fp16. It ships as
 ``unet-views/pytorch_lora_weights.safetensors`` (diffusers' ``save_lora_adapter`` format) beside
 ``unet-views/unet_partial.safetensors`` (the widened ``conv_in``) and ``camera_embedder/``.
 ``lab.load("shapes", task="views")`` merges the adapter into the text UNet's weights (:func:`lab.token_encoders.merge_lora`).

@@ -3,7 +3,8 @@
 Our world is flat, so the camera is a 2D one: a scene lives in world coordinates (pixels of the canonical
 64x64 frame, objects as :class:`lab.shapes.world.ShapeObject`), and a :class:`Camera` looks at it from a centre,
 with a zoom (image pixels per world pixel) and a roll (radians; the image turns the other way, so triangles and
-squares come out rotated). ``Camera(32, 32, 1, 0)`` renders exactly what :func:`lab.shapes.world.render` does.
+squares come out rotated). ``Camera(32, 32, 1, 0)`` renders what :func:`lab.shapes.world.render` does, to within
+edge pixels (circles are 192-gons here).
 
 A training or eval pair (:func:`make_pair`) is a scene, an input camera and a target camera: every object is
 at least :data:`MIN_INPUT_SHARE` in the input view (what the input does not show, nothing could predict), and
