@@ -232,6 +232,9 @@ class Trainer:
         return _autocast(self.device)
 
     forward_process = staticmethod(_forward_process)
+    # for stages defined outside this module (lab.shapes.view_model), which do not import it
+    encoding_cache = staticmethod(_encoding_cache)
+    save_ckpt = staticmethod(_save_ckpt)
 
     def tokenizer(self):
         from transformers import CLIPTokenizer

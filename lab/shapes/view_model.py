@@ -105,7 +105,6 @@ def train_views(tr, coordinates: bool = False) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .train import _autocast, _encoding_cache, _forward_process, _save_ckpt
     p = tr.preset
     dev = tr.device
     t0 = time.time()
@@ -115,7 +114,7 @@ def train_views(tr, coordinates: bool = False) -> dict:
     scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(dev).eval().requires_grad_(False)
     t0 = time.time()
-    cache = _encoding_cache(vae_dir, p.n_train, tr.seed, dev)
+    cache = tr.encoding_cache(vae_dir, p.n_train, tr.seed, dev)
     if cache is not None:  # the pairs' encoding, keyed as the world's is, and by this module and views.py
         h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
         cache = cache.with_name(f"views-{h}-{cache.name}")
@@ -128,7 +127,7 @@ def train_views(tr, coordinates: bool = False) -> dict:
         out_mean, out_std = encode_views(vae, torch.from_numpy(d["target"]).to(dev))
         print(f"[views] encoded {2 * p.n_train} views in {time.time() - t0:.1f}s", flush=True)
         if cache is not None:
-            _save_ckpt(cache, {"in_mean": in_mean.cpu(), "out_mean": out_mean.cpu(), "out_std": out_std.cpu()})
+            tr.save_ckpt(cache, {"in_mean": in_mean.cpu(), "out_mean": out_mean.cpu(), "out_std": out_std.cpu()})
     del vae
     cond_latents = (in_mean * scale).contiguous()
     cameras = torch.from_numpy(d["camera"]).to(dev)
@@ -165,10 +164,10 @@ def train_views(tr, coordinates: bool = False) -> dict:
         tok[u < NULL_DROP + CAPTION_DROP] = empty
         view = torch.where(null[:, None, None, None], 0.0, cond_latents[idx])
         cam = torch.where(null[:, None], null_camera, cameras[idx])
-        zt, t, eps = _forward_process(z0.contiguous(), abar, g)
-        with torch.no_grad(), _autocast(dev):
+        zt, t, eps = tr.forward_process(z0.contiguous(), abar, g)
+        with torch.no_grad(), tr.autocast():
             states = text(tok).last_hidden_state
-        with _autocast(dev):
+        with tr.autocast():
             x = torch.cat([zt, view, *(c.expand(len(idx), -1, -1, -1) for c in coords)], 1)
             pred = unet(x, t, encoder_hidden_states=encoder(states, cam)).sample
         return F.mse_loss(pred.float(), eps), {}
