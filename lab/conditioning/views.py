@@ -79,7 +79,7 @@ class CameraToken(Conditioning):
                              f"one row of them per prompt; got shape {tuple(c.shape)}")
         self.camera = c
         self.tokens: dict | None = None
-        self._cams = self._enc = None
+        self._cams = self._enc = self._ctx = None
 
     def setup(self, s: Setup) -> None:
         from .text import token_table
@@ -102,11 +102,13 @@ class CameraToken(Conditioning):
             row["words"].append("<camera>")
         table["n_tokens"] += 1
         self.tokens = table
-        self._enc = enc
+        self._enc, self._ctx = enc, None
 
     def apply(self, x: UNetInputs, step: StepInfo) -> None:
-        states = x.encoder_hidden_states  # the text's (Text applies first)
-        x.encoder_hidden_states = self._enc(states, self._cams.to(states.dtype))
+        states = x.encoder_hidden_states  # the text's (Text applies first): the same tensor every step
+        if self._ctx is None or self._ctx[0] is not states:  # the token once per context, not once per step
+            self._ctx = (states, self._enc(states, self._cams.to(states.dtype)))
+        x.encoder_hidden_states = self._ctx[1]
 
     def describe(self) -> dict:
         return {**super().describe(), "camera": [[round(float(v), 5) for v in row] for row in self.camera]}
