@@ -147,14 +147,20 @@ def quiet_libraries():
 
 def _task_unet(path: Path, task: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
-    from .token_encoders import LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora
+    from .token_encoders import ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora
     sub = path / f"unet-{task}"
     if (sub / PARTIAL_FILE).exists():
         # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
+        base = "unet"
+        if (sub / ADAPTER_FILE).exists():  # an adapter over another task model (the view model's: the inpainting UNet)
+            base = json.loads((sub / ADAPTER_FILE).read_text()).get("base", base)
+            if not (path / base / "config.json").exists():
+                raise IncompleteModel(f"the {task!r} model is an adapter over {path / base}, which is missing",
+                                      [str(path / base)])
         with quiet_libraries():
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(path / base, dtype=dtype)
         load_partial(unet, sub / PARTIAL_FILE)
-        if (sub / LORA_FILE).exists():  # a LoRA adapter over the text UNet (the view model's), merged in
+        if (sub / LORA_FILE).exists():  # a LoRA adapter (the view model's), merged in
             merge_lora(unet, sub / LORA_FILE)
         out = {"unet": unet}
         name = {"views": "camera_embedder"}.get(task, f"{task}_embedder")

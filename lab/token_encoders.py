@@ -15,7 +15,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 PARTIAL_FILE = "unet_partial.safetensors"  # unet-TASK/: the UNet weights a fine-tune changed, by the UNet's names
-LORA_FILE = "pytorch_lora_weights.safetensors"  # unet-TASK/: a LoRA adapter over the text UNet (diffusers' name)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # unet-TASK/: a LoRA adapter over the base UNet (diffusers' name)
+ADAPTER_FILE = "lab_adapter.json"  # unet-TASK/: {"base": the UNet folder the weights go over; "unet" when absent}
 
 
 def _states(text_encoder, tokenizer, texts) -> torch.Tensor:

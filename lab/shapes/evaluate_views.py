@@ -1,7 +1,8 @@
 """``python -m lab eval views``: the view model (:mod:`lab.shapes.view_model`) on held-out camera changes, scored
 by the world's oracle (:func:`lab.shapes.evaluator.detect`) against the ground-truth render of the target view.
 
-Pairs: :func:`lab.shapes.views.make_pair` with seed :data:`EVAL_SEED` (training used seed 0: new scenes, new
+The model is either layout of :mod:`lab.conditioning.views` (``layout`` in the results). Pairs:
+:func:`lab.shapes.views.make_pair` with seed :data:`EVAL_SEED` (training used seed 0: new scenes, new
 input cameras, new camera changes, drawn from the training ranges). Each target view is sampled from the input
 view, the relative camera and the scene's caption (DDIM, ``steps``, guidance ``w`` against both conditions
 dropped). An object of the target counts where the ground truth shows at least :data:`MIN_PIXELS` of it (the
@@ -118,7 +119,8 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
     for p in pairs:
         copy_rows += score_view(p["input"], p)
         warp_rows += score_view(views.warp(p["input"], p["camera_in"], p["camera_out"]), p)
-    res: dict = {"n": n, "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed,
+    from ..conditioning.views import input_layout
+    res: dict = {"n": n, "layout": input_layout(pipe.unet, pipe.vae), "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed,
                  "eval_seed": EVAL_SEED, "relative_range": {k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()}}
     for caption, suffix in ((True, ""), (False, "_no_caption")):
         t1 = time.time()

@@ -52,7 +52,7 @@ from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
 # the task table's models (lab.shapes.tasks) and the view model (lab.shapes.view_model), on the text model's UNet
-TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views", "task-views-coords")
+TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views", "task-views-zero123", "task-views-coords")
 
 
 @dataclass(frozen=True)
@@ -1069,9 +1069,10 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_preview())
         elif s == "unet":
             out_rows.append(tr.train_unet())
-        elif s in ("task-views", "task-views-coords"):  # Zero-1-to-3 through a camera (lab.shapes.view_model)
-            from .view_model import train_views
-            out_rows.append(train_views(tr, coordinates=s.endswith("-coords")))
+        elif s.startswith("task-views"):  # Zero-1-to-3 through a camera (lab.shapes.view_model)
+            from .view_model import train_views  # views: the warped layout; -zero123, -coords: the view layout
+            out_rows.append(train_views(tr, coordinates=s.endswith("-coords"),
+                                        layout="warped" if s == "task-views" else "view"))
         elif s in TASK_STAGES:
             out_rows.append(tr.train_task(s.removeprefix("task-")))
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"

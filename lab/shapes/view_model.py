@@ -1,24 +1,37 @@
 """The view model (issue 24): Zero-1-to-3's recipe on the shapes world through a camera (:mod:`lab.shapes.views`).
 
-What Zero-1-to-3 changes in Stable Diffusion, and what this model changes in the shapes text model:
+What Zero-1-to-3 changes in Stable Diffusion, and what this model changes in a shapes UNet:
 
-* **the input view by concatenation**: the UNet takes 8 channels, ``[z_t, E(input view)]`` (the input's VAE
-  posterior mean, scaled as the latents are); ``conv_in``'s 4 new channels start at zero, so the model starts as
-  the text model (:func:`lab.shapes.tasks.widen_conv_in`) and learns them at :data:`NEW_LR_MULT` times the rate;
+* **the input view by concatenation**, in one of two layouts (:mod:`lab.conditioning.views`):
+
+  - ``"view"`` (Zero-1-to-3's own; ``--task views-zero123``): the text UNet takes 8 channels, ``[z_t, E(input
+    view)]`` (the input's VAE posterior mean, scaled as the latents are); ``conv_in``'s 4 new channels start at
+    zero, so the model starts as the text model (:func:`lab.shapes.tasks.widen_conv_in`) and learns them at
+    :data:`NEW_LR_MULT` times the rate. The camera's geometry must be learned from the camera token alone;
+    trained on 2 CPU cores for an hour, it was not (the model ignored the camera: README, notebook 12);
+  - ``"warped"`` (the shipped one; ``--task views``): the input view moved to the target camera with the pixels
+    it has (the similarity transform the relative camera defines, :func:`lab.conditioning.views.warp_views`)
+    and the mask of what it did not see, in SD's inpainting layout ``[z_t, mask, E(warped view)]``, fine-tuned
+    from the shapes inpainting UNet (:mod:`lab.shapes.tasks`). The camera reaches the UNet through the warp;
+    the model learns what a warp cannot give (objects the input's frame cut off, made whole; the caption's
+    objects that left the frame, left out) -- generative warping, as GenWarp and warp-then-inpaint methods do;
+
 * **the camera by cross-attention**: the relative camera's five numbers (:data:`lab.shapes.views.CAMERA_FEATURES`)
   and the mean of the caption's states through a linear map started as ``[I | 0]`` make one more token after
   the caption's (:class:`lab.token_encoders.CameraTokenEncoder`: Zero-1-to-3's ``cc_projection`` with the
   caption standing in for the CLIP image embedding we do not have);
-* **guidance by dropping both**: one time in ten in training the input view is all zeros and the context is the
-  empty caption's with the null camera (zeros); at sampling the unconditional half gets that. Two times in ten
-  only the caption is dropped, so the model also works from the image and the camera alone (``prompt=""``).
+* **guidance by dropping both**: one time in ten in training the input view is the view of nothing seen (zero
+  latents; in the warped layout the all-ones mask and the blank image's latents) and the context is the empty
+  caption's with the null camera (zeros); at sampling the unconditional half gets that. Two times in ten only
+  the caption is dropped, so the model also works from the image and the camera alone (``prompt=""``).
 
 The fine-tune is a LoRA adapter (rank :data:`LORA_RANK` on every convolution and attention projection of the
 UNet but ``conv_in``/``conv_out``; peft, as diffusers trains LoRA) with ``conv_in`` trained whole: the bundled
 weights' budget (64 MB for every model) left about 1.4 MB, and the adapter is 0.96 MB in fp16. It ships as
 ``unet-views/pytorch_lora_weights.safetensors`` (diffusers' ``save_lora_adapter`` format) beside
-``unet-views/unet_partial.safetensors`` (the widened ``conv_in``) and ``camera_embedder/``.
-``lab.load("shapes", task="views")`` merges the adapter into the text UNet's weights (:func:`lab.token_encoders.merge_lora`).
+``unet-views/unet_partial.safetensors`` (``conv_in``), ``unet-views/lab_adapter.json`` (the UNet folder they go
+over) and ``camera_embedder/``. ``lab.load("shapes", task="views")`` merges the adapter into that UNet's weights
+(:func:`lab.token_encoders.merge_lora`).
 """
 from __future__ import annotations
 
@@ -32,7 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..token_encoders import COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder, coordinate_channels
+from ..conditioning.views import nothing_seen, warp_views
+from ..token_encoders import (ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder,
+                              coordinate_channels)
 from . import configs, views
 from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
 
@@ -46,14 +61,25 @@ CAPTION_DROP = 0.2  # training: the caption alone dropped (image and camera only
 VIEW_EMA = 0.995  # EMA decay: a window of ~200 steps (the preset's 0.999 averages over most of a CPU run)
 CAMERA_EMBEDDER = "camera_embedder"
 TASK = "views"
+#: the two input layouts (:func:`lab.conditioning.views.input_layout`) and the UNet each starts from
+LAYOUT_BASE = {"warped": "unet-inpaint", "view": "unet"}
 
 
-def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False):
-    """The text UNet made a view model for training: ``conv_in`` widened by 4 zero channels (and 2 for the
-    coordinate channels with ``coordinates``; split so the new ones learn at their own rate,
-    :class:`lab.shapes.tasks.SplitConvIn`), a LoRA adapter of ``rank`` on :data:`LORA_TARGETS`, every other
-    weight frozen."""
+def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False, layout: str = "view"):
+    """A UNet made a view model for training, a LoRA adapter of ``rank`` on :data:`LORA_TARGETS` and ``conv_in``
+    trained whole, every other weight frozen. Layout ``"view"`` (from the text UNet): ``conv_in`` widened by 4
+    zero channels (and 2 for the coordinate channels with ``coordinates``; split so the new ones learn at their
+    own rate, :class:`lab.shapes.tasks.SplitConvIn`). Layout ``"warped"`` (from the inpainting UNet, whose
+    9 channels it keeps)."""
     from peft import LoraConfig
+    if layout == "warped":
+        if coordinates:
+            raise ValueError("coordinate channels go with the 'view' layout")
+        base_unet.requires_grad_(False)
+        base_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                         target_modules=LORA_TARGETS), adapter_name=ADAPTER)
+        base_unet.conv_in.requires_grad_(True)
+        return base_unet
     unet = widen_conv_in(base_unet, base_unet.config.out_channels + (COORD_CHANNELS if coordinates else 0))
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
@@ -63,8 +89,9 @@ def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False):
     return unet
 
 
-def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32) -> None:
-    """``out/unet-views/`` (the LoRA adapter and the widened ``conv_in``) and ``out/camera_embedder/``."""
+def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32, base: str = "unet") -> None:
+    """``out/unet-views/`` (the LoRA adapter, ``conv_in``, and :data:`ADAPTER_FILE` naming the ``base`` UNet
+    folder they go over) and ``out/camera_embedder/``."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -79,6 +106,7 @@ def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32)
     unet.conv_in = conv  # save_lora_adapter reads the peft state only; conv_in is not part of it
     unet.save_lora_adapter(folder, adapter_name=ADAPTER, weight_name=LORA_FILE)
     unet.conv_in = keep
+    (folder / ADAPTER_FILE).write_text(json.dumps({"base": base}) + "\n")
     if dtype != torch.float32:
         with safe_open(str(folder / LORA_FILE), "pt") as f:
             meta, state = f.metadata(), {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
@@ -98,10 +126,26 @@ def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024) -> tuple[torch
     return torch.cat(means), torch.cat(stds)
 
 
-def train_views(tr, coordinates: bool = False) -> dict:
+def encode_warped(vae, images_u8: torch.Tensor, cameras: torch.Tensor, batch: int = 1024,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The warped layout's inputs for ``uint8 [n, H, W, 3]`` views and relative cameras ``[n, 5]``: the unseen
+    mask at the latent size and the VAE posterior mean and std (unscaled) of the warped views
+    (:func:`lab.conditioning.views.warp_views`)."""
+    masks, means, stds = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch):
+            warped, unseen = warp_views(float_images(images_u8[i:i + batch]), cameras[i:i + batch])
+            post = vae.encode(warped).latent_dist
+            means.append(post.mean.float())
+            stds.append(post.std.float())
+            masks.append(F.interpolate(unseen, size=post.mean.shape[-2:]))
+    return torch.cat(masks), torch.cat(means), torch.cat(stds)
+
+
+def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
-    ``unet_seconds``; batch: its ``unet_batch``) from its text model (``base``): EMA weights to
-    ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16)."""
+    ``unet_seconds``; batch: its ``unet_batch``) from its base's UNet for ``layout`` (:data:`LAYOUT_BASE`): EMA
+    weights to ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -114,38 +158,57 @@ def train_views(tr, coordinates: bool = False) -> dict:
     scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(dev).eval().requires_grad_(False)
     t0 = time.time()
+    cameras = torch.from_numpy(d["camera"]).to(dev)
     cache = tr.encoding_cache(vae_dir, p.n_train, tr.seed, dev)
-    if cache is not None:  # the pairs' encoding, keyed as the world's is, and by this module and views.py
-        h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
-        cache = cache.with_name(f"views-{h}-{cache.name}")
+    if cache is not None:  # the pairs' encoding, keyed as the world's is, by the layout, and by the code
+        from ..conditioning import views as cviews
+        h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(__file__).read_bytes()
+                           + Path(cviews.__file__).read_bytes()).hexdigest()[:12]
+        cache = cache.with_name(f"views-{layout}-{h}-{cache.name}")
     if cache is not None and cache.exists():
         ck = torch.load(cache, map_location=dev)
-        in_mean, out_mean, out_std = ck["in_mean"], ck["out_mean"], ck["out_std"]
         print(f"[views] {2 * p.n_train} views' encoding from {cache}", flush=True)
     else:
-        in_mean, _ = encode_views(vae, torch.from_numpy(d["input"]).to(dev))
+        if layout == "warped":
+            in_mask, in_mean, in_std = encode_warped(vae, torch.from_numpy(d["input"]).to(dev), cameras)
+            ck = {"in_mask": in_mask.cpu(), "in_mean": in_mean.cpu(), "in_std": in_std.cpu()}
+        else:
+            in_mean, _ = encode_views(vae, torch.from_numpy(d["input"]).to(dev))
+            ck = {"in_mean": in_mean.cpu()}
         out_mean, out_std = encode_views(vae, torch.from_numpy(d["target"]).to(dev))
+        ck.update(out_mean=out_mean.cpu(), out_std=out_std.cpu())
         print(f"[views] encoded {2 * p.n_train} views in {time.time() - t0:.1f}s", flush=True)
         if cache is not None:
-            tr.save_ckpt(cache, {"in_mean": in_mean.cpu(), "out_mean": out_mean.cpu(), "out_std": out_std.cpu()})
+            tr.save_ckpt(cache, ck)
+    ck = {k: v.to(dev) for k, v in ck.items()}
+    out_mean, out_std = ck["out_mean"], ck["out_std"]
+    cond_latents = (ck["in_mean"] * scale).contiguous()
+    if layout == "warped":
+        null_mask, null_z = nothing_seen(vae, 1, d["input"].shape[1], dev)
     del vae
-    cond_latents = (in_mean * scale).contiguous()
-    cameras = torch.from_numpy(d["camera"]).to(dev)
     text = CLIPTextModel.from_pretrained(tr._component("text_encoder"), dtype=torch.float32).to(dev).eval()
     text.requires_grad_(False)
     ids = tr._token_ids(d["caption"])
     empty = tr._token_ids([""])[0]
     del d
-    base = UNet2DConditionModel.from_pretrained(tr._component("unet"), dtype=torch.float32).to(dev)
-    unet = view_unet(base, coordinates=coordinates).train()
-    encoder = CameraTokenEncoder(base.config.cross_attention_dim, len(views.CAMERA_FEATURES),
+    if layout not in LAYOUT_BASE:
+        raise ValueError(f"layout is one of {sorted(LAYOUT_BASE)}, got {layout!r}")
+    stage = f"task-{TASK}" + ("" if layout == "warped" else "-coords" if coordinates else "-zero123")
+    base = UNet2DConditionModel.from_pretrained(tr._component(LAYOUT_BASE[layout]), dtype=torch.float32).to(dev)
+    cross_dim = base.config.cross_attention_dim
+    unet = view_unet(base, coordinates=coordinates, layout=layout).train()
+    encoder = CameraTokenEncoder(cross_dim, len(views.CAMERA_FEATURES),
                                  list(views.CAMERA_FEATURES), coordinates).to(dev)
     coords = [coordinate_channels(1, configs.LATENT_SIZE, configs.LATENT_SIZE, device=dev)] if coordinates else []
     del base
     lora = [q for n, q in unet.named_parameters() if "lora_" in n]
-    params = [{"params": lora + [unet.conv_in.old_weight, unet.conv_in.bias]},
-              {"params": [unet.conv_in.new_weight], "lr_mult": NEW_LR_MULT},
-              {"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
+    if layout == "warped":  # conv_in already reads the mask and the masked view: trained whole at the LoRA's rate
+        params = [{"params": lora + list(unet.conv_in.parameters())},
+                  {"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
+    else:
+        params = [{"params": lora + [unet.conv_in.old_weight, unet.conv_in.bias]},
+                  {"params": [unet.conv_in.new_weight], "lr_mult": NEW_LR_MULT},
+                  {"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}]
     print(f"[views] trained: LoRA {sum(q.numel() for q in lora) / 1e6:.3f}M, conv_in, camera token "
           f"{sum(q.numel() for q in encoder.parameters()) / 1e6:.3f}M", flush=True)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
@@ -162,13 +225,19 @@ def train_views(tr, coordinates: bool = False) -> dict:
         null = u < NULL_DROP
         tok = ids[idx].clone()
         tok[u < NULL_DROP + CAPTION_DROP] = empty
-        view = torch.where(null[:, None, None, None], 0.0, cond_latents[idx])
+        if layout == "warped":  # the warped view's posterior sampled, as the inpainting model trained
+            zv = (cond_latents[idx] + ck["in_std"][idx] * scale * torch.randn(cond_latents[idx].shape, generator=g,
+                                                                               device=dev))
+            nn = null[:, None, None, None]
+            view = [torch.where(nn, null_mask, ck["in_mask"][idx]), torch.where(nn, null_z, zv)]
+        else:
+            view = [torch.where(null[:, None, None, None], 0.0, cond_latents[idx])]
         cam = torch.where(null[:, None], null_camera, cameras[idx])
         zt, t, eps = tr.forward_process(z0.contiguous(), abar, g)
         with torch.no_grad(), tr.autocast():
             states = text(tok).last_hidden_state
         with tr.autocast():
-            x = torch.cat([zt, view, *(c.expand(len(idx), -1, -1, -1) for c in coords)], 1)
+            x = torch.cat([zt, *view, *(c.expand(len(idx), -1, -1, -1) for c in coords)], 1)
             pred = unet(x, t, encoder_hidden_states=encoder(states, cam)).sample
         return F.mse_loss(pred.float(), eps), {}
 
@@ -187,27 +256,32 @@ def train_views(tr, coordinates: bool = False) -> dict:
 
     tr.preset = replace(p, ema_decay=min(p.ema_decay, VIEW_EMA))
     try:
-        summary = tr._loop_with_ema(f"task-{TASK}", params, p.unet_seconds, VIEW_LR, step_fn, state, load, g,
+        summary = tr._loop_with_ema(stage, params, p.unet_seconds, VIEW_LR, step_fn, state, load, g,
                                     [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
     finally:
         tr.preset = p
-    summary.update(lora_rank=LORA_RANK, null_drop=NULL_DROP, caption_drop=CAPTION_DROP, coordinates=coordinates,
+    summary.update(layout=layout, base_unet=LAYOUT_BASE[layout], lora_rank=LORA_RANK, null_drop=NULL_DROP,
+                   caption_drop=CAPTION_DROP, coordinates=coordinates,
                    relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
+    # the record of what is now in out/unet-views (whichever layout), where the export looks for it
     (tr.out / "logs" / f"task-{TASK}.summary.json").write_text(json.dumps(summary, indent=2))  # with these keys
-    save_view_model(ema_unet, ema_enc, tr.out)
+    save_view_model(ema_unet, ema_enc, tr.out, base=LAYOUT_BASE[layout])
     return summary
 
 
 
-def view_pipeline(pipe, *, seed: int = 0):
+def view_pipeline(pipe, *, seed: int = 0, layout: str = "view"):
     """Zero-1-to-3's architecture over any text-to-image :class:`lab.Pipeline` of the SD family (its UNet, VAE,
-    text encoder, tokenizer and scheduler): the UNet with ``conv_in`` widened by the latent channels (zero),
-    and a :class:`~lab.token_encoders.CameraTokenEncoder` of the UNet's cross-attention width, started as
+    text encoder, tokenizer and scheduler): the UNet with ``conv_in`` widened (zero) by the latent channels
+    (``layout="view"``) or by a mask and the latent channels (``"warped"``, SD's inpainting layout), and a
+    :class:`~lab.token_encoders.CameraTokenEncoder` of the UNet's cross-attention width, started as
     Zero-1-to-3 starts its projection. What fine-tuning starts from; on a real architecture with random
     weights, what shows the lab's sampler drives that design (``kind == "views"``)."""
     from ..pipeline import Pipeline
+    if layout not in LAYOUT_BASE:
+        raise ValueError(f"layout is one of {sorted(LAYOUT_BASE)}, got {layout!r}")
     torch.manual_seed(seed)
-    unet = widen_conv_in(pipe.unet, pipe.unet.config.out_channels)
+    unet = widen_conv_in(pipe.unet, pipe.unet.config.out_channels + (layout == "warped"))
     enc = CameraTokenEncoder(pipe.unet.config.cross_attention_dim, len(views.CAMERA_FEATURES),
                              list(views.CAMERA_FEATURES)).to(pipe.device, pipe.dtype)
     parts = {k: pipe.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
@@ -226,4 +300,6 @@ def export_view_model(src, dest) -> None:
         with safe_open(str(src / f"unet-{TASK}" / name), "pt") as f:
             meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
         save_file(state, str(dest / f"unet-{TASK}" / name), metadata=meta)
+    if (src / f"unet-{TASK}" / ADAPTER_FILE).exists():
+        (dest / f"unet-{TASK}" / ADAPTER_FILE).write_text((src / f"unet-{TASK}" / ADAPTER_FILE).read_text())
     CameraTokenEncoder.from_pretrained(src / CAMERA_EMBEDDER).to(torch.float16).save_pretrained(dest / CAMERA_EMBEDDER)
