@@ -149,6 +149,10 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    if layout not in LAYOUT_BASE:
+        raise ValueError(f"layout is one of {sorted(LAYOUT_BASE)}, got {layout!r}")
+    if coordinates and layout != "view":
+        raise ValueError("coordinate channels go with the 'view' layout")
     p = tr.preset
     dev = tr.device
     t0 = time.time()
@@ -191,8 +195,6 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     ids = tr._token_ids(d["caption"])
     empty = tr._token_ids([""])[0]
     del d
-    if layout not in LAYOUT_BASE:
-        raise ValueError(f"layout is one of {sorted(LAYOUT_BASE)}, got {layout!r}")
     stage = f"task-{TASK}" + ("" if layout == "warped" else "-coords" if coordinates else "-zero123")
     base = UNet2DConditionModel.from_pretrained(tr._component(LAYOUT_BASE[layout]), dtype=torch.float32).to(dev)
     cross_dim = base.config.cross_attention_dim
