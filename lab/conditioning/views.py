@@ -25,10 +25,16 @@ from .base import Conditioning, Setup, StepInfo, UNetInputs
 from .concat import Concat
 
 
-def _per_prompt(x: torch.Tensor, layout, what: str) -> torch.Tensor:
+def _for_prompts(x: torch.Tensor, layout, what: str) -> torch.Tensor:
+    """One row per prompt (``x`` has one, or one per prompt)."""
     if len(x) not in (1, layout.n_prompts):
         raise ValueError(f"{len(x)} {what} for {layout.n_prompts} prompts: give one, or one per prompt")
-    return x.expand(layout.n_prompts, *x.shape[1:]).repeat_interleave(layout.per_prompt, 0)
+    return x.expand(layout.n_prompts, *x.shape[1:])
+
+
+def _per_prompt(x: torch.Tensor, layout, what: str) -> torch.Tensor:
+    """One row per sample of the batch (each prompt's row repeated for its samples)."""
+    return _for_prompts(x, layout, what).repeat_interleave(layout.per_prompt, 0)
 
 
 #: a target pixel counts as seen where the bilinear warp of an all-ones image gives at least this much: pixels
@@ -133,8 +139,7 @@ class InputView(Concat):
             raise ValueError("this view model warps the input view to the target camera: InputView(image, camera) "
                              "(novel_view(image, camera) gives both)")
         k = layout.n_prompts
-        x, cams = _per_prompt(x, layout, "input views"), _per_prompt(self.camera, layout, "cameras")
-        x, cams = x[::layout.per_prompt], cams[::layout.per_prompt]  # one warp per prompt
+        x, cams = _for_prompts(x, layout, "input views"), _for_prompts(self.camera, layout, "cameras")  # a warp each
         mask, z = warped_latents(vae, x.to(s.device), cams.to(s.device))
         rep = (lambda t: t.repeat_interleave(layout.per_prompt, 0).to(s.dtype))
         if layout.cfg:

@@ -92,8 +92,6 @@ def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False, layou
 def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32, base: str = "unet") -> None:
     """``out/unet-views/`` (the LoRA adapter, ``conv_in``, and :data:`ADAPTER_FILE` naming the ``base`` UNet
     folder they go over) and ``out/camera_embedder/``."""
-    from pathlib import Path
-
     from safetensors import safe_open
     from safetensors.torch import save_file
     out = Path(out)
