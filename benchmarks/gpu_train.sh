@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared training run for a lent CUDA machine (after gpu_check.sh, in what is left of the lease): the
 # task-table models furthest below their bars (layout, sr, class; issue 19), fine-tuned from the bundled text
-# model's UNet with the gpu preset (batch 512, bf16 autocast) for SECONDS each, exported in fp16. Writes the
-# task folders and the training logs to $OUT as two tarballs (the device tool returns at most 8 files).
+# model's UNet with the gpu preset (batch 512, bf16 autocast) for SECONDS each, exported in fp16. TASKS may
+# also name `views` (issue 24's view model: N_TRAIN pairs; its LoRA adapter over the inpainting UNet, and its
+# camera token). Writes the task folders and the training logs to $OUT as two tarballs (the device tool returns at most 8 files).
 #   bash benchmarks/gpu_train.sh [SECONDS per task, default 90] [N_TRAIN scenes, default 60000] [TASKS]
 # Locally: install with `tar xzf tasks-model.tar.gz -C lab/models/shapes` after `python -m lab eval tasks
 # --model DIR` says it is better than what is bundled.
@@ -32,6 +33,7 @@ for t in ${TASKS//,/ }; do
   parts="$parts unet-$t"
   [ -d "$MODEL/${t}_embedder" ] && parts="$parts ${t}_embedder"
   [ "$t" = sr ] && parts="$parts low_res_scheduler"  # the upscaler's noise augmentation
+  [ "$t" = views ] && parts="$parts camera_embedder"  # the view model's camera token
 done
 tar czf "$OUT/tasks-model.tar.gz" -C "$MODEL" $parts
 tar czf "$OUT/tasks-logs.tar.gz" -C "$WORK" logs

@@ -186,6 +186,12 @@ def test_view_model_samples_with_recording_and_refuses_bad_conditioning(smoke_vi
     assert [c["layout"] for c in run.settings["conditioning"] if c["kind"] == "input-view"] == ["warped"]
     cross = run.attention["16x16"].ds
     assert cross.sizes["token"] == 33 and str(cross["word"].values[0, -1]) == "<camera>"
+    s = pipe.sampler(p["caption"], steps=3, guidance=3.0, seed=0, progress=False,
+                     recorders=[lab.AttentionRecorder(kind="cross", heads="mean", half="cond")],
+                     conditioning=novel_view(p["input"], p["camera"]))
+    s.step()  # a fork with a new prompt labels the camera token's table with the new prompt's words
+    words = [str(w) for w in s.fork(prompt="a large blue square").run().attention["16x16"].ds["word"].values[0]]
+    assert words[1:5] == ["a", "large", "blue", "square"] and words[5] == "" and words[-1] == "<camera>"
     with pytest.raises(ValueError, match="novel_view"):
         pipe.sampler(p["caption"], steps=2, conditioning=[InputView(p["input"])])
     with pytest.raises(ValueError, match="warps the input view"):  # the camera given to the token only

@@ -17,6 +17,9 @@ sampler also takes extra plug-ins (``conditioning=[...]``) for kinds it has no a
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import torch
 
 from ..schedulers import set_timesteps
@@ -125,6 +128,12 @@ def change(plugins: tuple, s: Setup, changes: dict) -> tuple:
     if prompts:
         j = next(j for j, p in enumerate(plugins) if isinstance(p, Text))
         plugins[j] = plugins[j].changed(s, **prompts)
+        # plug-ins that label their tokens after the prompt's words (the camera token) are made again for the new one
+        s_new = replace(s, settings={**s.settings, **prompts})
+        for i, p in enumerate(plugins):
+            if getattr(p, "reads_prompt", False):
+                plugins[i] = copy.copy(p)
+                plugins[i].setup(s_new)
     if "control" in changes:
         nets = [ControlNet(c) for c in normalise_controls(changes["control"], s.pipe)]
         with torch.no_grad():

@@ -178,6 +178,7 @@ class CameraToken(Conditioning):
     labels the new token ``<camera>``, so recorders give its attention map like a word's."""
 
     kind, enters = "camera", "CA"
+    reads_prompt = True  # its token table is the prompt's plus <camera>: a fork with a new prompt makes it again
 
     def __init__(self, camera):
         self.camera = check_cameras(camera)

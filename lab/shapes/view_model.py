@@ -58,6 +58,10 @@ ADAPTER = "views"
 VIEW_LR = 1e-3  # LoRA's usual rate: its B starts at zero and its updates are rank-limited
 NULL_DROP = 0.1  # training: both conditions dropped (input view zeros, empty caption, null camera): guidance
 CAPTION_DROP = 0.2  # training: the caption alone dropped (image and camera only)
+#: training: how much more often a pair is drawn when its caption names an object that left the target frame (one
+#: pair in nine has one): the text model's prior draws every object its caption names, and the model must learn
+#: to leave these out
+LEFT_WEIGHT = 3.0
 VIEW_EMA = 0.995  # EMA decay: a window of ~200 steps (the preset's 0.999 averages over most of a CPU run)
 CAMERA_EMBEDDER = "camera_embedder"
 TASK = "views"
@@ -113,31 +117,23 @@ def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32,
     encoder.float()
 
 
-def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std of ``uint8 [n, H, W, 3]`` images (unscaled)."""
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(images_u8), batch):
-            post = vae.encode(float_images(images_u8[i:i + batch])).latent_dist
-            means.append(post.mean.float())
-            stds.append(post.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-def encode_warped(vae, images_u8: torch.Tensor, cameras: torch.Tensor, batch: int = 1024,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The warped layout's inputs for ``uint8 [n, H, W, 3]`` views and relative cameras ``[n, 5]``: the unseen
-    mask at the latent size and the VAE posterior mean and std (unscaled) of the warped views
-    (:func:`lab.conditioning.views.warp_views`)."""
+def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024, cameras: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, ...]:
+    """VAE posterior mean and std (unscaled) of ``uint8 [n, H, W, 3]`` images. With relative ``cameras`` ``[n,
+    5]`` (the warped layout's inputs) the views are warped to them first
+    (:func:`lab.conditioning.views.warp_views`), and the unseen mask at the latent size comes before the two."""
     masks, means, stds = [], [], []
     with torch.no_grad():
         for i in range(0, len(images_u8), batch):
-            warped, unseen = warp_views(float_images(images_u8[i:i + batch]), cameras[i:i + batch])
-            post = vae.encode(warped).latent_dist
+            x = float_images(images_u8[i:i + batch])
+            if cameras is not None:
+                x, unseen = warp_views(x, cameras[i:i + batch])
+            post = vae.encode(x).latent_dist
             means.append(post.mean.float())
             stds.append(post.std.float())
-            masks.append(F.interpolate(unseen, size=post.mean.shape[-2:]))
-    return torch.cat(masks), torch.cat(means), torch.cat(stds)
+            if cameras is not None:
+                masks.append(F.interpolate(unseen, size=post.mean.shape[-2:]))
+    return (*([torch.cat(masks)] if masks else []), torch.cat(means), torch.cat(stds))
 
 
 def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
@@ -172,7 +168,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
         print(f"[views] {2 * p.n_train} views' encoding from {cache}", flush=True)
     else:
         if layout == "warped":
-            in_mask, in_mean, in_std = encode_warped(vae, torch.from_numpy(d["input"]).to(dev), cameras)
+            in_mask, in_mean, in_std = encode_views(vae, torch.from_numpy(d["input"]).to(dev), cameras=cameras)
             ck = {"in_mask": in_mask.cpu(), "in_mean": in_mean.cpu(), "in_std": in_std.cpu()}
         else:
             in_mean, _ = encode_views(vae, torch.from_numpy(d["input"]).to(dev))
@@ -192,6 +188,9 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     text.requires_grad_(False)
     ids = tr._token_ids(d["caption"])
     empty = tr._token_ids([""])[0]
+    draw = torch.where(torch.from_numpy(d["left"]) > 0, LEFT_WEIGHT, 1.0).to(dev)
+    print(f"[views] {int((draw > 1).sum())} of {len(draw)} pairs have an object that leaves the frame "
+          f"(drawn {LEFT_WEIGHT:g}x as often)", flush=True)
     del d
     stage = f"task-{TASK}" + ("" if layout == "warped" else "-coords" if coordinates else "-zero123")
     base = UNet2DConditionModel.from_pretrained(tr._component(LAYOUT_BASE[layout]), dtype=torch.float32).to(dev)
@@ -219,7 +218,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     null_camera = torch.zeros(len(views.CAMERA_FEATURES), device=dev)
 
     def step_fn():
-        idx = tr._batch_idx(g, p.unet_batch)
+        idx = torch.multinomial(draw, p.unet_batch, replacement=True, generator=g)
         z0 = (out_mean[idx] + out_std[idx] * torch.randn(out_mean[idx].shape, generator=g, device=dev)) * scale
         u = torch.rand(len(idx), generator=g, device=dev)
         null = u < NULL_DROP
@@ -261,7 +260,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     finally:
         tr.preset = p
     summary.update(layout=layout, base_unet=LAYOUT_BASE[layout], lora_rank=LORA_RANK, null_drop=NULL_DROP,
-                   caption_drop=CAPTION_DROP, coordinates=coordinates,
+                   caption_drop=CAPTION_DROP, left_weight=LEFT_WEIGHT, coordinates=coordinates,
                    relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
     # the record of what is now in out/unet-views (whichever layout), where the export looks for it
     (tr.out / "logs" / f"task-{TASK}.summary.json").write_text(json.dumps(summary, indent=2))  # with these keys

@@ -187,11 +187,12 @@ def make_pair(seed: int, index: int, *, split: str = "train", two_share: float =
 
 def _chunk(args):
     seed, start, stop, split, two_share = args
-    out = {k: [] for k in ("input", "target", "camera", "caption", "target_masks")}
+    out = {k: [] for k in ("input", "target", "camera", "caption", "target_masks", "left")}
     for i in range(start, stop):
         p = make_pair(seed, i, split=split, two_share=two_share)
         for k in ("input", "target", "camera", "caption"):
             out[k].append(p[k])
+        out["left"].append(int(p["left"].sum()))
         masks = np.zeros((world.MAX_OBJECTS, world.SIZE, world.SIZE), bool)
         masks[:len(p["target_masks"])] = p["target_masks"]
         out["target_masks"].append(masks)
@@ -201,7 +202,8 @@ def _chunk(args):
 def generate_pairs(n: int, seed: int = 0, *, split: str = "train", workers: int = 1, chunk: int = 2048,
                    two_share: float = 0.5) -> dict:
     """``n`` pairs as stacked arrays: ``input``, ``target`` ``[n, 64, 64, 3] uint8``, ``camera`` ``[n, 5]
-    float32``, ``target_masks`` ``[n, 2, 64, 64] bool``, ``caption`` (list); independent of ``workers``."""
+    float32``, ``target_masks`` ``[n, 2, 64, 64] bool``, ``left`` ``[n]`` (objects wholly out of the target frame),
+    ``caption`` (list); independent of ``workers``."""
     jobs = [(seed, a, min(a + chunk, n), split, two_share) for a in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
