@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lab
-from lab.conditioning import CameraToken, InputView, novel_view
+from lab.conditioning import CameraToken, InputView, keep_seen, novel_view
 from lab.conditioning.views import SEEN, warp_views
 from lab.loading import BUNDLED
 from lab.shapes import evaluate_views, train, views, world
@@ -81,6 +81,29 @@ def test_warp_moves_the_pixels_it_has_and_the_identity_keeps_them():
         views.warp(m.astype(np.uint8) * 255, p["camera_in"], p["camera_out"], background=0) >= 128, t)
         for m, t in zip(p["input_masks"], p["target_masks"]) if t.sum() > 50 and m.sum() > 50]
     assert w.shape == (64, 64, 3) and all(iou > 0.5 for iou in ious)
+
+
+def test_keep_seen_puts_back_the_pixels_the_warp_saw_and_nothing_else():
+    p = views.make_pair(evaluate_views.EVAL_SEED, 3)
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    same, pan = keep_seen(noise, p["input"], [views.camera_change(), views.camera_change(0.5)])
+    assert np.array_equal(same, p["input"])  # the identity sees everything: the input comes back exactly
+    assert np.array_equal(pan[:, 33:], noise[1][:, 33:])  # half a frame to the right: the right half unseen
+    assert np.abs(pan[:, :31].astype(int) - p["input"][:, 32:63]).max() <= 1  # the left half is the input's
+    kept = keep_seen(noise[0], p["input"], p["camera"])[0]  # on a pair: the warp where it saw, else the sample
+    _, unseen = warp_views(torch.tensor(p["input"]).permute(2, 0, 1)[None].float() / 127.5 - 1,
+                           torch.from_numpy(p["camera"])[None])
+    hole = unseen[0, 0].numpy() > 0.5
+    assert hole.any() and (~hole).any() and np.array_equal(kept[hole], noise[0][hole])
+    w = views.warp(p["input"], p["camera_in"], p["camera_out"])
+    assert np.abs(kept[~hole].astype(int) - w[~hole]).mean() < 2
+    with pytest.raises(ValueError, match="one each"):
+        keep_seen(noise, [p["input"]] * 3, p["camera"])
+    with pytest.raises(ValueError, match="one size"):
+        keep_seen(noise, p["input"][:32, :32], p["camera"])
+    with pytest.raises(ValueError, match="null camera"):
+        keep_seen(noise, p["input"], np.zeros(5))
 
 
 def test_the_models_warp_from_the_relative_camera_alone_is_the_cameras_warp():
@@ -232,6 +255,12 @@ def test_scoring_a_view_against_its_target():
     blank = np.full_like(p["target"], world.BACKGROUNDS[p["scene"].background])
     s = evaluate_views.summarise(evaluate_views.score_view(blank, p))
     assert s["view_iou"] == 0.0 and s["view_found"] == 0.0 and s["view_left_frame_absent"] == 1.0
+    ps = [views.make_pair(evaluate_views.EVAL_SEED, i) for i in range(12)]  # the seen / revealed split
+    t = evaluate_views.summarise([r for q in ps for r in evaluate_views.score_view(q["target"], q)])
+    w = evaluate_views.summarise([r for q in ps for r in evaluate_views.score_view(
+        views.warp(q["input"], q["camera_in"], q["camera_out"]), q)], "warp")
+    assert t["view_iou_seen"] > 0.9 and t["view_iou_revealed"] > 0.9
+    assert w["warp_iou_seen"] > 0.7 > w["warp_iou_revealed"]  # a warp keeps what it saw and lacks what it did not
 
 
 @pytest.mark.parametrize("layout", ["view", "warped"])

@@ -9,6 +9,8 @@
                                 SemanticMap (class probabilities at the latent grid: LDM's semantic synthesis)
     views.py       InputView    the input view's latents as concat channels (a view model: Zero-1-to-3's c_concat)
                    CameraToken  the relative camera as one more cross-attention token (its c_crossattn)
+                   keep_seen    a sample with the input's pixels put back where the warp saw them (generative
+                                warping's last step; after sampling, not a plug-in)
     controlnet.py  ControlNet   residuals of one ControlNet (Control: net, image, scale, window, modes)
     base.py        the contract: Setup, UNetInputs, StepInfo, Conditioning
 
@@ -28,9 +30,9 @@ from .classes import ClassLabel, ClassTokens, Layout
 from .concat import Concat, Coordinates, Inpainting, SemanticMap, Upscale
 from .controlnet import MODES, Control, ControlNet, condition_tensor, control_grid, normalise_controls
 from .text import STOP_WORDS, Text, content_words, token_table, token_words
-from .views import CameraToken, InputView, novel_view
+from .views import CameraToken, InputView, keep_seen, novel_view
 
-__all__ = ["CameraToken", "InputView", "novel_view", "ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Coordinates", "Inpainting",
+__all__ = ["CameraToken", "InputView", "keep_seen", "novel_view", "ClassLabel", "ClassTokens", "Concat", "Conditioning", "Control", "ControlNet", "Coordinates", "Inpainting",
            "Layout", "MODES", "STOP_WORDS",
            "SemanticMap", "Setup", "StepInfo", "Text", "UNetInputs", "Upscale", "change", "condition_tensor", "content_words", "control_grid",
            "normalise_controls", "plugins", "prepare", "token_table", "token_words"]

@@ -218,6 +218,30 @@ class CameraToken(Conditioning):
         return {**super().describe(), "camera": [[round(float(v), 5) for v in row] for row in self.camera]}
 
 
+def keep_seen(samples, image, camera) -> list[np.ndarray]:
+    """Generative warping's last step: each sample with the input view's own pixels put back where the warp to the
+    target camera saw them (:func:`warp_views`, coverage >= :data:`SEEN`), so the model's pixels remain only where
+    the input saw nothing. In a flat world through a 2D camera the seen pixels *are* the target's (up to the
+    bilinear resampling), so nothing the model draws there can be better; it is what SD inpainting's
+    ``VaeImageProcessor.apply_overlay`` does outside the mask, and what warp-then-inpaint methods return.
+    ``samples``: PIL images or ``[H, W, 3]`` uint8 arrays (e.g. ``run.images``); ``image``, ``camera``: as
+    :func:`novel_view` took them (one, or one per sample). Returns ``uint8 [H, W, 3]`` arrays."""
+    outs = _as_images(list(samples) if isinstance(samples, (list, tuple)) else samples)
+    views_ = _as_images(image)
+    cams = check_cameras(camera)
+    n = len(outs)
+    if len(views_) not in (1, n) or len(cams) not in (1, n):
+        raise ValueError(f"{len(views_)} input views and {len(cams)} cameras for {n} samples: give one, or one each")
+    if any(v.shape != outs[0].shape for v in views_ + outs):
+        raise ValueError("the input views and the samples must have one size: "
+                         f"{sorted({v.shape for v in views_ + outs})}")
+    x = torch.from_numpy(np.stack(views_)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    warped, unseen = warp_views(x.expand(n, -1, -1, -1), cams.expand(n, -1))
+    warped = ((warped.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    seen = (unseen[:, 0] < 0.5).numpy()[..., None]
+    return [np.where(m, w, o) for m, w, o in zip(seen, warped, outs)]
+
+
 def novel_view(image, camera) -> list[Conditioning]:
     """The conditioning of a view model (``lab.load("shapes", task="views")``): ``conditioning=novel_view(image,
     camera)`` for its sampler; ``camera`` as :func:`lab.shapes.views.camera_change` makes it."""

@@ -16,8 +16,12 @@ of that colour with the highest IoU with it).
   input view warped to the target camera with the pixels it has (:func:`lab.shapes.views.warp`);
 * ``view_iou_revealed``: ``view_iou`` over objects whose target shows at least :data:`REVEALED` of their pixels
   where the warped input saw nothing of them (the frame cut them off): what only generation can give;
+  ``view_iou_seen``: over objects the warped input saw almost whole (under :data:`SEEN` of their target pixels
+  unseen): what a copy of the warped view would give;
 * ``left_frame_absent``: over objects wholly out of the target frame, the share the sample does not show (no
   detection of their colour beyond the objects in view);
+* ``kept_*`` (the warped layout): the same keys for the samples with the input's seen pixels put back
+  (:func:`lab.conditioning.keep_seen`): the model's pixels only where the warp saw nothing;
 * ``*_no_caption``: the same with the empty caption (image and camera only); ``n``, ``eval_seconds``.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .evaluator import MIN_AREA, detect, mask_iou
 EVAL_SEED = 2400
 MIN_PIXELS = MIN_AREA
 REVEALED = 0.2
+SEEN = 0.05
 BATCH = 25
 
 
@@ -82,11 +87,13 @@ def summarise(rows: list[dict], prefix: str = "view") -> dict:
     inn = [r for r in rows if r["status"] == "in"]
     found = [r for r in inn if r["found"]]
     rev = [r for r in inn if r["revealed"] >= REVEALED]
+    seen = [r for r in inn if r["revealed"] < SEEN]
     left = [r for r in rows if r["status"] == "left"]
     out = {f"{prefix}_iou": float(np.mean([r["iou"] for r in inn])) if inn else float("nan"),
            f"{prefix}_center_error_px": float(np.mean([r["center_error"] for r in found])) if found else float("nan"),
            f"{prefix}_found": len(found) / len(inn) if inn else float("nan"),
            f"{prefix}_iou_revealed": float(np.mean([r["iou"] for r in rev])) if rev else float("nan"),
+           f"{prefix}_iou_seen": float(np.mean([r["iou"] for r in seen])) if seen else float("nan"),
            f"{prefix}_objects": len(inn), f"{prefix}_revealed_objects": len(rev)}
     if left:
         out[f"{prefix}_left_frame_absent"] = float(np.mean([r["absent"] for r in left]))
@@ -119,7 +126,7 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
     for p in pairs:
         copy_rows += score_view(p["input"], p)
         warp_rows += score_view(views.warp(p["input"], p["camera_in"], p["camera_out"]), p)
-    from ..conditioning.views import input_layout
+    from ..conditioning.views import input_layout, keep_seen
     res: dict = {"n": n, "layout": input_layout(pipe.unet, pipe.vae), "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed,
                  "eval_seed": EVAL_SEED, "relative_range": {k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()}}
     for caption, suffix in ((True, ""), (False, "_no_caption")):
@@ -128,15 +135,21 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
         rows = [r for im, p in zip(images, pairs) for r in score_view(im, p)]
         s = summarise(rows)
         res.update({k + suffix: v for k, v in s.items()})
+        if res["layout"] == "warped":  # the same samples with the input's seen pixels put back
+            kept = [keep_seen([im], p["input"], p["camera"])[0] for im, p in zip(images, pairs)]
+            res.update({k + suffix: v for k, v in summarise([r for im, p in zip(kept, pairs)
+                                                             for r in score_view(im, p)], "kept").items()})
         progress(f"[views{suffix}] iou {s['view_iou']:.3f} centre {s['view_center_error_px']:.2f}px "
                  f"({time.time() - t1:.0f}s)")
     c, w = summarise(copy_rows, "copy"), summarise(warp_rows, "warp")
     res.update(copy_baseline_iou=c["copy_iou"], copy_baseline_center_error_px=c["copy_center_error_px"],
                warp_baseline_iou=w["warp_iou"], warp_baseline_center_error_px=w["warp_center_error_px"],
-               warp_baseline_iou_revealed=w["warp_iou_revealed"],
+               warp_baseline_iou_revealed=w["warp_iou_revealed"], warp_baseline_iou_seen=w["warp_iou_seen"],
                warp_baseline_left_frame_absent=w.get("warp_left_frame_absent"))
     res["left_frame_absent"] = res.get("view_left_frame_absent")
     res["view_iou_over_copy"] = res["view_iou"] - res["copy_baseline_iou"]
+    if "kept_iou" in res:
+        res["kept_iou_over_copy"] = res["kept_iou"] - res["copy_baseline_iou"]
     res["eval_seconds"] = round(time.time() - t0, 1)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
