@@ -87,7 +87,7 @@ def test_keep_seen_puts_back_the_pixels_the_warp_saw_and_nothing_else():
     p = views.make_pair(evaluate_views.EVAL_SEED, 3)
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    same, pan = keep_seen(noise, p["input"], [views.camera_change(), views.camera_change(0.5)])
+    same, pan = keep_seen(np.stack(noise), p["input"], [views.camera_change(), views.camera_change(0.5)])
     assert np.array_equal(same, p["input"])  # the identity sees everything: the input comes back exactly
     assert np.array_equal(pan[:, 33:], noise[1][:, 33:])  # half a frame to the right: the right half unseen
     assert np.abs(pan[:, :31].astype(int) - p["input"][:, 32:63]).max() <= 1  # the left half is the input's

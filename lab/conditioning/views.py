@@ -224,9 +224,11 @@ def keep_seen(samples, image, camera) -> list[np.ndarray]:
     the input saw nothing. In a flat world through a 2D camera the seen pixels *are* the target's (up to the
     bilinear resampling), so nothing the model draws there can be better; it is what SD inpainting's
     ``VaeImageProcessor.apply_overlay`` does outside the mask, and what warp-then-inpaint methods return.
-    ``samples``: PIL images or ``[H, W, 3]`` uint8 arrays (e.g. ``run.images``); ``image``, ``camera``: as
-    :func:`novel_view` took them (one, or one per sample). Returns ``uint8 [H, W, 3]`` arrays."""
-    outs = _as_images(list(samples) if isinstance(samples, (list, tuple)) else samples)
+    ``samples``: PIL images or ``[H, W, 3]`` uint8 arrays (e.g. ``run.images``), or one ``[n, H, W, 3]`` array;
+    ``image``, ``camera``: as :func:`novel_view` took them (one, or one per sample). Returns ``uint8 [H, W, 3]``
+    arrays."""
+    batch = isinstance(samples, (list, tuple)) or (isinstance(samples, np.ndarray) and samples.ndim == 4)
+    outs = _as_images(list(samples) if batch else samples)
     views_ = _as_images(image)
     cams = check_cameras(camera)
     n = len(outs)
