@@ -19,7 +19,6 @@ sampler also takes extra plug-ins (``conditioning=[...]``) for kinds it has no a
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -127,15 +126,10 @@ def change(plugins: tuple, s: Setup, changes: dict) -> tuple:
     none from here on); the others as they are (plug-ins are immutable, so parent and fork share them safely)."""
     plugins = list(plugins)
     prompts = {k: v for k, v in changes.items() if k in Text.forkable}
-    if prompts:
-        j = next(j for j, p in enumerate(plugins) if isinstance(p, Text))
-        plugins[j] = plugins[j].changed(s, **prompts)
-        # plug-ins that label their tokens after the prompt's words (the camera token) are made again for the new one
+    if prompts:  # every plug-in that forks on a prompt: the text, and those whose tokens are labelled by its words
         s_new = replace(s, settings={**s.settings, **prompts})
-        for i, p in enumerate(plugins):
-            if getattr(p, "reads_prompt", False):
-                plugins[i] = copy.copy(p)
-                plugins[i].setup(s_new)
+        plugins = [p.changed(s_new, **{k: v for k, v in prompts.items() if k in p.forkable})
+                   if prompts.keys() & set(p.forkable) else p for p in plugins]
     if "control" in changes:
         nets = [ControlNet(c) for c in normalise_controls(changes["control"], s.pipe)]
         with torch.no_grad():

@@ -89,6 +89,11 @@ def input_layout(unet, vae) -> str:
     return layouts[extra]
 
 
+def _unit(arrays: list[np.ndarray]) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` images as one ``[n, 3, H, W]`` float tensor in [-1, 1]."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
 def _as_images(image) -> list[np.ndarray]:
     images = image if isinstance(image, (list, tuple)) else [image]
     if not images:
@@ -128,7 +133,7 @@ class InputView(Concat):
                                  "at the size it makes")
         vae = pipe.vae
         self.layout = input_layout(pipe.unet, vae)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = _unit(arrays)
         if self.layout == "view":
             with torch.no_grad():
                 z = vae.encode(x.to(s.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
@@ -178,7 +183,7 @@ class CameraToken(Conditioning):
     labels the new token ``<camera>``, so recorders give its attention map like a word's."""
 
     kind, enters = "camera", "CA"
-    reads_prompt = True  # its token table is the prompt's plus <camera>: a fork with a new prompt makes it again
+    forkable = ("prompt",)  # its token table is the prompt's plus <camera>: a fork with a new prompt makes it again
 
     def __init__(self, camera):
         self.camera = check_cameras(camera)
@@ -214,6 +219,11 @@ class CameraToken(Conditioning):
             self._ctx = (states, self._enc(states, self._cams.to(states.dtype)))
         x.encoder_hidden_states = self._ctx[1]
 
+    def changed(self, s: Setup, **changes) -> "CameraToken":
+        new = CameraToken(self.camera)  # the same camera, set up on the fork's prompt (``s.settings``)
+        new.setup(s)
+        return new
+
     def describe(self) -> dict:
         return {**super().describe(), "camera": [[round(float(v), 5) for v in row] for row in self.camera]}
 
@@ -237,11 +247,12 @@ def keep_seen(samples, image, camera) -> list[np.ndarray]:
     if any(v.shape != outs[0].shape for v in views_ + outs):
         raise ValueError("the input views and the samples must have one size: "
                          f"{sorted({v.shape for v in views_ + outs})}")
-    x = torch.from_numpy(np.stack(views_)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    warped, unseen = warp_views(x.expand(n, -1, -1, -1), cams.expand(n, -1))
+    k = max(len(views_), len(cams))  # one warp per distinct (view, camera), not one per sample
+    x = _unit(views_)
+    warped, unseen = warp_views(x.expand(k, -1, -1, -1), cams.expand(k, -1))
     warped = ((warped.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     seen = (unseen[:, 0] < 0.5).numpy()[..., None]
-    return [np.where(m, w, o) for m, w, o in zip(seen, warped, outs)]
+    return [np.where(seen[i % k], warped[i % k], o) for i, o in enumerate(outs)]
 
 
 def novel_view(image, camera) -> list[Conditioning]:

@@ -16,8 +16,8 @@ of that colour with the highest IoU with it).
   input view warped to the target camera with the pixels it has (:func:`lab.shapes.views.warp`);
 * ``view_iou_revealed``: ``view_iou`` over objects whose target shows at least :data:`REVEALED` of their pixels
   where the warped input saw nothing of them (the frame cut them off): what only generation can give;
-  ``view_iou_seen``: over objects the warped input saw almost whole (under :data:`SEEN` of their target pixels
-  unseen): what a copy of the warped view would give;
+  ``view_iou_seen``: over objects the warped input saw almost whole (under :data:`MOSTLY_SEEN` of their target
+  pixels unseen): what a copy of the warped view would give;
 * ``left_frame_absent``: over objects wholly out of the target frame, the share the sample does not show (no
   detection of their colour beyond the objects in view);
 * ``kept_*`` (the warped layout): the same keys for the samples with the input's seen pixels put back
@@ -38,7 +38,7 @@ from .evaluator import MIN_AREA, detect, mask_iou
 EVAL_SEED = 2400
 MIN_PIXELS = MIN_AREA
 REVEALED = 0.2
-SEEN = 0.05
+MOSTLY_SEEN = 0.05
 BATCH = 25
 
 
@@ -87,7 +87,7 @@ def summarise(rows: list[dict], prefix: str = "view") -> dict:
     inn = [r for r in rows if r["status"] == "in"]
     found = [r for r in inn if r["found"]]
     rev = [r for r in inn if r["revealed"] >= REVEALED]
-    seen = [r for r in inn if r["revealed"] < SEEN]
+    seen = [r for r in inn if r["revealed"] < MOSTLY_SEEN]
     left = [r for r in rows if r["status"] == "left"]
     out = {f"{prefix}_iou": float(np.mean([r["iou"] for r in inn])) if inn else float("nan"),
            f"{prefix}_center_error_px": float(np.mean([r["center_error"] for r in found])) if found else float("nan"),
@@ -136,7 +136,7 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
         s = summarise(rows)
         res.update({k + suffix: v for k, v in s.items()})
         if res["layout"] == "warped":  # the same samples with the input's seen pixels put back
-            kept = [keep_seen([im], p["input"], p["camera"])[0] for im, p in zip(images, pairs)]
+            kept = keep_seen(images, [p["input"] for p in pairs], np.stack([p["camera"] for p in pairs]))
             res.update({k + suffix: v for k, v in summarise([r for im, p in zip(kept, pairs)
                                                              for r in score_view(im, p)], "kept").items()})
         progress(f"[views{suffix}] iou {s['view_iou']:.3f} centre {s['view_center_error_px']:.2f}px "
