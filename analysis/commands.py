@@ -82,6 +82,7 @@ def evaluate(args) -> int:
         from lab.shapes.evaluate import PARTS
         res = run_eval(args.n or 200, steps=args.steps, guidance=args.guidance, json_path=args.json,
                        model=args.model, attend_and_excite=args.attend_and_excite,
+                       syntax_binding=args.syntax_binding,
                        parts=tuple(args.parts.split(",")) if args.parts else PARTS,
                        kinds=tuple(args.kinds.split(",")) if args.kinds else world.CONDITION_KINDS)
         res = {k: v for k, v in res.items() if k != "preprocessors"}
@@ -127,4 +128,6 @@ def register(sub) -> None:
                    help="eval shapes: the ControlNets measured, comma-separated (default: all five kinds)")
     e.add_argument("--attend-and-excite", action="store_true",
                    help="eval shapes: also the two-object keys sampled with Attend-and-Excite on the shape words")
+    e.add_argument("--syntax-binding", action="store_true",
+                   help="eval shapes: also the two-object keys sampled with SynGen's syntax binding on the shape words")
     e.set_defaults(func=evaluate)

@@ -16,7 +16,7 @@ from .conditioning import Control
 from .counterfactual import Ablation, ablate
 from .errors import (IncompleteModel, ModelNotAvailable, ModelNotFound, NonFiniteError, RunFileError,
                      SamplingOutOfMemory)
-from .guidance import AttendAndExcite
+from .guidance import AttendAndExcite, SyntaxBinding
 from .loading import DEFAULT_MODEL, load
 from .memory import SamplingMemoryError
 from .pipeline import Pipeline
@@ -31,9 +31,10 @@ from .sweeps import sweep
 from .version import __version__
 
 __all__ = [
-    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "CrossFrameAttention", "DEFAULT_MODEL", "IncompleteModel", "ModelNotAvailable",
+    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "CrossFrameAttention", "DEFAULT_MODEL", "IncompleteModel",
+    "ModelNotAvailable",
     "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
     "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
-    "StepState", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
+    "StepState", "SyntaxBinding", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
     "memory", "recording", "replay", "sds", "sweep", "sweeps", "Video", "video",
 ]

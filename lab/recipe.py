@@ -25,7 +25,7 @@ from PIL import Image
 from .conditioning.classes import Layout
 from .conditioning.concat import SemanticMap
 from .conditioning.controlnet import Control
-from .guidance import AttendAndExcite
+from .guidance import GUIDES
 from .recording import AttentionRecorder, ReplaceAttention, ResidualRecorder, Reweight
 
 VERSION = 1
@@ -107,8 +107,8 @@ class _Encoder:
         if type(v) in RECORDERS.values():
             return {"$": "recorder", "class": type(v).__name__,
                     "fields": {f.name: self(getattr(v, f.name), f"{where}.{f.name}") for f in fields(v) if f.init}}
-        if type(v) is AttendAndExcite:
-            return {"$": "guide", "class": "AttendAndExcite",
+        if type(v) in GUIDES.values():
+            return {"$": "guide", "class": type(v).__name__,
                     "fields": {f.name: self(getattr(v, f.name), f"{where}.{f.name}") for f in fields(v) if f.init}}
         if type(v) is Reweight:
             return {"$": "edit", "class": "Reweight", "words": self(v.words, where), "steps": self(v.steps, where),
@@ -182,8 +182,8 @@ def decode(spec: dict, arrays: dict[str, np.ndarray]) -> Recipe:
             return cls.from_config(dec(v["config"]))
         if tag == "recorder":
             return RECORDERS[v["class"]](**{k: dec(x) for k, x in v["fields"].items()})
-        if tag == "guide" and v["class"] == "AttendAndExcite":
-            return AttendAndExcite(**{k: dec(x) for k, x in v["fields"].items()})
+        if tag == "guide" and v["class"] in GUIDES:
+            return GUIDES[v["class"]](**{k: dec(x) for k, x in v["fields"].items()})
         if tag == "edit" and v["class"] == "Reweight":
             return Reweight(dec(v["words"]), steps=dec(v["steps"]), layers=v["layers"])
         if tag == "edit" and v["class"] == "ReplaceAttention":

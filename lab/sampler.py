@@ -69,7 +69,7 @@ class Sampler:
     (``True``, ``"step"``, ``"end"``, ``False``: NaN/inf found where it appears, :mod:`lab.finite`),
     ``memory_limit`` (bytes; ``None``: the device's free memory; ``False``: no check) for the estimate made
     before the first step (:mod:`lab.memory`), ``guides`` (gradient steps on the latents before a step:
-    :class:`lab.AttendAndExcite`, :mod:`lab.guidance`)."""
+    :class:`lab.AttendAndExcite`, :class:`lab.SyntaxBinding`, :mod:`lab.guidance`)."""
 
     def __init__(self, pipe, prompt="", negative_prompt=None, *, steps: int = 30, guidance: float = 7.5,
                  scheduler=None, seed: int = 0, generator: torch.Generator | None = None, height: int | None = None,
@@ -110,7 +110,7 @@ class Sampler:
 
     def _check_guide_words(self) -> None:
         for g in self._guides:
-            g.subject_tokens(self._text.tokens, self.layout)
+            g.targets(self._text.tokens, self.layout)
 
     def _begin(self, pipe, settings, plugins, layout, timesteps, generator, scheduler, latents, recorders, progress,
                check_finite) -> None:

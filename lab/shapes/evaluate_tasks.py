@@ -78,17 +78,20 @@ def inpaint_case(seed: int, index: int) -> dict:
             "box": (x0, y0, x1, y1), "new": (new.size, new.colour, new.shape)}
 
 
-def inpaint_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, chunk: int = 50) -> dict:
-    """``inpaint_fidelity`` and ``inpaint_outside_psnr_db`` (module docstring) of an inpainting ``pipe``."""
+def inpaint_eval(pipe, n: int, *, steps: int = 30, guidance: float = 5.0, seed: int = 0, chunk: int = 50,
+                 case_seed: int = 400, guides=()) -> dict:
+    """``inpaint_fidelity`` and ``inpaint_outside_psnr_db`` (module docstring) of an inpainting ``pipe`` on the
+    held-out cases of ``case_seed`` (the eval's: 400), sampled with ``guides`` (e.g. :class:`lab.SyntaxBinding`)."""
     import cv2
     from PIL import Image
-    cases = [inpaint_case(400, i) for i in range(n)]
+    cases = [inpaint_case(case_seed, i) for i in range(n)]
     samples = []
     for a in range(0, n, chunk):
         part = cases[a:a + chunk]
         run = pipe.sampler([c["caption"] for c in part], image=[Image.fromarray(c["image"]) for c in part],
                            mask_image=[Image.fromarray(c["mask"].astype(np.uint8) * 255) for c in part],
-                           steps=steps, guidance=guidance, scheduler="ddim", seed=seed + a, progress=False).run()
+                           steps=steps, guidance=guidance, scheduler="ddim", seed=seed + a, progress=False,
+                           guides=guides).run()
         samples += [np.asarray(im) for im in run.images]
     ok, psnr = [], []
     for c, im in zip(cases, samples):
