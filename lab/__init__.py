@@ -31,10 +31,10 @@ from .sweeps import sweep
 from .version import __version__
 
 __all__ = [
-    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "CrossFrameAttention", "DEFAULT_MODEL", "IncompleteModel",
-    "ModelNotAvailable",
-    "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError", "ReplaceAttention", "ResidualRecorder",
-    "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler", "SamplingMemoryError", "SamplingOutOfMemory",
-    "StepState", "SyntaxBinding", "WeightsMismatch", "__version__", "ablate", "attention_layer_names", "conditioning", "load",
-    "memory", "recording", "replay", "sds", "sweep", "sweeps", "Video", "video",
+    "Ablation", "AttendAndExcite", "AttentionRecorder", "Control", "CrossFrameAttention", "DEFAULT_MODEL",
+    "IncompleteModel", "ModelNotAvailable", "ModelNotFound", "NonFiniteError", "Pipeline", "RecordingBudgetError",
+    "ReplaceAttention", "ResidualRecorder", "Reweight", "Run", "RunFileError", "SCHEDULERS", "Sampler",
+    "SamplingMemoryError", "SamplingOutOfMemory", "StepState", "SyntaxBinding", "WeightsMismatch", "__version__",
+    "ablate", "attention_layer_names", "conditioning", "load", "memory", "recording", "replay", "sds", "sweep",
+    "sweeps", "Video", "video",
 ]

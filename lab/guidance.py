@@ -180,9 +180,9 @@ class AttendAndExcite(LatentGuide):
 class SyntaxBinding(LatentGuide):
     """SynGen (Rassin et al. 2023, "Linguistic Binding in Diffusion Models"): each noun's modifiers should
     attend where the noun does, and nowhere near the other nouns and their modifiers. ``words``: the nouns
-    (e.g. the shape words); a noun's modifiers are the words just before it back to a stop word or another
-    noun ("a small purple square and a blue circle": square <- small, purple; circle <- blue), the rule the
-    paper's dependency parse gives on such prompts. With each token's map normalised to a distribution over
+    (e.g. the shape words); a noun's modifiers are the words just before it back to a stop word, a punctuation
+    mark or another noun ("a small purple square and a blue circle": square <- small, purple; circle <- blue),
+    the rule the paper's dependency parse gives on such prompts. With each token's map normalised to a distribution over
     the pixels and ``dist`` the symmetric KL divergence,
 
         L = mean over (modifier m, its noun n) of dist(A_m, A_n)
@@ -216,7 +216,8 @@ class SyntaxBinding(LatentGuide):
                 if text[w] not in nouns:
                     continue
                 mods, v = [], w - 1
-                while v in by_word and text[v] not in STOP_WORDS and text[v] not in nouns:
+                while (v in by_word and text[v] not in STOP_WORDS and text[v] not in nouns
+                       and any(ch.isalnum() for ch in text[v])):  # punctuation ends a group too
                     mods.insert(0, by_word[v])
                     v -= 1
                 groups.append((by_word[w], mods))

@@ -120,6 +120,15 @@ def test_what_cannot_be_guided_is_refused_before_any_step(shapes_pipe):
     assert s.guide_log[0][0]["loss"][1] == 0.0  # no subject in row 2: nothing to excite
 
 
+def test_syntax_binding_groups_stop_at_punctuation_and_other_nouns():
+    from types import SimpleNamespace
+    words = ["", "a", "red", "circle", ",", "blue", "square", "green", "triangle", ""]
+    tokens = {"prompts": [{"words": words, "word_index": [-1, 0, 1, 2, 3, 4, 5, 6, 7, -1]}]}
+    groups = lab.SyntaxBinding(["circle", "square", "triangle"]).targets(
+        tokens, SimpleNamespace(batch=1, prompt_of=lambda j: 0))
+    assert groups == [[([3], [[2]]), ([6], [[5]]), ([8], [[7]])]]
+
+
 def test_syntax_binding_groups_each_noun_with_its_modifiers(shapes_pipe):
     guide = lab.SyntaxBinding(["circle", "square", "triangle"])
     s = shapes_pipe.sampler([CAPTION, "a circle and a large green square on a white background"], seed=0,
