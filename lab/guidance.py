@@ -86,9 +86,12 @@ class LatentGuide:
             words = [w.lower() for w in prompts[layout.prompt_of(j)]["words"]]
             rows.append([t for t, w in enumerate(words) if w in wanted])
         if not any(rows):
-            all_words = sorted({w for p in prompts for w in p["words"] if w})
-            raise KeyError(f"none of the subject words {self.words} is in the prompt ({all_words})")
+            self._none_found(prompts)
         return rows
+
+    def _none_found(self, prompts):
+        all_words = sorted({w for p in prompts for w in p["words"] if w})
+        raise KeyError(f"none of the subject words {self.words} is in the prompt ({all_words})")
 
     def targets(self, tokens: dict, layout) -> list:
         """What :meth:`loss` needs of each conditional row's tokens (here: the subject tokens)."""
@@ -200,7 +203,6 @@ class SyntaxBinding(LatentGuide):
 
     def targets(self, tokens, layout) -> list[list[tuple[list[int], list[list[int]]]]]:
         """Per row, each noun's group: ``(the noun's tokens, [each modifier's tokens])``."""
-        self.subject_tokens(tokens, layout)  # KeyError when no prompt names a noun
         nouns = {w.lower() for w in self.words}
         rows = []
         for j in range(layout.batch):
@@ -222,6 +224,8 @@ class SyntaxBinding(LatentGuide):
                     v -= 1
                 groups.append((by_word[w], mods))
             rows.append(groups)
+        if not any(rows):
+            self._none_found(tokens["prompts"])
         return rows
 
     def loss(self, probs, targets, n_words) -> torch.Tensor:
