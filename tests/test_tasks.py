@@ -4,6 +4,7 @@ plain diffusers, driven by the lab's sampler."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,36 @@ def test_segmap_task_trains_and_matches_a_hand_written_loop(tmp_path):
         pipe.sampler([ex["caption"]] * 3, conditioning=[SemanticMap(onehot.repeat(2, 1, 1, 1))], progress=False)
 
 
+def test_a_task_model_continues_from_the_bundled_one(tmp_path):
+    """``--init base`` for a concat task starts from the base's trained ``unet-TASK`` (its learnt mask and
+    masked-image kernels), not from the text UNet with zero new channels."""
+    from safetensors.torch import load_file
+    rows = train.train("task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"], init="base",
+                       progress=False)
+    assert rows[0]["stage"] == "task-inpaint" and rows[0]["steps"] == 3
+    weights = Path("unet-inpaint") / "diffusion_pytorch_model.safetensors"
+    start = load_file(Path(BUNDLED["shapes"]) / weights)["conv_in.weight"]
+    ours = load_file(tmp_path / "work" / weights)["conv_in.weight"]
+    new = slice(4, None)  # the mask and masked-image channels: zero in a fresh widening
+    assert start[:, new].float().abs().mean() > 1e-3
+    # three steps in the cosine's warm-up leave the bundled weights all but unchanged
+    assert torch.allclose(ours[:, new].float(), start[:, new].float(), atol=1e-3)
+    # its record counts the run it continued (the task table's iterations and time)
+    before = json.loads((Path(BUNDLED["shapes"]) / "unet-inpaint" / tasks.TRAINING_RECORD).read_text())
+    assert rows[0]["init"] == "base"
+    assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
+
+
+def test_task_init_errors_say_what_is_missing():
+    with pytest.raises(FileNotFoundError, match="needs a sr UNet to start from"):
+        train.train("task-sr", "/tmp/unused", preset="smoke", base=BUNDLED["shapes"], init="base", progress=False)
+    with pytest.raises(ValueError, match="unknown init 'gaussian' for a task model"):
+        train.train("task-inpaint", "/tmp/unused", preset="smoke", base=BUNDLED["shapes"], init="gaussian",
+                    progress=False)
+    with pytest.raises(ValueError, match="concat task models"):
+        train.train("task-class", "/tmp/unused", preset="smoke", base=BUNDLED["shapes"], init="base", progress=False)
+
+
 def test_task_errors_name_what_exists():
     with pytest.raises(KeyError, match="unknown task 'zebra'"):
         tasks.check_task("zebra")
@@ -196,7 +227,7 @@ def test_task_errors_name_what_exists():
         lab.load("shapes", task="zebra")
 
 
-def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
+def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path, monkeypatch):
     """The class model (class tokens by cross-attention over the text UNet with its K/V fine-tuned) against the
     loop written out by hand from the files on disk: the text UNet, the K/V over it, the class tokens."""
     import json
@@ -205,9 +236,18 @@ def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path):
     from safetensors.torch import load_file
 
     from analysis import word_heatmap
+    # the class token's map pulled onto its object (off in the shipped recipe, tasks.GROUNDING): both grounding
+    # terms logged beside L_LDM, and in the loss
+    monkeypatch.setitem(tasks.GROUNDING, "class", (0.2, 0.04))
     rows = train.train("task-class", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
                        export_to=tmp_path / "model", progress=False)
     assert rows[0]["stage"] == "task-class" and rows[0]["steps"] == 3
+    logged = [json.loads(line) for line in (tmp_path / "work" / "logs" / "task-class.jsonl").read_text().splitlines()]
+    w_token, w_pixel = tasks.GROUNDING["class"]
+    assert logged
+    for row in logged:
+        assert row["grounding"] > 0 and row["pixel"] > 0
+        assert row["loss"] == pytest.approx(row["mse"] + w_token * row["grounding"] + w_pixel * row["pixel"], rel=1e-4)
     model = tmp_path / "model"
     kv = load_file(str(model / "unet-class" / tasks.PARTIAL_FILE))
     assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)

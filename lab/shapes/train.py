@@ -44,10 +44,11 @@ from ..recording.dispatch import ProbsAttnProcessor
 from ..token_encoders import COORD_CHANNELS, LORA_FILE, coordinate_channels
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
-from .tasks import (CAPTION_DROP, EXTRA_CHANNELS, LAYOUT_GROUNDING, LAYOUT_LABELS, MAX_NOISE_LEVEL, NEW_LR_MULT,
-                    PARTIAL_FILE, TASKS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD, SplitConvIn, check_task,
-                    class_encoder, class_index, float_images, inpaint_inputs, inpaint_masks, layout_encoder, low_res,
-                    low_res_scheduler, object_boxes, segmap_onehot, trained_subset, widen_conv_in)
+from .tasks import (CAPTION_DROP, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
+                    MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD,
+                    SplitConvIn, check_task, class_encoder, class_index, float_images, inpaint_inputs, inpaint_masks,
+                    layout_encoder, low_res, low_res_scheduler, object_boxes, segmap_onehot, trained_subset,
+                    widen_conv_in)
 from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
@@ -539,7 +540,8 @@ class Trainer:
         self._save_scheduler()
         return summary
 
-    def _loop_with_ema(self, stage, params, seconds, lr, step_fn, state_fn, load_fn, g, pairs, batch=None):
+    def _loop_with_ema(self, stage, params, seconds, lr, step_fn, state_fn, load_fn, g, pairs, batch=None,
+                       record=None):
         decay = self.preset.ema_decay
         counter = {"n": 0}
 
@@ -552,7 +554,7 @@ class Trainer:
             counter["n"] += 1
             return step_fn()
 
-        summary = self._loop(stage, params, seconds, lr, wrapped, state_fn, load_fn, g, batch)
+        summary = self._loop(stage, params, seconds, lr, wrapped, state_fn, load_fn, g, batch, record=record)
         d = min(decay, (1 + counter["n"]) / (10 + counter["n"]))
         for ema, model in pairs:
             _ema_update(ema, model, d)
@@ -662,16 +664,24 @@ class Trainer:
         return probe
 
     # ---------------------------------------------------------------- the task table
-    def train_task(self, task: str) -> dict:
+    def train_task(self, task: str, init: str = "zero") -> dict:
         """A model of the task table (:mod:`lab.shapes.tasks`): the text model's UNet (this run's own, else the
         base's) with ``conv_in`` widened for the task's concat channels, fine-tuned on this trainer's data, the text
-        encoder and the VAE frozen; EMA weights to ``out / f"unet-{task}"``."""
+        encoder and the VAE frozen; EMA weights to ``out / f"unet-{task}"``. ``init="base"``: a concat model
+        starts instead from the base's trained ``unet-{task}`` (a fresh cosine on top of an earlier run)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         check_task(task)
+        if init not in ("zero", "base"):
+            raise ValueError(f"unknown init {init!r} for a task model; expected 'zero' or 'base'")
         if task in (*TOKEN_TASKS, "uncond"):
+            if init != "zero":
+                raise ValueError(f"init={init!r} is for the concat task models {CONCAT_TASKS}, not {task!r}")
             return self._train_tokens(task)
+        start = self.base / f"unet-{task}"
+        if init == "base" and not (start / "config.json").exists():
+            raise FileNotFoundError(f"init='base' needs a {task} UNet to start from; {start} has none (pass base=)")
         p = self.preset
         stage = f"task-{task}"
         scale, mean, std = self._latent_stats(self._component("vae"))
@@ -680,8 +690,11 @@ class Trainer:
         text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device).eval()
         text.requires_grad_(False)
         base = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
-        unet = widen_conv_in(base, EXTRA_CHANNELS[task],
-                             num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
+        if init == "base":
+            unet = UNet2DConditionModel.from_pretrained(start, dtype=torch.float32).to(self.device).train()
+        else:
+            unet = widen_conv_in(base, EXTRA_CHANNELS[task],
+                                 num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
         unet.conv_in = SplitConvIn(unet.conv_in, base.config.in_channels)
         del base
         fast = [unet.conv_in.new_weight] + ([unet.class_embedding.weight] if task == "sr" else [])
@@ -729,8 +742,14 @@ class Trainer:
             unet.load_state_dict(ck["unet"])
             ema.load_state_dict(ck["ema"])
 
+        record = None
+        if init == "base":  # the run it continues, so the task table counts both (tasks.hyperparameter_table)
+            prev = json.loads((start / TRAINING_RECORD).read_text()) if (start / TRAINING_RECORD).exists() else {}
+            before = prev.get("before", {"steps": 0, "seconds": 0.0})
+            record = {"init": "base", "before": {"steps": before["steps"] + prev.get("steps", 0),
+                                                 "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}}
         summary = self._loop_with_ema(stage, params, p.unet_seconds, p.unet_lr, step_fn, state, load, g, [(ema, unet)],
-                                      p.unet_batch)
+                                      p.unet_batch, record=record)
         ema.conv_in = ema.conv_in.merged()
         ema.save_pretrained(self.out / f"unet-{task}")
         if task == "sr":
@@ -742,10 +761,11 @@ class Trainer:
         the text encoder) read by the text model's UNet through cross-attention, with the UNet weights of
         :func:`~lab.shapes.tasks.trained_subset` fine-tuned and the rest frozen. ``class``: the one-object scenes
         of this trainer's data, their (size, colour, shape) the label; ``layout``: every scene, its objects'
-        boxes and (colour, shape) labels, in either order, its UNet taking coordinate channels, and each box
-        token's cross-attention map trained onto its object (:func:`grounding_losses`, weights
-        :data:`~lab.shapes.tasks.LAYOUT_GROUNDING`). The condition is dropped to the null one time in
-        ten (guidance). EMA weights to ``out / "unet-TASK" / PARTIAL_FILE`` and ``out / "TASK_embedder"``."""
+        boxes and (colour, shape) labels, in either order, its UNet taking coordinate channels. Where
+        :data:`~lab.shapes.tasks.GROUNDING` gives weights (each box token; the class token's are off), each condition
+        token's cross-attention map is trained onto its object (:func:`grounding_losses`). The condition is dropped to
+        the null one time in ten (guidance). EMA weights to ``out / "unet-TASK" / PARTIAL_FILE`` and
+        ``out / "TASK_embedder"``."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import save_file
         from transformers import CLIPTextModel
@@ -771,7 +791,8 @@ class Trainer:
         names = set(trained_subset(unet, task))
         trained = [q for name, q in unet.named_parameters() if name in names]
         probs: list[torch.Tensor] = []
-        if task == "layout":  # each box token's map is trained onto its object (grounding_losses), as in train_unet
+        grounded = task in GROUNDING and any(GROUNDING[task])
+        if grounded:  # each condition token's map is trained onto its object (grounding_losses), as in train_unet
             _keep_cross_attention_probs(unet, probs)
         for q in trained:
             q.requires_grad_(True)
@@ -806,6 +827,9 @@ class Trainer:
                 ctx = empty.expand(len(j), -1, -1)
             elif task == "class":
                 ctx = encoder(torch.where(drop, encoder.null_class, labels[j]))
+                # the class token names the scene's one object (group 0); the frame's other tokens name nothing
+                token_group = torch.full(ctx.shape[:2], -1, dtype=torch.long, device=self.device)
+                token_group[:, CLASS_SLOT] = torch.where(drop, -1, 0)
             else:
                 lab, box = labels[j], boxes[idx]
                 swap = (torch.rand(len(j), generator=g, device=self.device) < 0.5) & (lab[:, 1] >= 0)
@@ -824,11 +848,11 @@ class Trainer:
             with _autocast(self.device):
                 pred = unet(x, t, encoder_hidden_states=ctx).sample
             loss = F.mse_loss(pred.float(), eps)
-            if task != "layout":
+            if not grounded:
                 return loss, {}
             ground, pix = grounding_losses(probs, self.data["group_masks"][idx].float(), token_group)
             probs.clear()
-            w_token, w_pixel = LAYOUT_GROUNDING
+            w_token, w_pixel = GROUNDING[task]
             return loss + w_token * ground + w_pixel * pix, {"mse": loss.detach(), "grounding": ground.detach(),
                                                              "pixel": pix.detach()}
 
@@ -1074,7 +1098,7 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(train_views(tr, coordinates=s.endswith("-coords"),
                                         layout="warped" if s == "task-views" else "view"))
         elif s in TASK_STAGES:
-            out_rows.append(tr.train_task(s.removeprefix("task-")))
+            out_rows.append(tr.train_task(s.removeprefix("task-"), init=init))
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"
             out_rows.append(stage1.train_stage(tr, s, seconds))
         else:
