@@ -208,7 +208,7 @@ def test_a_task_model_continues_from_the_bundled_one(tmp_path):
     assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
 
 
-def test_task_init_errors_say_what_is_missing():
+def test_task_init_errors_say_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="needs a sr UNet to start from"):
         train.train("task-sr", "/tmp/unused", preset="smoke", base=BUNDLED["shapes"], init="base", progress=False)
     with pytest.raises(ValueError, match="unknown init 'gaussian' for a task model"):
@@ -216,6 +216,11 @@ def test_task_init_errors_say_what_is_missing():
                     progress=False)
     with pytest.raises(ValueError, match="concat task models"):
         train.train("task-class", "/tmp/unused", preset="smoke", base=BUNDLED["shapes"], init="base", progress=False)
+    # checked before any stage of the command trains: the ControlNet before it does not run and is not lost
+    with pytest.raises(ValueError, match="unknown init 'gaussian' for a task model"):
+        train.train("controlnet-depth,task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                    init="gaussian", progress=False)
+    assert not (tmp_path / "work").exists()
 
 
 def test_task_errors_name_what_exists():

@@ -672,16 +672,9 @@ class Trainer:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        check_task(task)
-        if init not in ("zero", "base"):
-            raise ValueError(f"unknown init {init!r} for a task model; expected 'zero' or 'base'")
+        start = _check_task_init(task, init, self.base)
         if task in (*TOKEN_TASKS, "uncond"):
-            if init != "zero":
-                raise ValueError(f"init={init!r} is for the concat task models {CONCAT_TASKS}, not {task!r}")
             return self._train_tokens(task)
-        start = self.base / f"unet-{task}"
-        if init == "base" and not (start / "config.json").exists():
-            raise FileNotFoundError(f"init='base' needs a {task} UNet to start from; {start} has none (pass base=)")
         p = self.preset
         stage = f"task-{task}"
         scale, mean, std = self._latent_stats(self._component("vae"))
@@ -887,6 +880,19 @@ class Trainer:
         return export_pipeline(self.out, dest, kinds, base=self.base)
 
 
+def _check_task_init(task: str, init: str, base: Path) -> Path:
+    """Where a task model with ``init`` starts (``base / unet-TASK`` for ``"base"``), or a clear error."""
+    check_task(task)
+    if init not in ("zero", "base"):
+        raise ValueError(f"unknown init {init!r} for a task model; expected 'zero' or 'base'")
+    if init == "base" and task not in CONCAT_TASKS:
+        raise ValueError(f"init={init!r} is for the concat task models {CONCAT_TASKS}, not {task!r}")
+    start = Path(base) / f"unet-{task}"
+    if init == "base" and not (start / "config.json").exists():
+        raise FileNotFoundError(f"init='base' needs a {task} UNet to start from; {start} has none (pass base=)")
+    return start
+
+
 def _keep_cross_attention_probs(unet, sink: list) -> None:
     """Cross-attention on the lab's one explicit path (lab.recording.dispatch): output probs @ V, and each
     layer's probabilities ``[batch, heads, queries, tokens]`` appended to ``sink`` inside the autograd graph (for
@@ -1067,6 +1073,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     for s in stages:
         if s not in STAGES + TASK_STAGES + stage1.STAGES:
             raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES + stage1.STAGES}")
+    for s in stages:  # before any stage runs, so a bad init loses no training
+        if s in TASK_STAGES and not s.startswith("task-views"):
+            _check_task_init(s.removeprefix("task-"), init, Path(base if base is not None else out))
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
         p = replace(p, grounding=grounding)
