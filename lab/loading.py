@@ -147,16 +147,24 @@ def quiet_libraries():
 
 def _task_unet(path: Path, task: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
-    from .token_encoders import ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora
+    from .token_encoders import (ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora,
+                                 weights_digest)
     sub = path / f"unet-{task}"
     if (sub / PARTIAL_FILE).exists():
         # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
         base = "unet"
         if (sub / ADAPTER_FILE).exists():  # an adapter over another task model (the view model's: the inpainting UNet)
-            base = json.loads((sub / ADAPTER_FILE).read_text()).get("base", base)
+            adapter = json.loads((sub / ADAPTER_FILE).read_text())
+            base = adapter.get("base", base)
             if not (path / base / "config.json").exists():
                 raise IncompleteModel(f"the {task!r} model is an adapter over {path / base}, which is missing",
                                       [str(path / base)])
+            if "base_digest" in adapter and weights_digest(path / base) != adapter["base_digest"]:
+                warnings.warn(f"the {task!r} adapter ({sub}) was trained and measured over other weights of "
+                              f"{path / base} (digest {adapter['base_digest']}, these are "
+                              f"{weights_digest(path / base)}): it loads, but its measured quality may not hold; "
+                              f"retrain it over this base (python -m lab train shapes --task {task} --base {path})",
+                              stacklevel=3)
         with quiet_libraries():
             unet = UNet2DConditionModel.from_pretrained(path / base, dtype=dtype)
         load_partial(unet, sub / PARTIAL_FILE)

@@ -16,7 +16,25 @@ from diffusers.configuration_utils import register_to_config
 
 PARTIAL_FILE = "unet_partial.safetensors"  # unet-TASK/: the UNet weights a fine-tune changed, by the UNet's names
 LORA_FILE = "pytorch_lora_weights.safetensors"  # unet-TASK/: a LoRA adapter over the base UNet (diffusers' name)
-ADAPTER_FILE = "lab_adapter.json"  # unet-TASK/: {"base": the UNet folder the weights go over; "unet" when absent}
+# unet-TASK/: {"base": the UNet folder the weights go over ("unet" when absent), "base_digest": weights_digest of the
+# base the adapter was trained over, or last measured over when that base was retrained (the loader warns on another)}
+ADAPTER_FILE = "lab_adapter.json"
+
+
+def weights_digest(folder) -> str:
+    """A short SHA-256 of a model folder's weights by value (every ``*.safetensors`` tensor, by name, as fp16):
+    the same for an fp32 training copy and its fp16 export, different for any retrained weight."""
+    import hashlib
+    from pathlib import Path
+
+    from safetensors import safe_open
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in sorted(st.keys()):
+                h.update(k.encode())
+                h.update(st.get_tensor(k).to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _states(text_encoder, tokenizer, texts) -> torch.Tensor:

@@ -13,7 +13,7 @@ from lab.conditioning import CameraToken, InputView, keep_seen, novel_view
 from lab.conditioning.views import SEEN, warp_views
 from lab.loading import BUNDLED
 from lab.shapes import evaluate_views, train, views, world
-from lab.token_encoders import ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder, merge_lora
+from lab.token_encoders import ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder, merge_lora, weights_digest
 
 
 def test_the_canonical_camera_sees_the_world_as_it_renders():
@@ -172,8 +172,11 @@ def test_training_writes_an_adapter_that_diffusers_loads_as_the_lab_merges_it(sm
     assert row["stage"] == "task-views" and row["steps"] == 3 and row["lora_rank"] == 8 and row["layout"] == "warped"
     folder = pipe_dir / "unet-views"
     assert (folder / LORA_FILE).exists() and (folder / PARTIAL_FILE).exists()
-    base = json.loads((folder / ADAPTER_FILE).read_text())["base"]
+    adapter = json.loads((folder / ADAPTER_FILE).read_text())
+    base = adapter["base"]
     assert base == "unet-inpaint"
+    # the weights it was trained over (the bundled model's, fp32 in training), by value, as the export has them (fp16)
+    assert adapter["base_digest"] == weights_digest(BUNDLED["shapes"] / base) == weights_digest(pipe_dir / base)
     # give the adapter weight (3 steps leave LoRA's B near zero): the merge must be the same computation
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -195,6 +198,29 @@ def test_training_writes_an_adapter_that_diffusers_loads_as_the_lab_merges_it(sm
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         merge_lora(ours, folder / PARTIAL_FILE)
+
+
+def test_an_adapter_over_retrained_base_weights_loads_with_a_warning(smoke_views, tmp_path):
+    """The view adapter goes over the inpainting UNet: if that UNet is retrained under it, the adapter is no
+    longer the model that was measured, and loading says so (and still loads)."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+    _, pipe_dir = smoke_views
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lab.load(pipe_dir, task="views")
+    assert not [w for w in seen if "over other weights" in str(w.message)]
+    copy = tmp_path / "model"
+    shutil.copytree(pipe_dir, copy)
+    weights = copy / "unet-inpaint" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["conv_in.bias"] = state["conv_in.bias"] + 0.01
+    save_file(state, str(weights))
+    with pytest.warns(UserWarning, match="adapter .* was trained and measured over other weights of"):
+        pipe = lab.load(copy, task="views")
+    assert pipe.kind == "views"
 
 
 def test_view_model_samples_with_recording_and_refuses_bad_conditioning(smoke_views):
@@ -322,7 +348,12 @@ def test_the_shipped_view_model_is_its_adapter_and_reads_its_input_view_and_its_
     import json
 
     from diffusers import UNet2DConditionModel
-    pipe = lab.load("shapes", task="views")
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe = lab.load("shapes", task="views")
+    # its adapter file names the bundled inpainting UNet's weights (measured over them: eval-views.json)
+    assert not [w for w in seen if "over other weights" in str(w.message)]
     folder = BUNDLED["shapes"] / "unet-views"
     rec = json.loads((folder / "lab_training.json").read_text())
     base = json.loads((folder / ADAPTER_FILE).read_text())["base"]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..conditioning.views import nothing_seen, warp_views
 from ..token_encoders import (ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder,
-                              coordinate_channels)
+                              coordinate_channels, weights_digest)
 from . import configs, views
 from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
 
@@ -93,9 +93,11 @@ def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False, layou
     return unet
 
 
-def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32, base: str = "unet") -> None:
+def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32, base: str = "unet",
+                    base_dir=None) -> None:
     """``out/unet-views/`` (the LoRA adapter, ``conv_in``, and :data:`ADAPTER_FILE` naming the ``base`` UNet
-    folder they go over) and ``out/camera_embedder/``."""
+    folder they go over, with the digest of ``base_dir``'s weights, the ones it was trained over) and
+    ``out/camera_embedder/``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     out = Path(out)
@@ -108,7 +110,8 @@ def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32,
     unet.conv_in = conv  # save_lora_adapter reads the peft state only; conv_in is not part of it
     unet.save_lora_adapter(folder, adapter_name=ADAPTER, weight_name=LORA_FILE)
     unet.conv_in = keep
-    (folder / ADAPTER_FILE).write_text(json.dumps({"base": base}) + "\n")
+    adapter = {"base": base, **({"base_digest": weights_digest(base_dir)} if base_dir is not None else {})}
+    (folder / ADAPTER_FILE).write_text(json.dumps(adapter) + "\n")
     if dtype != torch.float32:
         with safe_open(str(folder / LORA_FILE), "pt") as f:
             meta, state = f.metadata(), {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
@@ -264,7 +267,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
                    relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
     # the record of what is now in out/unet-views (whichever layout), where the export looks for it
     (tr.out / "logs" / f"task-{TASK}.summary.json").write_text(json.dumps(summary, indent=2))  # with these keys
-    save_view_model(ema_unet, ema_enc, tr.out, base=LAYOUT_BASE[layout])
+    save_view_model(ema_unet, ema_enc, tr.out, base=LAYOUT_BASE[layout], base_dir=tr._component(LAYOUT_BASE[layout]))
     return summary
 
 
