@@ -254,6 +254,10 @@ def test_class_task_trains_loads_and_matches_a_hand_written_loop(tmp_path, monke
         assert row["grounding"] > 0 and row["pixel"] > 0
         assert row["loss"] == pytest.approx(row["mse"] + w_token * row["grounding"] + w_pixel * row["pixel"], rel=1e-4)
     model = tmp_path / "model"
+    # it names the text UNet's weights it went over (lab.load warns if those change under it)
+    from lab.token_encoders import ADAPTER_FILE, weights_digest
+    adapter = json.loads((model / "unet-class" / ADAPTER_FILE).read_text())
+    assert adapter == {"base": "unet", "base_digest": weights_digest(BUNDLED["shapes"] / "unet")}
     kv = load_file(str(model / "unet-class" / tasks.PARTIAL_FILE))
     assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
     assert all(v.dtype == torch.float16 for v in kv.values())

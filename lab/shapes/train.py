@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
-from ..token_encoders import COORD_CHANNELS, LORA_FILE, coordinate_channels
+from ..token_encoders import ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, coordinate_channels, weights_digest
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
 from .tasks import (CAPTION_DROP, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
@@ -872,6 +872,9 @@ class Trainer:
             ema_unet.conv_in = ema_unet.conv_in.merged()
         save_file({k: v.contiguous() for k, v in trained_subset(ema_unet, task).items()},
                   str(self.out / f"unet-{task}" / PARTIAL_FILE))
+        # the text UNet's weights it goes over, so a retrained text UNet under it is noticed at load (lab.loading)
+        (self.out / f"unet-{task}" / ADAPTER_FILE).write_text(
+            json.dumps({"base": "unet", "base_digest": weights_digest(self._component("unet"))}) + "\n")
         return summary
 
     # ---------------------------------------------------------------- export
@@ -1004,6 +1007,8 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
             (tmp / f"unet-{task}").mkdir()
             save_file({k: v.half().contiguous() for k, v in load_file(str(src(f"unet-{task}") / PARTIAL_FILE)).items()},
                       str(tmp / f"unet-{task}" / PARTIAL_FILE))
+            if (src(f"unet-{task}") / ADAPTER_FILE).exists():
+                shutil.copy(src(f"unet-{task}") / ADAPTER_FILE, tmp / f"unet-{task}" / ADAPTER_FILE)
             if task in TOKEN_TASKS:
                 folder = TOKEN_TASKS[task]
                 ENCODERS[folder].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
