@@ -153,18 +153,18 @@ def _task_unet(path: Path, task: str, dtype: torch.dtype):
     if (sub / PARTIAL_FILE).exists():
         # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
         base = "unet"
-        if (sub / ADAPTER_FILE).exists():  # an adapter over another task model (the view model's: the inpainting UNet)
+        if (sub / ADAPTER_FILE).exists():  # the UNet it goes over (the view model's: the inpainting UNet), its weights
             adapter = json.loads((sub / ADAPTER_FILE).read_text())
             base = adapter.get("base", base)
             if not (path / base / "config.json").exists():
                 raise IncompleteModel(f"the {task!r} model is an adapter over {path / base}, which is missing",
                                       [str(path / base)])
-            if "base_digest" in adapter and weights_digest(path / base) != adapter["base_digest"]:
+            digest = weights_digest(path / base) if "base_digest" in adapter else None
+            if digest is not None and digest != adapter["base_digest"]:
                 warnings.warn(f"the {task!r} adapter ({sub}) was trained and measured over other weights of "
-                              f"{path / base} (digest {adapter['base_digest']}, these are "
-                              f"{weights_digest(path / base)}): it loads, but its measured quality may not hold; "
-                              f"retrain it over this base (python -m lab train shapes --task {task} --base {path})",
-                              stacklevel=3)
+                              f"{path / base} (digest {adapter['base_digest']}, these are {digest}): it loads, "
+                              f"but its measured quality may not hold; retrain it over this base "
+                              f"(python -m lab train shapes --task {task} --base {path})", stacklevel=3)
         with quiet_libraries():
             unet = UNet2DConditionModel.from_pretrained(path / base, dtype=dtype)
         load_partial(unet, sub / PARTIAL_FILE)
