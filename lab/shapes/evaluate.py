@@ -224,14 +224,12 @@ def run_eval(n: int = 200, *, steps: int = 30, guidance: float = 5.0, seed: int 
         _fidelity_keys(res, pipe, n, steps, guidance, seed, progress)
     if "binding" in parts:
         res.update(binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress))
-        if attend_and_excite:
-            res["attend_and_excite"] = binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed,
-                                                    progress=progress, guides=[AttendAndExcite(list(world.SHAPES))])
-        if syntax_binding:
-            guide = SyntaxBinding(list(world.SHAPES), step_size=SYNTAX_BINDING_STEP)
-            res["syntax_binding"] = binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed,
-                                                 progress=progress, guides=[guide])
-            res["syntax_binding"]["guide"] = guide.describe()
+        guided = {"attend_and_excite": attend_and_excite and AttendAndExcite(list(world.SHAPES)),
+                  "syntax_binding": syntax_binding and SyntaxBinding(list(world.SHAPES), step_size=SYNTAX_BINDING_STEP)}
+        for key, guide in guided.items():
+            if guide:  # the two-object keys again with the guide, and its settings
+                res[key] = {**binding_eval(pipe, n, steps=steps, guidance=guidance, seed=seed, progress=progress,
+                                           guides=[guide]), "guide": guide.describe()}
     if "controlnet" in parts:
         _controlnet_keys(res, pipe, n, steps, guidance, seed, kinds, progress)
     if "composition" in parts:

@@ -682,14 +682,15 @@ class Trainer:
         vae.requires_grad_(False)
         text = CLIPTextModel.from_pretrained(self._component("text_encoder"), dtype=torch.float32).to(self.device).eval()
         text.requires_grad_(False)
-        base = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
+        text_channels = UNet2DConditionModel.load_config(self._component("unet"))["in_channels"]
         if init == "base":
             unet = UNet2DConditionModel.from_pretrained(start, dtype=torch.float32).to(self.device).train()
         else:
+            base = UNet2DConditionModel.from_pretrained(self._component("unet"), dtype=torch.float32).to(self.device)
             unet = widen_conv_in(base, EXTRA_CHANNELS[task],
                                  num_class_embeds=MAX_NOISE_LEVEL + 1 if task == "sr" else None).train()
-        unet.conv_in = SplitConvIn(unet.conv_in, base.config.in_channels)
-        del base
+            del base
+        unet.conv_in = SplitConvIn(unet.conv_in, text_channels)
         fast = [unet.conv_in.new_weight] + ([unet.class_embedding.weight] if task == "sr" else [])
         params = [{"params": [q for q in unet.parameters() if all(q is not f for f in fast)]},
                   {"params": fast, "lr_mult": NEW_LR_MULT}]
