@@ -221,6 +221,23 @@ def test_task_init_errors_say_what_is_missing(tmp_path):
         train.train("controlnet-depth,task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
                     init="gaussian", progress=False)
     assert not (tmp_path / "work").exists()
+    # stages that take no init refuse one rather than train from something else than asked (the view model, the UNet)
+    for stage in ("task-views", "unet", "vae"):
+        with pytest.raises(ValueError, match=f"{stage!r} takes none"):
+            train.train(f"controlnet-depth,{stage}", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
+                        init="base", progress=False)
+    assert not (tmp_path / "work").exists()
+
+
+def test_bundled_adapters_name_the_weights_they_go_over():
+    """Every bundled model stored as weights over another UNet folder says which, and that folder's weights are
+    the ones it was trained or measured over (else ``lab.load`` warns that its numbers may not hold)."""
+    from lab.token_encoders import ADAPTER_FILE, PARTIAL_FILE, weights_digest
+    partials = sorted(p.parent for p in Path(BUNDLED["shapes"]).glob(f"unet-*/{PARTIAL_FILE}"))
+    assert {p.name for p in partials} >= {"unet-class", "unet-layout", "unet-uncond", "unet-views"}
+    for folder in partials:
+        adapter = json.loads((folder / ADAPTER_FILE).read_text())
+        assert adapter["base_digest"] == weights_digest(folder.parent / adapter["base"]), folder.name
 
 
 def test_task_errors_name_what_exists():

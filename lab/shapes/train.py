@@ -1082,6 +1082,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     for s in stages:  # before any stage runs, so a bad init loses no training
         if s in TASK_STAGES and not s.startswith("task-views"):
             _check_task_init(s.removeprefix("task-"), init, Path(base if base is not None else out))
+        elif not s.startswith("controlnet-") and init != "zero":
+            raise ValueError(f"init={init!r} is for the ControlNet and concat task stages; {s!r} takes none "
+                             f"(it starts from --base where one is given)")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
         p = replace(p, grounding=grounding)
