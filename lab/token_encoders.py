@@ -54,8 +54,8 @@ def _phrase_states(text_encoder, tokenizer, prefix: str, phrases) -> torch.Tenso
 class ClassTokenEncoder(ModelMixin, ConfigMixin):
     """Class labels -> a cross-attention context (LDM's ``ClassEmbedder``: a learned token per class, the seed's
     CA row for class labels), ``[B, length, dim]``: a learned frame of ``length`` tokens with the class's token at
-    ``slot``. The frame starts as the text encoder's states of the empty caption and each class token as the mean
-    state of its words ("large red circle"), so fine-tuning starts from the text model reading a one-phrase
+    ``slot``. The frame starts as the text encoder's states of the empty caption (or of one-phrase captions:
+    :meth:`from_text_encoder`) and each class token as the mean state of its words ("large red circle"), so fine-tuning starts from the text model reading a one-phrase
     caption; the null class (index ``num_classes``, for guidance) starts as the empty caption's own state there.
     A frame rather than one token: with a single key, cross-attention's softmax is 1 everywhere and the class can
     only shift every pixel alike; beside the frame's tokens its map shows where the class is read.
@@ -81,12 +81,20 @@ class ClassTokenEncoder(ModelMixin, ConfigMixin):
 
     @classmethod
     @torch.no_grad()
-    def from_text_encoder(cls, text_encoder, tokenizer, class_names, *, slot: int = 1) -> "ClassTokenEncoder":
-        """Started from the text encoder (class docstring): ``class_names`` are phrases (``"large red circle"``)."""
+    def from_text_encoder(cls, text_encoder, tokenizer, class_names, *, slot: int = 1,
+                          frame: str = "empty") -> "ClassTokenEncoder":
+        """Started from the text encoder (class docstring): ``class_names`` are phrases (``"large red circle"``).
+        ``frame="phrases"``: the frame starts instead as the mean over the classes of the states of their
+        one-phrase captions (``"a large red circle"``): what a causal text encoder's later positions say about
+        any one-object caption, where the empty caption's say "anything" (the text model then draws one object or
+        two)."""
+        if frame not in ("empty", "phrases"):
+            raise ValueError(f"unknown frame init {frame!r}; expected 'empty' or 'phrases'")
         n = tokenizer.model_max_length
         enc = cls(len(class_names), text_encoder.config.hidden_size, n, slot, list(class_names))
         empty = _states(text_encoder, tokenizer, [""])[0]
-        enc.frame.copy_(empty)
+        enc.frame.copy_(empty if frame == "empty" else
+                        _states(text_encoder, tokenizer, [f"a {c}" for c in class_names]).mean(0))
         enc.table.weight[:-1].copy_(_phrase_states(text_encoder, tokenizer, "a", class_names))
         enc.table.weight[-1].copy_(empty[slot])
         return enc

@@ -478,3 +478,28 @@ def test_coordinate_channels_and_a_widening_partial_file(tmp_path):
     load_partial(unet, tmp_path / "wide.safetensors")
     assert unet.config.in_channels == 6 and torch.equal(unet.conv_in.weight, w)
     assert unet(torch.randn(1, 6, 16, 16), 10, encoder_hidden_states=torch.randn(1, 32, 128)).sample.shape == (1, 4, 16, 16)
+
+
+def test_class_token_frame_starts_from_the_text_encoder():
+    """The class encoder's frame starts as the text encoder's states: of the empty caption, or (``"phrases"``)
+    the mean of the one-phrase captions' ("a large red circle"); each class token as its words' mean state."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from lab.token_encoders import ClassTokenEncoder
+    folder = Path(BUNDLED["shapes"])
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    names = ["large red circle", "small blue square"]
+
+    def states(texts):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return text(ids).last_hidden_state.float()
+
+    empty = ClassTokenEncoder.from_text_encoder(text, tok, names, frame="empty")
+    phrases = ClassTokenEncoder.from_text_encoder(text, tok, names, frame="phrases")
+    torch.testing.assert_close(empty.frame.data, states([""])[0])
+    torch.testing.assert_close(phrases.frame.data, states([f"a {n}" for n in names]).mean(0))
+    assert (phrases.frame.data - empty.frame.data).abs().max() > 1e-2
+    torch.testing.assert_close(phrases.table.weight.data, empty.table.weight.data)  # the tokens start alike
+    with pytest.raises(ValueError, match="unknown frame init 'zeros'"):
+        ClassTokenEncoder.from_text_encoder(text, tok, names, frame="zeros")

@@ -44,7 +44,7 @@ from ..recording.dispatch import ProbsAttnProcessor
 from ..token_encoders import ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, coordinate_channels, weights_digest
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
-from .tasks import (CAPTION_DROP, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
+from .tasks import (CAPTION_DROP, CLASS_FRAME, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
                     MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD,
                     SplitConvIn, check_task, class_encoder, class_index, float_images, inpaint_inputs, inpaint_masks,
                     layout_encoder, low_res, low_res_scheduler, object_boxes, segmap_onehot, trained_subset,
@@ -865,7 +865,8 @@ class Trainer:
             ([{"params": fast, "lr_mult": NEW_LR_MULT}] if fast else []) + \
             ([{"params": list(encoder.parameters()), "lr_mult": TOKEN_LR_MULT}] if task != "uncond" else [])
         summary = self._loop_with_ema(f"task-{task}", params, p.unet_seconds, p.unet_lr, step_fn, state, load, g,
-                                      [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
+                                      [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch,
+                                      record={"frame": CLASS_FRAME} if task == "class" else None)
         if task != "uncond":
             ema_enc.save_pretrained(self.out / TOKEN_TASKS[task])
         (self.out / f"unet-{task}").mkdir(parents=True, exist_ok=True)
