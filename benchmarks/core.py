@@ -5,7 +5,8 @@
 Equivalence: the lab sampler vs diffusers' pipelines on identical tiny random components (the same as
 tests/test_equivalence.py), max |lab - diffusers| of the final latents, fp32, CPU.
 Preview: ``PreviewMap`` on a 4x16x16 (shapes) and a 4x64x64 (SD 1.5 at 512 px) latent, median of 200.
-Sampling: the shapes model, one 64x64 image, 50 DDIM steps with CFG, median of 3.
+Sampling: the shapes model, one 64x64 image, 50 DDIM steps with CFG, median of 3; ``--compiled``: also after
+``Pipeline.compile()`` (torch.compile, inductor), its first (compiling) run timed apart.
 """
 from __future__ import annotations
 
@@ -115,24 +116,36 @@ def preview_ms() -> dict:
     return res
 
 
-def sample_seconds() -> float:
+def sample_seconds(compiled: bool = False) -> dict:
+    """The shapes model's 50-step CFG sample (median of 3); ``compiled``: again after ``Pipeline.compile()``
+    (torch.compile's inductor; the first compiled run, which compiles, is timed on its own)."""
     import lab
     pipe = lab.load("shapes")
-    ts = []
-    for _ in range(3):
+
+    def one() -> float:
         t = time.perf_counter()
         pipe.sampler("a large red circle on a gray background", steps=50, guidance=5.0, scheduler="ddim", seed=0,
                      progress=False).run().image
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        return time.perf_counter() - t
+
+    res = {"shapes_sample_seconds_50_steps": statistics.median(one() for _ in range(3))}
+    if compiled:
+        pipe.compile()
+        res["shapes_compile_first_run_seconds"] = one()
+        res["shapes_sample_seconds_50_steps_compiled"] = statistics.median(one() for _ in range(3))
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compiled", action="store_true", help="also time sampling after Pipeline.compile()")
+    ap.add_argument("--only-speed", action="store_true", help="sampling speed only (no equivalence, no preview)")
     args = ap.parse_args()
-    res = {"torch_threads": torch.get_num_threads(), "equivalence_max_abs_diff": equivalence(),
-           "preview_ms": preview_ms(), "shapes_sample_seconds_50_steps": sample_seconds()}
+    res = {"torch_threads": torch.get_num_threads()}
+    if not args.only_speed:
+        res.update(equivalence_max_abs_diff=equivalence(), preview_ms=preview_ms())
+    res.update(sample_seconds(args.compiled))
     emit(res, args.json)
 
 
