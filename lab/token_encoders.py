@@ -56,7 +56,8 @@ class ClassTokenEncoder(ModelMixin, ConfigMixin):
     CA row for class labels), ``[B, length, dim]``: a learned frame of ``length`` tokens with the class's token at
     ``slot``. The frame starts as the text encoder's states of the empty caption (or of one-phrase captions:
     :meth:`from_text_encoder`) and each class token as the mean state of its words ("large red circle"), so
-    fine-tuning starts from the text model reading a one-phrase caption; the null class (index ``num_classes``, for guidance) starts as the empty caption's own state there.
+    fine-tuning starts from the text model reading a one-phrase caption; the null class (index ``num_classes``,
+    for guidance) starts as the empty caption's own state there.
     A frame rather than one token: with a single key, cross-attention's softmax is 1 everywhere and the class can
     only shift every pixel alike; beside the frame's tokens its map shows where the class is read.
     ``class_names``: what each index draws (``"large red circle"``)."""
