@@ -37,6 +37,15 @@ def weights_digest(folder) -> str:
     return h.hexdigest()[:16]
 
 
+def write_adapter_record(folder, base: str, base_dir=None) -> None:
+    """``folder / ADAPTER_FILE``: the UNet folder (``base``) the weights in ``folder`` go over, and the
+    :func:`weights_digest` of ``base_dir``, the copy of it they were trained over (none without ``base_dir``)."""
+    import json
+    from pathlib import Path
+    record = {"base": base, **({"base_digest": weights_digest(base_dir)} if base_dir is not None else {})}
+    (Path(folder) / ADAPTER_FILE).write_text(json.dumps(record) + "\n")
+
+
 def _states(text_encoder, tokenizer, texts) -> torch.Tensor:
     n = tokenizer.model_max_length
     ids = tokenizer(list(texts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids

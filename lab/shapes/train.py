@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..recording.dispatch import ProbsAttnProcessor
-from ..token_encoders import ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, coordinate_channels, weights_digest
+from ..token_encoders import ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, coordinate_channels, write_adapter_record
 from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
 from .tasks import (CAPTION_DROP, CLASS_FRAME, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
@@ -875,8 +875,7 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in trained_subset(ema_unet, task).items()},
                   str(self.out / f"unet-{task}" / PARTIAL_FILE))
         # the text UNet's weights it goes over, so a retrained text UNet under it is noticed at load (lab.loading)
-        (self.out / f"unet-{task}" / ADAPTER_FILE).write_text(
-            json.dumps({"base": "unet", "base_digest": weights_digest(self._component("unet"))}) + "\n")
+        write_adapter_record(self.out / f"unet-{task}", "unet", self._component("unet"))
         return summary
 
     # ---------------------------------------------------------------- export

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..conditioning.views import nothing_seen, warp_views
 from ..token_encoders import (ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder,
-                              coordinate_channels, weights_digest)
+                              coordinate_channels, write_adapter_record)
 from . import configs, views
 from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
 
@@ -110,8 +110,7 @@ def save_view_model(unet, encoder: CameraTokenEncoder, out, dtype=torch.float32,
     unet.conv_in = conv  # save_lora_adapter reads the peft state only; conv_in is not part of it
     unet.save_lora_adapter(folder, adapter_name=ADAPTER, weight_name=LORA_FILE)
     unet.conv_in = keep
-    adapter = {"base": base, **({"base_digest": weights_digest(base_dir)} if base_dir is not None else {})}
-    (folder / ADAPTER_FILE).write_text(json.dumps(adapter) + "\n")
+    write_adapter_record(folder, base, base_dir)
     if dtype != torch.float32:
         with safe_open(str(folder / LORA_FILE), "pt") as f:
             meta, state = f.metadata(), {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
