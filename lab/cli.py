@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="zero", choices=["zero", "gaussian", "base"],
                    help="ControlNet start: a copy of the UNet's encoder with zero convolutions (zero), the same "
                         "with Gaussian ones (gaussian: the ablation), or the --base model's ControlNet (base); "
-                        "for --task inpaint, sr, segmap: base starts from the --base model's trained unet-TASK")
+                        "for --task inpaint, sr, segmap: base starts from the --base model's trained unet-TASK; "
+                        "for --task views: base goes on training the --base model's view model")
     t.add_argument("--export", default=None, help="write the fp16 diffusers directory here when done")
     t.add_argument("--base", default=None,
                    help="start from this pipeline directory (e.g. lab/models/shapes): its VAE, text encoder "

@@ -221,8 +221,8 @@ def test_task_init_errors_say_what_is_missing(tmp_path):
         train.train("controlnet-depth,task-inpaint", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
                     init="gaussian", progress=False)
     assert not (tmp_path / "work").exists()
-    # stages that take no init refuse one rather than train from something else than asked (the view model, the UNet)
-    for stage in ("task-views", "unet", "vae"):
+    # stages that take no init refuse one rather than train from something else than asked (the UNet, the VAE)
+    for stage in ("unet", "vae", "preview"):
         with pytest.raises(ValueError, match=f"{stage!r} takes none"):
             train.train(f"controlnet-depth,{stage}", tmp_path / "work", preset="smoke", base=BUNDLED["shapes"],
                         init="base", progress=False)

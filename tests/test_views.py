@@ -3,6 +3,7 @@ conditioning plug-ins, its LoRA adapter as diffusers loads it, training, the eva
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +163,42 @@ def smoke_views(tmp_path_factory):
 def smoke_zero123(tmp_path_factory):
     """Zero-1-to-3's own layout (8 channels, over the text UNet), 3 steps."""
     return _smoke_pipeline(tmp_path_factory.mktemp("zero123"), "task-views-zero123")
+
+
+def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
+    """``--init base`` for the view model starts from the base's adapter, ``conv_in`` and camera token (a fresh
+    adapter's LoRA B is zero) and its record counts the runs it continues; a bad init is refused before any
+    stage of the command trains."""
+    import json
+    from safetensors.torch import load_file
+    from lab.shapes import tasks
+    bundled = Path(BUNDLED["shapes"])
+    rows = train.train("task-views", tmp_path / "work", preset="smoke", base=bundled, init="base", progress=False)
+    assert rows[0]["stage"] == "task-views" and rows[0]["steps"] == 3 and rows[0]["init"] == "base"
+    before = json.loads((bundled / "unet-views" / tasks.TRAINING_RECORD).read_text())
+    assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
+    for name in (LORA_FILE, PARTIAL_FILE):
+        start, ours = load_file(bundled / "unet-views" / name), load_file(tmp_path / "work" / "unet-views" / name)
+        assert set(start) == set(ours)
+        moved = [k for k in start if "lora_B" in k or k.startswith("conv_in")]
+        assert sum(start[k].float().abs().mean() for k in moved) / len(moved) > 1e-3  # trained, not a fresh start
+        for k in start:  # three steps in the warm-up leave them all but unchanged
+            assert torch.allclose(ours[k].float(), start[k].float(), atol=2e-3), k
+    start = CameraTokenEncoder.from_pretrained(bundled / "camera_embedder").state_dict()
+    ours = CameraTokenEncoder.from_pretrained(tmp_path / "work" / "camera_embedder").state_dict()
+    fresh = CameraTokenEncoder(128, len(views.CAMERA_FEATURES), list(views.CAMERA_FEATURES)).state_dict()
+    for k in start:  # the token learns at a few times the LoRA's rate
+        assert (ours[k].float() - start[k].float()).abs().max() < 5e-3, k
+        assert (start[k].float() - fresh[k].float()).abs().max() > 5e-2, k
+    with pytest.raises(FileNotFoundError, match="needs a view model to go on from"):
+        train.train("task-views", tmp_path / "none", preset="smoke", base=tmp_path / "empty", init="base",
+                    progress=False)
+    with pytest.raises(ValueError, match="unknown init 'gaussian' for the view model"):
+        train.train("task-views", tmp_path / "none", preset="smoke", base=bundled, init="gaussian", progress=False)
+    with pytest.raises(ValueError, match="of layout 'warped'"):  # the bundled one is not Zero-1-to-3's layout
+        train.train("controlnet-depth,task-views-zero123", tmp_path / "none", preset="smoke", base=bundled,
+                    init="base", progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_training_writes_an_adapter_that_diffusers_loads_as_the_lab_merges_it(smoke_views):

@@ -250,6 +250,14 @@ class SplitConvIn(torch.nn.Module):
         conv.to(w.device, w.dtype).load_state_dict({"weight": w, "bias": self.bias.detach()})
         return conv
 
+    def load_merged(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Take a plain ``conv_in``'s weights (what :meth:`merged` gives), split at the same channel."""
+        with torch.no_grad():
+            k = self.old_weight.shape[1]
+            self.old_weight.copy_(weight[:, :k])
+            self.new_weight.copy_(weight[:, k:])
+            self.bias.copy_(bias)
+
 
 def float_images(u8: torch.Tensor) -> torch.Tensor:
     """``uint8 [B, H, W, 3]`` -> ``float [B, 3, H, W]`` in [-1, 1] (what the VAE takes)."""

@@ -54,6 +54,9 @@ from .tokenizer import write_tokenizer
 STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
 # the task table's models (lab.shapes.tasks) and the view model (lab.shapes.view_model), on the text model's UNet
 TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views", "task-views-zero123", "task-views-coords")
+#: the view model's stages: their input layout and coordinate channels (lab.shapes.view_model)
+_VIEW_STAGES = {"task-views": ("warped", False), "task-views-zero123": ("view", False),
+                "task-views-coords": ("view", True)}
 
 
 @dataclass(frozen=True)
@@ -1080,10 +1083,13 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         if s not in STAGES + TASK_STAGES + stage1.STAGES:
             raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES + stage1.STAGES}")
     for s in stages:  # before any stage runs, so a bad init loses no training
-        if s in TASK_STAGES and not s.startswith("task-views"):
+        if s.startswith("task-views"):
+            from .view_model import check_views_init
+            check_views_init(init, Path(base if base is not None else out), *_VIEW_STAGES[s])
+        elif s in TASK_STAGES:
             _check_task_init(s.removeprefix("task-"), init, Path(base if base is not None else out))
         elif not s.startswith("controlnet-") and init != "zero":
-            raise ValueError(f"init={init!r} is for the ControlNet and concat task stages; {s!r} takes none "
+            raise ValueError(f"init={init!r} is for the ControlNet, concat task and view stages; {s!r} takes none "
                              f"(it starts from --base where one is given)")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if grounding is not None:
@@ -1113,8 +1119,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_unet())
         elif s.startswith("task-views"):  # Zero-1-to-3 through a camera (lab.shapes.view_model)
             from .view_model import train_views  # views: the warped layout; -zero123, -coords: the view layout
-            out_rows.append(train_views(tr, coordinates=s.endswith("-coords"),
-                                        layout="warped" if s == "task-views" else "view"))
+            layout, coordinates = _VIEW_STAGES[s]
+            out_rows.append(train_views(tr, coordinates=coordinates, layout=layout, init=init))
         elif s in TASK_STAGES:
             out_rows.append(tr.train_task(s.removeprefix("task-"), init=init))
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"

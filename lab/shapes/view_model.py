@@ -49,7 +49,7 @@ from ..conditioning.views import nothing_seen, warp_views
 from ..token_encoders import (ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder,
                               coordinate_channels, write_adapter_record)
 from . import configs, views
-from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, SplitConvIn, float_images, widen_conv_in
+from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, TRAINING_RECORD, SplitConvIn, float_images, widen_conv_in
 
 LORA_RANK = 8
 #: every convolution and attention projection but conv_in (trained whole) and conv_out, by module name
@@ -138,17 +138,83 @@ def encode_views(vae, images_u8: torch.Tensor, batch: int = 1024, cameras: torch
     return (*([torch.cat(masks)] if masks else []), torch.cat(means), torch.cat(stds))
 
 
-def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
-    """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
-    ``unet_seconds``; batch: its ``unet_batch``) from its base's UNet for ``layout`` (:data:`LAYOUT_BASE`): EMA
-    weights to ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
+def check_views_init(init: str, base, layout: str = "warped", coordinates: bool = False) -> Path | None:
+    """Where a view model with ``init`` starts: ``None`` for ``"zero"`` (a fresh adapter over the base's UNet),
+    ``base / unet-views`` for ``"base"`` (go on training the base's adapter and camera token, e.g. for longer than
+    one run's budget), or a clear error: an unknown ``init``, no view model in ``base``, or one of another layout
+    (its ``lab_training.json``)."""
     if layout not in LAYOUT_BASE:
         raise ValueError(f"layout is one of {sorted(LAYOUT_BASE)}, got {layout!r}")
     if coordinates and layout != "view":
         raise ValueError("coordinate channels go with the 'view' layout")
+    if init not in ("zero", "base"):
+        raise ValueError(f"unknown init {init!r} for the view model; expected 'zero' or 'base'")
+    if init == "zero":
+        return None
+    start = Path(base) / f"unet-{TASK}"
+    missing = [str(q) for q in (start / LORA_FILE, start / PARTIAL_FILE, Path(base) / CAMERA_EMBEDDER / "config.json")
+               if not q.exists()]
+    if missing:
+        raise FileNotFoundError(f"init='base' needs a view model to go on from; {base} lacks {missing} (pass base=)")
+    record = start / TRAINING_RECORD
+    prev = json.loads(record.read_text()) if record.exists() else {}
+    was = (prev.get("layout", layout), bool(prev.get("coordinates", False)))
+    if was != (layout, coordinates):
+        raise ValueError(f"init='base': {start} is a view model of layout {was[0]!r} (coordinates {was[1]}), "
+                         f"not {layout!r} (coordinates {coordinates}); train that one with init='zero'")
+    return start
+
+
+def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Path) -> dict:
+    """Put the view model in ``start`` (its LoRA, ``conv_in`` and camera token) into a freshly made ``unet``
+    (:func:`view_unet`) and ``encoder``; warn when it was trained over other weights of ``base_dir``. Returns the
+    ``before`` record: the steps and seconds of the runs it continues."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from ..token_encoders import weights_digest
+    adapter = json.loads((start / ADAPTER_FILE).read_text()) if (start / ADAPTER_FILE).exists() else {}
+    if adapter.get("base_digest") not in (None, weights_digest(base_dir)):
+        warnings.warn(f"{start} was trained over other weights of {base_dir} (digest {adapter['base_digest']}); "
+                      f"training goes on from it over these", stacklevel=3)
+    own = unet.state_dict()
+    lora = {k.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}."): v
+            for k, v in load_file(str(start / LORA_FILE)).items()}
+    bad = sorted(k for k in lora if k not in own or own[k].shape != lora[k].shape)
+    if bad:
+        raise ValueError(f"{start / LORA_FILE} does not fit this view model (rank {LORA_RANK}): {bad[:3]}")
+    conv = load_file(str(start / PARTIAL_FILE))
+    target = unet.conv_in.merged() if isinstance(unet.conv_in, SplitConvIn) else unet.conv_in
+    if conv["conv_in.weight"].shape != target.weight.shape:
+        raise ValueError(f"{start / PARTIAL_FILE}'s conv_in is {tuple(conv['conv_in.weight'].shape)}, this view "
+                         f"model's {tuple(target.weight.shape)}")
+    with torch.no_grad():
+        unet.load_state_dict({k: v.to(own[k].dtype) for k, v in lora.items()}, strict=False)
+        if isinstance(unet.conv_in, SplitConvIn):
+            unet.conv_in.load_merged(conv["conv_in.weight"], conv["conv_in.bias"])
+        else:
+            unet.conv_in.weight.copy_(conv["conv_in.weight"])
+            unet.conv_in.bias.copy_(conv["conv_in.bias"])
+        saved = CameraTokenEncoder.from_pretrained(start.parent / CAMERA_EMBEDDER)
+        encoder.load_state_dict({k: v.to(encoder.state_dict()[k].dtype) for k, v in saved.state_dict().items()})
+    record = start / TRAINING_RECORD
+    prev = json.loads(record.read_text()) if record.exists() else {}
+    before = prev.get("before", {"steps": 0, "seconds": 0.0})
+    return {"steps": before["steps"] + prev.get("steps", 0),
+            "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}
+
+
+def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str = "zero") -> dict:
+    """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
+    ``unet_seconds``; batch: its ``unet_batch``) from its base's UNet for ``layout`` (:data:`LAYOUT_BASE`): EMA
+    weights to ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16). ``init="base"``
+    goes on from the base's view model (:func:`check_views_init`) with a fresh schedule on top; the training
+    record counts the runs before it."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    start = check_views_init(init, tr.base, layout, coordinates)
     p = tr.preset
     dev = tr.device
     t0 = time.time()
@@ -202,6 +268,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
                                  list(views.CAMERA_FEATURES), coordinates).to(dev)
     coords = [coordinate_channels(1, configs.LATENT_SIZE, configs.LATENT_SIZE, device=dev)] if coordinates else []
     del base
+    before = _continue_from(start, unet, encoder, tr._component(LAYOUT_BASE[layout])) if start is not None else None
     lora = [q for n, q in unet.named_parameters() if "lora_" in n]
     if layout == "warped":  # conv_in already reads the mask and the masked view: trained whole at the LoRA's rate
         params = [{"params": lora + list(unet.conv_in.parameters())},
@@ -258,7 +325,8 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped") -> dict:
     tr.preset = replace(p, ema_decay=min(p.ema_decay, VIEW_EMA))
     try:
         summary = tr._loop_with_ema(stage, params, p.unet_seconds, VIEW_LR, step_fn, state, load, g,
-                                    [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch)
+                                    [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch,
+                                    record=None if before is None else {"init": "base", "before": before})
     finally:
         tr.preset = p
     summary.update(layout=layout, base_unet=LAYOUT_BASE[layout], lora_rank=LORA_RANK, null_drop=NULL_DROP,
