@@ -196,8 +196,9 @@ def widen_conv_in(unet, extra: int, num_class_embeds: int | None = None):
 
 
 #: how the class token's frame starts (:meth:`lab.token_encoders.ClassTokenEncoder.from_text_encoder`): the
-#: bundled model's "empty". A 40-minute run with "phrases" measured class_accuracy 0.865 against 0.915 (1460 steps
-#: on a slower day against 2918, so not a clean comparison; docs/shapes-training/tasks-10, eval-tasks.json)
+#: bundled model's "empty". 40-minute runs with "phrases" measured class_accuracy 0.865 (1460 steps on a slow day,
+#: two-object share 0.5) and 0.885 (2641 steps, the bundled recipe's share 0.75) against the bundled 0.915 (2918
+#: steps); docs/shapes-training/tasks-10, tasks-11, eval-tasks.json
 CLASS_FRAME = "empty"
 
 
