@@ -199,6 +199,19 @@ def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
         train.train("controlnet-depth,task-views-zero123", tmp_path / "none", preset="smoke", base=bundled,
                     init="base", progress=False)
     assert not (tmp_path / "none").exists()
+    # an adapter that does not cover this model's LoRA (here: one module's pair missing) is refused, not half-loaded
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(bundled, broken, ignore=shutil.ignore_patterns("controlnet-*"))
+    with safe_open(str(broken / "unet-views" / LORA_FILE), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    gone = sorted(state)[0].rsplit(".lora_", 1)[0]
+    save_file({k: v for k, v in state.items() if not k.startswith(gone + ".lora_")},
+              str(broken / "unet-views" / LORA_FILE), metadata=meta)
+    with pytest.raises(ValueError, match="does not fit this view model"):
+        train.train("task-views", tmp_path / "none", preset="smoke", base=broken, init="base", progress=False)
 
 
 def test_training_writes_an_adapter_that_diffusers_loads_as_the_lab_merges_it(smoke_views):

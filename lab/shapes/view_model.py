@@ -182,6 +182,7 @@ def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Pat
     lora = {k.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}."): v
             for k, v in load_file(str(start / LORA_FILE)).items()}
     bad = sorted(k for k in lora if k not in own or own[k].shape != lora[k].shape)
+    bad += sorted(k for k in own if ".lora_" in k and k not in lora)  # a module it does not adapt would start afresh
     if bad:
         raise ValueError(f"{start / LORA_FILE} does not fit this view model (rank {LORA_RANK}): {bad[:3]}")
     conv = load_file(str(start / PARTIAL_FILE))
