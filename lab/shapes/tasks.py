@@ -99,6 +99,20 @@ CLASSES = tuple((size, colour, shape) for size in world.SIZES for colour in worl
 CLASS_SLOT = 1  # the class token's place in its context (after the start token, where a caption's first word goes)
 TOKEN_LR_MULT = 3.0  # training: a CA task's token encoder's rate against the UNet's
 TRAINING_RECORD = "lab_training.json"  # in each exported model folder: its last training (steps, seconds, batch, lr)
+
+
+def continued_record(folder) -> dict:
+    """The training record of a run that goes on from the model in ``folder`` (``--init base``): ``init`` and
+    ``before``, the steps and seconds of every run behind that model (its own :data:`TRAINING_RECORD` and the runs
+    it counted), so the task table counts them all (:func:`hyperparameter_table`)."""
+    import json
+    from pathlib import Path
+    path = Path(folder) / TRAINING_RECORD
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    before = prev.get("before", {"steps": 0, "seconds": 0.0})
+    return {"init": "base", "before": {"steps": before["steps"] + prev.get("steps", 0),
+                                       "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}}
+
 # the CA task models' grounding loss weights (token, pixel: lab.shapes.train.grounding_losses), each condition
 # token's cross-attention map pulled onto its object. layout: 4x the text model's; where a box token's attention
 # falls is the condition itself, and without it 40 CPU minutes of L_LDM alone left objects wherever

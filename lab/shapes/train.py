@@ -46,7 +46,7 @@ from ..token_encoders import TOKEN_ENCODERS as ENCODERS
 from . import configs, world
 from .tasks import (CAPTION_DROP, CLASS_FRAME, CLASS_SLOT, CONCAT_TASKS, EXTRA_CHANNELS, GROUNDING, LAYOUT_LABELS,
                     MAX_NOISE_LEVEL, NEW_LR_MULT, PARTIAL_FILE, TASKS, TOKEN_LR_MULT, TOKEN_TASKS, TRAINING_RECORD,
-                    SplitConvIn, check_task, class_encoder, class_index, float_images, inpaint_inputs, inpaint_masks,
+                    SplitConvIn, check_task, class_encoder, continued_record, class_index, float_images, inpaint_inputs, inpaint_masks,
                     layout_encoder, low_res, low_res_scheduler, object_boxes, segmap_onehot, trained_subset,
                     widen_conv_in)
 from .tokenizer import write_tokenizer
@@ -739,12 +739,7 @@ class Trainer:
             unet.load_state_dict(ck["unet"])
             ema.load_state_dict(ck["ema"])
 
-        record = None
-        if init == "base":  # the run it continues, so the task table counts both (tasks.hyperparameter_table)
-            prev = json.loads((start / TRAINING_RECORD).read_text()) if (start / TRAINING_RECORD).exists() else {}
-            before = prev.get("before", {"steps": 0, "seconds": 0.0})
-            record = {"init": "base", "before": {"steps": before["steps"] + prev.get("steps", 0),
-                                                 "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}}
+        record = continued_record(start) if init == "base" else None  # the task table counts the runs before
         summary = self._loop_with_ema(stage, params, p.unet_seconds, p.unet_lr, step_fn, state, load, g, [(ema, unet)],
                                       p.unet_batch, record=record)
         ema.conv_in = ema.conv_in.merged()

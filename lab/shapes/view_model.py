@@ -49,7 +49,8 @@ from ..conditioning.views import nothing_seen, warp_views
 from ..token_encoders import (ADAPTER_FILE, COORD_CHANNELS, LORA_FILE, PARTIAL_FILE, CameraTokenEncoder,
                               coordinate_channels, write_adapter_record)
 from . import configs, views
-from .tasks import NEW_LR_MULT, TOKEN_LR_MULT, TRAINING_RECORD, SplitConvIn, float_images, widen_conv_in
+from .tasks import (NEW_LR_MULT, TOKEN_LR_MULT, TRAINING_RECORD, SplitConvIn, continued_record, float_images,
+                    widen_conv_in)
 
 LORA_RANK = 8
 #: every convolution and attention projection but conv_in (trained whole) and conv_out, by module name
@@ -165,10 +166,9 @@ def check_views_init(init: str, base, layout: str = "warped", coordinates: bool 
     return start
 
 
-def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Path) -> dict:
+def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Path) -> None:
     """Put the view model in ``start`` (its LoRA, ``conv_in`` and camera token) into a freshly made ``unet``
-    (:func:`view_unet`) and ``encoder``; warn when it was trained over other weights of ``base_dir``. Returns the
-    ``before`` record: the steps and seconds of the runs it continues."""
+    (:func:`view_unet`) and ``encoder``; warn when it was trained over other weights of ``base_dir``."""
     import warnings
 
     from safetensors.torch import load_file
@@ -199,11 +199,6 @@ def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Pat
             unet.conv_in.bias.copy_(conv["conv_in.bias"])
         saved = CameraTokenEncoder.from_pretrained(start.parent / CAMERA_EMBEDDER)
         encoder.load_state_dict({k: v.to(encoder.state_dict()[k].dtype) for k, v in saved.state_dict().items()})
-    record = start / TRAINING_RECORD
-    prev = json.loads(record.read_text()) if record.exists() else {}
-    before = prev.get("before", {"steps": 0, "seconds": 0.0})
-    return {"steps": before["steps"] + prev.get("steps", 0),
-            "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}
 
 
 def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str = "zero") -> dict:
@@ -269,7 +264,8 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
                                  list(views.CAMERA_FEATURES), coordinates).to(dev)
     coords = [coordinate_channels(1, configs.LATENT_SIZE, configs.LATENT_SIZE, device=dev)] if coordinates else []
     del base
-    before = _continue_from(start, unet, encoder, tr._component(LAYOUT_BASE[layout])) if start is not None else None
+    if start is not None:
+        _continue_from(start, unet, encoder, tr._component(LAYOUT_BASE[layout]))
     lora = [q for n, q in unet.named_parameters() if "lora_" in n]
     if layout == "warped":  # conv_in already reads the mask and the masked view: trained whole at the LoRA's rate
         params = [{"params": lora + list(unet.conv_in.parameters())},
@@ -327,7 +323,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
     try:
         summary = tr._loop_with_ema(stage, params, p.unet_seconds, VIEW_LR, step_fn, state, load, g,
                                     [(ema_enc, encoder), (ema_unet, unet)], p.unet_batch,
-                                    record=None if before is None else {"init": "base", "before": before})
+                                    record=None if start is None else continued_record(start))
     finally:
         tr.preset = p
     summary.update(layout=layout, base_unet=LAYOUT_BASE[layout], lora_rank=LORA_RANK, null_drop=NULL_DROP,
