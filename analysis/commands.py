@@ -60,7 +60,7 @@ def evaluate(args) -> int:
     elif args.what == "views":
         from lab.shapes.evaluate_views import run_views_eval
         res = run_views_eval(args.n or 200, steps=args.steps, guidance=args.guidance if args.guidance_given else 3.0,
-                             json_path=args.json, model=args.model)
+                             json_path=args.json, model=args.model, pairs_seed=args.pairs_seed)
     elif args.what == "sds":
         from lab.shapes.evaluate_sds import run_sds_ablations, run_sds_eval
         if args.ablations:
@@ -110,6 +110,10 @@ def register(sub) -> None:
     e.add_argument("--t0", type=int, default=None, help="eval video: Text2Video-Zero's t0 (default the eval's)")
     e.add_argument("--t1", type=int, default=None, help="eval video: Text2Video-Zero's t1 (default the eval's)")
     e.add_argument("--tasks", default=None, help="eval tasks: which, comma-separated (default: all)")
+    e.add_argument("--pairs-seed", type=int, default=None,
+                   help="eval views: the seed of the held-out pairs (default lab.shapes.evaluate_views.EVAL_SEED, "
+                        "2400; training used 0): another set of the same distribution, to see how much of a "
+                        "difference is the sample's")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--work", default="runs/stage1/work",
                    help="eval stage1: the training directory of the sweep and race models (train shapes --stage ...)")

@@ -103,7 +103,7 @@ def _train(args) -> int:
     rows = train.train(stage, args.out, preset=args.preset, device=args.device,
                        export_to=args.export, init=args.init, base=args.base, grounding=args.grounding,
                        seconds=args.seconds, pixel=args.pixel, two_share=args.two_share, drop=args.drop,
-                       probe_every=args.probe_every)
+                       probe_every=args.probe_every, left_weight=args.left_weight)
     for r in rows:
         print(r)
     return 0
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--probe-every", type=int, default=None,
                    help="ControlNets: log the condition IoU of fresh samples (with and without the prompt) every "
                         "N steps, off the clock: training as it happens (default: off)")
+    t.add_argument("--left-weight", type=float, default=None,
+                   help="--task views: how many times as often a pair with an object that left the target frame "
+                        "is drawn (default: lab.shapes.view_model.LEFT_WEIGHT)")
     t.set_defaults(func=_train)
     _add_registered(sub, p)
     return p

@@ -173,8 +173,10 @@ def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
     from safetensors.torch import load_file
     from lab.shapes import tasks
     bundled = Path(BUNDLED["shapes"])
-    rows = train.train("task-views", tmp_path / "work", preset="smoke", base=bundled, init="base", progress=False)
+    rows = train.train("task-views", tmp_path / "work", preset="smoke", base=bundled, init="base", progress=False,
+                       left_weight=5)
     assert rows[0]["stage"] == "task-views" and rows[0]["steps"] == 3 and rows[0]["init"] == "base"
+    assert rows[0]["left_weight"] == 5.0
     before = json.loads((bundled / "unet-views" / tasks.TRAINING_RECORD).read_text())
     assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
     for name in (LORA_FILE, PARTIAL_FILE):
@@ -198,6 +200,13 @@ def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
     with pytest.raises(ValueError, match="of layout 'warped'"):  # the bundled one is not Zero-1-to-3's layout
         train.train("controlnet-depth,task-views-zero123", tmp_path / "none", preset="smoke", base=bundled,
                     init="base", progress=False)
+    for bad in (0.5, float("nan"), float("inf"), "3"):  # a weight below 1 would draw leaving pairs less often
+        with pytest.raises(ValueError, match="left_weight is how many times"):
+            train.train("controlnet-depth,task-views", tmp_path / "none", preset="smoke", base=bundled,
+                        left_weight=bad, progress=False)
+    with pytest.raises(ValueError, match="left_weight is the view model's"):
+        train.train("controlnet-depth", tmp_path / "none", preset="smoke", base=bundled, left_weight=5,
+                    progress=False)
     assert not (tmp_path / "none").exists()
     # an adapter that does not cover this model's LoRA (here: one module's pair missing) is refused, not half-loaded
     import shutil
@@ -337,6 +346,19 @@ def test_scoring_a_view_against_its_target():
         views.warp(q["input"], q["camera_in"], q["camera_out"]), q)], "warp")
     assert t["view_iou_seen"] > 0.9 and t["view_iou_revealed"] > 0.9
     assert w["warp_iou_seen"] > 0.7 > w["warp_iou_revealed"]  # a warp keeps what it saw and lacks what it did not
+
+
+def test_the_views_eval_takes_another_held_out_set_and_refuses_the_training_one(tmp_path):
+    """``--pairs-seed``: another set of held-out pairs, recorded as ``eval_seed``; the training set's seed (0) and
+    seeds that are not ints are refused before any model loads."""
+    for bad in (0, -1, 2.5, True, "2500"):
+        with pytest.raises(ValueError, match="pairs_seed"):
+            evaluate_views.run_views_eval(2, pairs_seed=bad, model=tmp_path / "no-model")
+    res = evaluate_views.run_views_eval(2, steps=2, pairs_seed=2500, json_path=tmp_path / "e.json", progress=lambda m: None)
+    assert res["eval_seed"] == 2500 and res["n"] == 2
+    ours = [views.make_pair(2500, i) for i in range(2)]
+    assert res["copy_baseline_iou"] == evaluate_views.summarise(
+        [r for q in ours for r in evaluate_views.score_view(q["input"], q)], "copy")["copy_iou"]
 
 
 @pytest.mark.parametrize("layout", ["view", "warped"])

@@ -116,19 +116,25 @@ def sample_views(pipe, pairs: list[dict], *, caption: bool = True, steps: int = 
 
 
 def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed: int = 0, model="shapes",
-                   json_path=None, progress=print) -> dict:
-    """The keys of the module docstring on ``n`` held-out pairs (:data:`EVAL_SEED`)."""
+                   json_path=None, progress=print, pairs_seed: int | None = None) -> dict:
+    """The keys of the module docstring on ``n`` held-out pairs of seed ``pairs_seed`` (default :data:`EVAL_SEED`;
+    another seed gives another set from the same distribution; 0 is the training set's)."""
     import lab
+    pairs_seed = EVAL_SEED if pairs_seed is None else pairs_seed
+    if isinstance(pairs_seed, bool) or not isinstance(pairs_seed, int) or pairs_seed < 0:
+        raise ValueError(f"pairs_seed is a seed of lab.shapes.views.make_pair (an int >= 0), got {pairs_seed!r}")
+    if pairs_seed == 0:
+        raise ValueError("pairs_seed 0 is the training set's: held-out pairs need another seed")
     t0 = time.time()
     pipe = lab.load(model, task="views")
-    pairs = [views.make_pair(EVAL_SEED, i) for i in range(n)]
+    pairs = [views.make_pair(pairs_seed, i) for i in range(n)]
     copy_rows, warp_rows = [], []
     for p in pairs:
         copy_rows += score_view(p["input"], p)
         warp_rows += score_view(views.warp(p["input"], p["camera_in"], p["camera_out"]), p)
     from ..conditioning.views import input_layout, keep_seen
     res: dict = {"n": n, "layout": input_layout(pipe.unet, pipe.vae), "steps": steps, "guidance": guidance, "scheduler": "ddim", "seed": seed,
-                 "eval_seed": EVAL_SEED, "relative_range": {k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()}}
+                 "eval_seed": pairs_seed, "relative_range": {k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()}}
     for caption, suffix in ((True, ""), (False, "_no_caption")):
         t1 = time.time()
         images = sample_views(pipe, pairs, caption=caption, steps=steps, guidance=guidance, seed=seed)

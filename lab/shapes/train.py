@@ -1060,7 +1060,7 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
           export_to: str | Path | None = None, init: str = "zero", progress: bool = True,
           base: str | Path | None = None, grounding: float | None = None, seconds: float | None = None,
           pixel: float | None = None, two_share: float | None = None, drop: float | None = None,
-          probe_every: int | None = None) -> list[dict]:
+          probe_every: int | None = None, left_weight: float | None = None) -> list[dict]:
     """Run one stage (``vae``, ``unet``, ``controlnet-KIND``, a task's ``task-NAME``, or one of stage 1's
     studies, :data:`lab.shapes.stage1.STAGES`: ``vq``, ``vq-nogan``, ``ae-KIND-fF``, ``diffusion-SPACE``), several (comma-separated; they share the
     in-memory data and its encoding) or all of them in order. ``base``: a pipeline
@@ -1069,7 +1069,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     ``seconds``: each stage's wall-clock budget (default: the preset's); ``two_share``: the share of
     two-object scenes in the training set (default: the preset's, 0.5 as the world draws); ``drop``: the
     ControlNets' prompt drop rate (default: the preset's, 0.5); ``probe_every``: log the ControlNets' condition
-    IoU every that many steps (:meth:`Trainer._condition_probe`; default: the preset's, off). The pose and depth
+    IoU every that many steps (:meth:`Trainer._condition_probe`; default: the preset's, off); ``left_weight``: the
+    view model's weight on pairs with an object that left the frame (:func:`lab.shapes.view_model.train_views`;
+    default :data:`lab.shapes.view_model.LEFT_WEIGHT`). The pose and depth
     ControlNets (:data:`lab.shapes.world.OVERLAP_KINDS`) train on a set with the preset's share of overlapping
     objects, the other stages on the world as it draws."""
     from . import stage1
@@ -1077,10 +1079,13 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     for s in stages:
         if s not in STAGES + TASK_STAGES + stage1.STAGES:
             raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES + stage1.STAGES}")
+    if left_weight is not None and not any(s.startswith("task-views") for s in stages):
+        raise ValueError("left_weight is the view model's (--task views); these stages take none")
     for s in stages:  # before any stage runs, so a bad init loses no training
         if s.startswith("task-views"):
-            from .view_model import check_views_init
+            from .view_model import check_left_weight, check_views_init
             check_views_init(init, Path(base if base is not None else out), *_VIEW_STAGES[s])
+            check_left_weight(left_weight)
         elif s in TASK_STAGES:
             _check_task_init(s.removeprefix("task-"), init, Path(base if base is not None else out))
         elif not s.startswith("controlnet-") and init != "zero":
@@ -1115,7 +1120,8 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
         elif s.startswith("task-views"):  # Zero-1-to-3 through a camera (lab.shapes.view_model)
             from .view_model import train_views  # views: the warped layout; -zero123, -coords: the view layout
             layout, coordinates = _VIEW_STAGES[s]
-            out_rows.append(train_views(tr, coordinates=coordinates, layout=layout, init=init))
+            out_rows.append(train_views(tr, coordinates=coordinates, layout=layout, init=init,
+                                        left_weight=left_weight))
         elif s in TASK_STAGES:
             out_rows.append(tr.train_task(s.removeprefix("task-"), init=init))
         elif s in stage1.STAGES:  # stage 1 as the lecture teaches it (lab.shapes.stage1): not part of "all"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import time
 from dataclasses import replace
@@ -201,16 +202,28 @@ def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Pat
         encoder.load_state_dict({k: v.to(encoder.state_dict()[k].dtype) for k, v in saved.state_dict().items()})
 
 
-def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str = "zero") -> dict:
+def check_left_weight(left_weight) -> float:
+    """``left_weight`` (:data:`LEFT_WEIGHT` for ``None``) as a float >= 1, or a clear error."""
+    w = LEFT_WEIGHT if left_weight is None else left_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 1.0 <= w < float("inf"):
+        raise ValueError(f"left_weight is how many times as often a pair with an object that left the frame is "
+                         f"drawn: a finite number >= 1, got {left_weight!r}")
+    return float(w)
+
+
+def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str = "zero",
+                left_weight: float | None = None) -> dict:
     """Train the view model on a :class:`lab.shapes.train.Trainer`'s preset (pairs: its ``n_train``; time: its
     ``unet_seconds``; batch: its ``unet_batch``) from its base's UNet for ``layout`` (:data:`LAYOUT_BASE`): EMA
     weights to ``out/unet-views`` and ``out/camera_embedder`` (fp32; the export writes fp16). ``init="base"``
     goes on from the base's view model (:func:`check_views_init`) with a fresh schedule on top; the training
-    record counts the runs before it."""
+    record counts the runs before it. ``left_weight``: how much more often a pair with an object that left the
+    frame is drawn (default :data:`LEFT_WEIGHT`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     start = check_views_init(init, tr.base, layout, coordinates)
+    left_weight = check_left_weight(left_weight)
     p = tr.preset
     dev = tr.device
     t0 = time.time()
@@ -222,10 +235,10 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
     t0 = time.time()
     cameras = torch.from_numpy(d["camera"]).to(dev)
     cache = tr.encoding_cache(vae_dir, p.n_train, tr.seed, dev)
-    if cache is not None:  # the pairs' encoding, keyed as the world's is, by the layout, and by the code
-        from ..conditioning import views as cviews
-        h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(__file__).read_bytes()
-                           + Path(cviews.__file__).read_bytes()).hexdigest()[:12]
+    if cache is not None:  # the pairs' encoding, keyed as the world's is, by the layout, and by the code that
+        from ..conditioning import views as cviews  # makes it (not by the recipe's constants)
+        h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(cviews.__file__).read_bytes()
+                           + inspect.getsource(encode_views).encode()).hexdigest()[:12]
         cache = cache.with_name(f"views-{layout}-{h}-{cache.name}")
     if cache is not None and cache.exists():
         ck = torch.load(cache, map_location=dev)
@@ -252,9 +265,9 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
     text.requires_grad_(False)
     ids = tr._token_ids(d["caption"])
     empty = tr._token_ids([""])[0]
-    draw = torch.where(torch.from_numpy(d["left"]) > 0, LEFT_WEIGHT, 1.0).to(dev)
-    print(f"[views] {int((draw > 1).sum())} of {len(draw)} pairs have an object that leaves the frame "
-          f"(drawn {LEFT_WEIGHT:g}x as often)", flush=True)
+    draw = torch.where(torch.from_numpy(d["left"]) > 0, left_weight, 1.0).to(dev)
+    print(f"[views] {int((d['left'] > 0).sum())} of {len(draw)} pairs have an object that leaves the frame "
+          f"(drawn {left_weight:g}x as often)", flush=True)
     del d
     stage = f"task-{TASK}" + ("" if layout == "warped" else "-coords" if coordinates else "-zero123")
     base = UNet2DConditionModel.from_pretrained(tr._component(LAYOUT_BASE[layout]), dtype=torch.float32).to(dev)
@@ -327,7 +340,7 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
     finally:
         tr.preset = p
     summary.update(layout=layout, base_unet=LAYOUT_BASE[layout], lora_rank=LORA_RANK, null_drop=NULL_DROP,
-                   caption_drop=CAPTION_DROP, left_weight=LEFT_WEIGHT, coordinates=coordinates,
+                   caption_drop=CAPTION_DROP, left_weight=left_weight, coordinates=coordinates,
                    relative_range={k: round(float(v), 4) for k, v in views.RELATIVE_RANGE.items()})
     # the record of what is now in out/unet-views (whichever layout), where the export looks for it
     (tr.out / "logs" / f"task-{TASK}.summary.json").write_text(json.dumps(summary, indent=2))  # with these keys
