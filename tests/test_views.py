@@ -354,7 +354,8 @@ def test_the_views_eval_takes_another_held_out_set_and_refuses_the_training_one(
     for bad in (0, -1, 2.5, True, "2500"):
         with pytest.raises(ValueError, match="pairs_seed"):
             evaluate_views.run_views_eval(2, pairs_seed=bad, model=tmp_path / "no-model")
-    res = evaluate_views.run_views_eval(2, steps=2, pairs_seed=2500, json_path=tmp_path / "e.json", progress=lambda m: None)
+    res = evaluate_views.run_views_eval(2, steps=2, pairs_seed=np.int64(2500), json_path=tmp_path / "e.json",
+                                        progress=lambda m: None)
     assert res["eval_seed"] == 2500 and res["n"] == 2
     ours = [views.make_pair(2500, i) for i in range(2)]
     assert res["copy_baseline_iou"] == evaluate_views.summarise(

@@ -27,6 +27,7 @@ of that colour with the highest IoU with it).
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from pathlib import Path
 
@@ -121,8 +122,9 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
     another seed gives another set from the same distribution; 0 is the training set's)."""
     import lab
     pairs_seed = EVAL_SEED if pairs_seed is None else pairs_seed
-    if isinstance(pairs_seed, bool) or not isinstance(pairs_seed, int) or pairs_seed < 0:
+    if isinstance(pairs_seed, bool) or not isinstance(pairs_seed, numbers.Integral) or pairs_seed < 0:
         raise ValueError(f"pairs_seed is a seed of lab.shapes.views.make_pair (an int >= 0), got {pairs_seed!r}")
+    pairs_seed = int(pairs_seed)
     if pairs_seed == 0:
         raise ValueError("pairs_seed 0 is the training set's: held-out pairs need another seed")
     t0 = time.time()

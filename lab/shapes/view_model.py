@@ -238,7 +238,8 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
     if cache is not None:  # the pairs' encoding, keyed as the world's is, by the layout, and by the code that
         from ..conditioning import views as cviews  # makes it (not by the recipe's constants)
         h = hashlib.sha256(Path(views.__file__).read_bytes() + Path(cviews.__file__).read_bytes()
-                           + inspect.getsource(encode_views).encode()).hexdigest()[:12]
+                           + (inspect.getsource(encode_views) + inspect.getsource(float_images)).encode()
+                           ).hexdigest()[:12]
         cache = cache.with_name(f"views-{layout}-{h}-{cache.name}")
     if cache is not None and cache.exists():
         ck = torch.load(cache, map_location=dev)
