@@ -206,6 +206,7 @@ def test_a_task_model_continues_from_the_bundled_one(tmp_path):
     before = json.loads((Path(BUNDLED["shapes"]) / "unet-inpaint" / tasks.TRAINING_RECORD).read_text())
     assert rows[0]["init"] == "base"
     assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
+    assert rows[0]["before"]["runs"][-1]["steps"] == before["steps"]  # and the record of the run it continued
 
 
 def test_task_init_errors_say_what_is_missing(tmp_path):

@@ -179,6 +179,10 @@ def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
     assert rows[0]["left_weight"] == 5.0
     before = json.loads((bundled / "unet-views" / tasks.TRAINING_RECORD).read_text())
     assert rows[0]["before"]["steps"] == before["steps"] + before.get("before", {}).get("steps", 0)
+    runs = rows[0]["before"]["runs"]  # each run behind it, with its own recipe, oldest first
+    assert [r["steps"] for r in runs] == [r["steps"] for r in before["before"].get("runs", [])] + [before["steps"]]
+    assert runs[-1]["left_weight"] == before["left_weight"] and "before" not in runs[-1]
+    assert sum(r["steps"] for r in runs) == rows[0]["before"]["steps"]
     for name in (LORA_FILE, PARTIAL_FILE):
         start, ours = load_file(bundled / "unet-views" / name), load_file(tmp_path / "work" / "unet-views" / name)
         assert set(start) == set(ours)

@@ -104,14 +104,18 @@ TRAINING_RECORD = "lab_training.json"  # in each exported model folder: its last
 def continued_record(folder) -> dict:
     """The training record of a run that goes on from the model in ``folder`` (``--init base``): ``init`` and
     ``before``, the steps and seconds of every run behind that model (its own :data:`TRAINING_RECORD` and the runs
-    it counted), so the task table counts them all (:func:`hyperparameter_table`)."""
+    it counted), so the task table counts them all (:func:`hyperparameter_table`), and ``before["runs"]``, each of
+    those runs' own record, oldest first (what a recipe changed between them, e.g. the view model's
+    ``left_weight``)."""
     import json
     from pathlib import Path
     path = Path(folder) / TRAINING_RECORD
     prev = json.loads(path.read_text()) if path.exists() else {}
     before = prev.get("before", {"steps": 0, "seconds": 0.0})
+    runs = list(before.get("runs", [])) + ([{k: v for k, v in prev.items() if k != "before"}] if prev else [])
     return {"init": "base", "before": {"steps": before["steps"] + prev.get("steps", 0),
-                                       "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1)}}
+                                       "seconds": round(before["seconds"] + prev.get("seconds", 0.0), 1),
+                                       "runs": runs}}
 
 # the CA task models' grounding loss weights (token, pixel: lab.shapes.train.grounding_losses), each condition
 # token's cross-attention map pulled onto its object. layout: 4x the text model's; where a box token's attention
