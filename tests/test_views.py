@@ -205,7 +205,7 @@ def test_the_view_model_goes_on_from_the_bundled_one(tmp_path):
         train.train("controlnet-depth,task-views-zero123", tmp_path / "none", preset="smoke", base=bundled,
                     init="base", progress=False)
     for bad in (0.5, float("nan"), float("inf"), "3"):  # a weight below 1 would draw leaving pairs less often
-        with pytest.raises(ValueError, match="left_weight is how many times"):
+        with pytest.raises(ValueError, match="left_weight must be"):
             train.train("controlnet-depth,task-views", tmp_path / "none", preset="smoke", base=bundled,
                         left_weight=bad, progress=False)
     with pytest.raises(ValueError, match="left_weight is the view model's"):

@@ -121,10 +121,11 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
     """The keys of the module docstring on ``n`` held-out pairs of seed ``pairs_seed`` (default :data:`EVAL_SEED`;
     another seed gives another set from the same distribution; 0 is the training set's)."""
     import lab
+    from ..settings import check_number
     pairs_seed = EVAL_SEED if pairs_seed is None else pairs_seed
-    if isinstance(pairs_seed, bool) or not isinstance(pairs_seed, numbers.Integral) or pairs_seed < 0:
-        raise ValueError(f"pairs_seed is a seed of lab.shapes.views.make_pair (an int >= 0), got {pairs_seed!r}")
-    pairs_seed = int(pairs_seed)
+    if isinstance(pairs_seed, numbers.Integral) and not isinstance(pairs_seed, bool):
+        pairs_seed = int(pairs_seed)  # numpy's integers too
+    check_number("pairs_seed", pairs_seed, minimum=0, integer=True)
     if pairs_seed == 0:
         raise ValueError("pairs_seed 0 is the training set's: held-out pairs need another seed")
     t0 = time.time()

@@ -204,10 +204,12 @@ def _continue_from(start: Path, unet, encoder: CameraTokenEncoder, base_dir: Pat
 
 def check_left_weight(left_weight) -> float:
     """``left_weight`` (:data:`LEFT_WEIGHT` for ``None``) as a float >= 1, or a clear error."""
+    from ..settings import check_number
     w = LEFT_WEIGHT if left_weight is None else left_weight
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 1.0 <= w < float("inf"):
-        raise ValueError(f"left_weight is how many times as often a pair with an object that left the frame is "
-                         f"drawn: a finite number >= 1, got {left_weight!r}")
+    try:
+        check_number("left_weight", w, minimum=1)
+    except ValueError as e:
+        raise ValueError(f"{e} (how many times as often a pair with an object that left the frame is drawn)") from None
     return float(w)
 
 
