@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models of the lecture's task table (lab.shapes.tasks), comma-separated: inpaint, sr, "
                         "segmap (concat), class, layout (tokens by cross-attention), uncond; views (Zero-1-to-3 with a 2D "
                         "camera, lab.shapes.view_model: the warped layout over the inpainting UNet), views-zero123 "
-                        "(Zero-1-to-3's own 8-channel layout), views-coords; fine-tunes the UNet "
+                        "(Zero-1-to-3's own 8-channel layout), views-coords, views-decoder (the view model's decoder "
+                        "adapter: a LoRA over the VAE's decoder, on the views' targets); fine-tunes the UNet "
                         "of --base (or of --out) for each; with --stage, after those stages")
     t.add_argument("--out", default="runs/train-shapes", help="working directory (checkpoints, logs)")
     t.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"])

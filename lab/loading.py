@@ -145,26 +145,50 @@ def quiet_libraries():
             tlog.enable_progress_bar()
 
 
+def _adapter_base(path: Path, sub: Path, task: str, base: str, retrain: str) -> str:
+    """The folder of ``path`` that the adapter in ``sub`` goes over (its ``lab_adapter.json``'s ``base``, else
+    ``base``): a clear error when it is missing, a warning when its weights are not the ones the adapter was
+    trained over (``retrain``: the ``--task`` that trains it again)."""
+    from .token_encoders import ADAPTER_FILE, weights_digest
+    if not (sub / ADAPTER_FILE).exists():
+        return base
+    adapter = json.loads((sub / ADAPTER_FILE).read_text())
+    base = adapter.get("base", base)
+    if not (path / base / "config.json").exists():
+        raise IncompleteModel(f"the {task!r} model is an adapter over {path / base}, which is missing",
+                              [str(path / base)])
+    digest = weights_digest(path / base) if "base_digest" in adapter else None
+    if digest is not None and digest != adapter["base_digest"]:
+        warnings.warn(f"the {task!r} adapter ({sub}) was trained and measured over other weights of "
+                      f"{path / base} (digest {adapter['base_digest']}, these are {digest}): it loads, "
+                      f"but its measured quality may not hold; retrain it over this base "
+                      f"(python -m lab train shapes --task {retrain} --base {path})", stacklevel=4)
+    return base
+
+
+def _task_vae(path: Path, task: str, dtype: torch.dtype):
+    """The task's VAE where the model has a decoder adapter for it (``vae-TASK``, the view model's: a LoRA over the
+    decoder of the VAE it names, merged in), else ``None`` (the pipeline's own VAE)."""
+    from diffusers import AutoencoderKL
+    from .token_encoders import LORA_FILE, merge_lora
+    sub = path / f"vae-{task}"
+    if not (sub / LORA_FILE).exists():
+        return None
+    base = _adapter_base(path, sub, task, "vae", f"{task}-decoder")
+    with quiet_libraries():
+        vae = AutoencoderKL.from_pretrained(path / base, dtype=dtype)
+    merge_lora(vae, sub / LORA_FILE)
+    return vae
+
+
 def _task_unet(path: Path, task: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
-    from .token_encoders import (ADAPTER_FILE, LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora,
-                                 weights_digest)
+    from .token_encoders import LORA_FILE, PARTIAL_FILE, TOKEN_ENCODERS, load_partial, merge_lora
     sub = path / f"unet-{task}"
     if (sub / PARTIAL_FILE).exists():
-        # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder)
-        base = "unet"
-        if (sub / ADAPTER_FILE).exists():  # the UNet it goes over (the view model's: the inpainting UNet), its weights
-            adapter = json.loads((sub / ADAPTER_FILE).read_text())
-            base = adapter.get("base", base)
-            if not (path / base / "config.json").exists():
-                raise IncompleteModel(f"the {task!r} model is an adapter over {path / base}, which is missing",
-                                      [str(path / base)])
-            digest = weights_digest(path / base) if "base_digest" in adapter else None
-            if digest is not None and digest != adapter["base_digest"]:
-                warnings.warn(f"the {task!r} adapter ({sub}) was trained and measured over other weights of "
-                              f"{path / base} (digest {adapter['base_digest']}, these are {digest}): it loads, "
-                              f"but its measured quality may not hold; retrain it over this base "
-                              f"(python -m lab train shapes --task {task} --base {path})", stacklevel=3)
+        # weights over the text UNet (lab.token_encoders); a CA task's token encoder beside it (TASK_embedder);
+        # an adapter's record names the UNet it goes over (the view model's: the inpainting UNet) and its weights
+        base = _adapter_base(path, sub, task, "unet", task)
         with quiet_libraries():
             unet = UNet2DConditionModel.from_pretrained(path / base, dtype=dtype)
         load_partial(unet, sub / PARTIAL_FILE)
@@ -209,7 +233,8 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
     ``task``: a model of the task table that lives beside the text model in a ``unet-TASK`` subfolder (the
     shapes model's ``"segmap"``, ``"class"``, ..., :mod:`lab.shapes.tasks`; ``"views"``, the Zero-1-to-3 view model,
     :mod:`lab.shapes.view_model`): its UNet with the directory's other components (and an upscaler's
-    ``low_res_scheduler`` folder, a class or layout model's token encoder, the view model's ``camera_embedder``).
+    ``low_res_scheduler`` folder, a class or layout model's token encoder, the view model's ``camera_embedder``
+    and decoder adapter ``vae-views``, merged into the VAE).
     """
     from diffusers import DiffusionPipeline
 
@@ -227,6 +252,9 @@ def load(name_or_path=DEFAULT_MODEL, *, controlnet=None, device=None, dtype=None
     if task is not None:
         task_parts = _task_unet(path, task, dt)
         extra["unet"] = task_parts.pop("unet")
+        vae = _task_vae(path, task, dt)
+        if vae is not None:
+            extra["vae"] = vae
     try:
         with quiet_libraries():
             dpipe = DiffusionPipeline.from_pretrained(path, dtype=dt, local_files_only=True, **extra)

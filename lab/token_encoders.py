@@ -226,12 +226,13 @@ def load_partial(unet, path) -> None:
     unet.load_state_dict(state, strict=False)
 
 
-def merge_lora(unet, path) -> int:
+def merge_lora(model, path) -> int:
     """Merge a LoRA adapter (:data:`LORA_FILE` as diffusers' ``save_lora_adapter`` writes it: ``NAME.lora_A.weight``
     and ``NAME.lora_B.weight`` per module, ``lora_alpha`` and ``r`` in its ``lora_adapter_metadata``) into the
-    weights of ``unet``: ``W += alpha / r * B A`` (for a convolution, ``B``'s 1x1 kernel after ``A``'s). What
-    ``unet.load_lora_adapter(...)`` then ``unet.fuse_lora()`` computes, leaving plain modules (no peft layers in
-    the way of attention processors and recorders). Returns the number of modules changed."""
+    weights of ``model`` (a UNet; the view model's decoder adapter: a VAE): ``W += alpha / r * B A`` (for a
+    convolution, ``B``'s 1x1 kernel after ``A``'s). What ``model.load_lora_adapter(...)`` then ``model.fuse_lora()``
+    computes, leaving plain modules (no peft layers in the way of attention processors and recorders). Returns the
+    number of modules changed."""
     import json
 
     from safetensors import safe_open
@@ -243,12 +244,12 @@ def merge_lora(unet, path) -> int:
         raise ValueError(f"{path} is not a LoRA adapter (lora_A/lora_B pairs): {sorted(state)[:3]}")
     r = int(meta.get("r", state[f"{names[0]}.lora_A.weight"].shape[0]))
     scale = float(meta.get("lora_alpha", r)) / r
-    modules = dict(unet.named_modules())
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name in names:
             m = modules.get(name)
             if m is None:
-                raise ValueError(f"{path} adapts {name!r}, which this UNet does not have")
+                raise ValueError(f"{path} adapts {name!r}, which this model does not have")
             a, b = state[f"{name}.lora_A.weight"].float(), state[f"{name}.lora_B.weight"].float()
             delta = (b.flatten(1) @ a.flatten(1)).reshape(m.weight.shape) * scale
             m.weight.add_(delta.to(m.weight.dtype))

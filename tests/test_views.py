@@ -286,6 +286,74 @@ def test_an_adapter_over_retrained_base_weights_loads_with_a_warning(smoke_views
     assert pipe.kind == "views"
 
 
+def test_the_view_decoder_trains_a_lora_over_the_decoder_alone_that_lab_load_merges(tmp_path):
+    """``--task views-decoder``: a LoRA over the VAE's decoder (the encoder, so the latent space every UNet was
+    trained in, stays as it is), exported in fp16 and merged by ``lab.load(..., task="views")`` into the VAE as
+    diffusers' ``load_lora_adapter`` computes it; its record names the VAE's weights, and a missing or retrained
+    base is said so."""
+    import json
+    import shutil
+    import warnings
+
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lab.errors import IncompleteModel
+    from lab.shapes.view_model import DECODER, export_view_model
+    bundled = Path(BUNDLED["shapes"])
+    rows = train.train("task-views-decoder", tmp_path / "work", preset="smoke", base=bundled, progress=False)
+    assert rows[0]["stage"] == DECODER and rows[0]["steps"] == 3 and rows[0]["base_vae"] == "vae"
+    work = tmp_path / "work" / DECODER
+    adapter = json.loads((work / ADAPTER_FILE).read_text())
+    assert adapter == {"base": "vae", "base_digest": weights_digest(bundled / "vae")}
+    state = load_file(work / LORA_FILE)
+    assert state and all(k.startswith("decoder.") for k in state)  # nothing of the encoder
+    pipe_dir = tmp_path / "pipe"
+    shutil.copytree(bundled, pipe_dir, ignore=shutil.ignore_patterns("controlnet-*", DECODER))
+    export_view_model(tmp_path / "work", pipe_dir, part="decoder")
+    with safe_open(str(pipe_dir / DECODER / LORA_FILE), "pt") as f:
+        meta = f.metadata()
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16} and "lora_adapter_metadata" in meta
+        # give the adapter weight (3 steps leave LoRA's B near zero): the merge must be the same computation
+        state = {k: (f.get_tensor(k) + 0.05 * torch.randn_like(f.get_tensor(k)) if "lora_B" in k else f.get_tensor(k))
+                 for k in f.keys()}
+    save_file(state, str(pipe_dir / DECODER / LORA_FILE), metadata=meta)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe = lab.load(pipe_dir, task="views")
+    assert not [w for w in seen if "over other weights" in str(w.message)]
+    plain = AutoencoderKL.from_pretrained(pipe_dir / "vae")
+    theirs = AutoencoderKL.from_pretrained(pipe_dir / "vae")
+    theirs.load_lora_adapter(str(pipe_dir / DECODER), weight_name=LORA_FILE, adapter_name="views", prefix=None)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = plain.encode(x).latent_dist.mean
+        assert torch.equal(pipe.vae.encode(x).latent_dist.mean, z)  # the same latent space
+        ours, want, before = pipe.vae.decode(z).sample, theirs.decode(z).sample, plain.decode(z).sample
+    assert torch.allclose(ours, want, atol=1e-4), (ours - want).abs().max()
+    assert (ours - before).abs().max() > 1e-2
+    assert lab.load(pipe_dir, task="inpaint").vae.state_dict()["decoder.conv_out.weight"].equal(
+        plain.state_dict()["decoder.conv_out.weight"])  # other tasks keep the plain VAE
+    # the VAE under it retrained: it loads, with a warning; the VAE it names missing: a clear error
+    weights = pipe_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_state = load_file(str(weights))
+    vae_state["decoder.conv_out.bias"] = vae_state["decoder.conv_out.bias"] + 0.01
+    save_file(vae_state, str(weights))
+    with pytest.warns(UserWarning, match="adapter .*vae-views.* over other weights of .*--task views-decoder"):
+        lab.load(pipe_dir, task="views")
+    (pipe_dir / DECODER / ADAPTER_FILE).write_text(json.dumps({"base": "vae-gone"}))
+    with pytest.raises(IncompleteModel, match="adapter over .*vae-gone, which is missing"):
+        lab.load(pipe_dir, task="views")
+    with pytest.raises(ValueError, match="the view decoder starts from the VAE"):
+        train.train("task-views-decoder", tmp_path / "none", preset="smoke", base=bundled, init="base",
+                    progress=False)
+    with pytest.raises(ValueError, match="left_weight is the view model's"):
+        train.train("task-views-decoder", tmp_path / "none", preset="smoke", base=bundled, left_weight=5,
+                    progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 def test_view_model_samples_with_recording_and_refuses_bad_conditioning(smoke_views):
     _, pipe_dir = smoke_views
     pipe = lab.load(pipe_dir, task="views")
@@ -361,6 +429,8 @@ def test_the_views_eval_takes_another_held_out_set_and_refuses_the_training_one(
     res = evaluate_views.run_views_eval(2, steps=2, pairs_seed=np.int64(2500), json_path=tmp_path / "e.json",
                                         progress=lambda m: None)
     assert res["eval_seed"] == 2500 and res["n"] == 2
+    # the ceiling: the true targets through the pipeline's VAE (with the bundled decoder adapter) and the plain one
+    assert res["decoder"] == "vae-views" and 0 < res["ceiling_iou"] <= 1 and 0 < res["ceiling_plain_vae_iou"] <= 1
     ours = [views.make_pair(2500, i) for i in range(2)]
     assert res["copy_baseline_iou"] == evaluate_views.summarise(
         [r for q in ours for r in evaluate_views.score_view(q["input"], q)], "copy")["copy_iou"]
@@ -449,3 +519,16 @@ def test_the_shipped_view_model_is_its_adapter_and_reads_its_input_view_and_its_
     other_cam = pipe.sampler(a["caption"], conditioning=novel_view(a["input"], b["camera"]), **kw).run().final_latents
     assert (base_z - other_view).abs().mean() > 0.05
     assert (base_z - other_cam).abs().mean() > 0.05
+    # its decoder adapter (vae-views): the VAE's encoder as it was (the latent space every UNet knows), the decoder
+    # changed, and the true target views of held-out pairs come through it closer to themselves than through the plain
+    # VAE, which pulls objects cut off by the frame in from its edge
+    from diffusers import AutoencoderKL
+    plain = AutoencoderKL.from_pretrained(BUNDLED["shapes"] / "vae")
+    ours = dict(pipe.vae.named_parameters())
+    changed = {n for n, q in plain.named_parameters() if not torch.equal(q, ours[n].to(q.dtype))}
+    assert changed and all(n.startswith("decoder.") for n in changed)
+    rec = json.loads((BUNDLED["shapes"] / "vae-views" / "lab_training.json").read_text())
+    assert rec["stage"] == "vae-views" and rec["lora_rank"] == 8 and rec["steps"] > 100
+    pairs = [views.make_pair(evaluate_views.EVAL_SEED, i) for i in range(50)]
+    assert (evaluate_views.autoencoder_ceiling(pipe.vae, pairs)["ceiling_iou"]
+            > evaluate_views.autoencoder_ceiling(plain, pairs)["ceiling_iou"] + 0.02)

@@ -22,7 +22,11 @@ of that colour with the highest IoU with it).
   detection of their colour beyond the objects in view);
 * ``kept_*`` (the warped layout): the same keys for the samples with the input's seen pixels put back
   (:func:`lab.conditioning.keep_seen`): the model's pixels only where the warp saw nothing;
-* ``*_no_caption``: the same with the empty caption (image and camera only); ``n``, ``eval_seconds``.
+* ``*_no_caption``: the same with the empty caption (image and camera only); ``n``, ``eval_seconds``;
+* ``ceiling_*``: the same keys for the true target views through the pipeline's VAE (encoded, the posterior
+  mean decoded): the most a model in its latent space can score; ``decoder``: ``"vae-views"`` where the model has
+  the view world's decoder adapter (:func:`lab.shapes.view_model.train_view_decoder`), with the plain VAE's
+  ceiling beside it (``ceiling_plain_vae_*``), else ``"vae"``.
 """
 from __future__ import annotations
 
@@ -102,6 +106,22 @@ def summarise(rows: list[dict], prefix: str = "view") -> dict:
     return out
 
 
+def autoencoder_ceiling(vae, pairs: list[dict], prefix: str = "ceiling") -> dict:
+    """:func:`summarise` of the target views of ``pairs`` encoded by ``vae`` and decoded from the posterior mean."""
+    import torch
+
+    from .tasks import float_images
+    targets = torch.from_numpy(np.stack([p["target"] for p in pairs]))
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), 100):
+            x = float_images(targets[i:i + 100]).to(vae.device, vae.dtype)
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            images = ((y / 2 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            rows += [r for im, p in zip(images, pairs[i:i + 100]) for r in score_view(im, p)]
+    return summarise(rows, prefix)
+
+
 def sample_views(pipe, pairs: list[dict], *, caption: bool = True, steps: int = 30, guidance: float = 3.0,
                  seed: int = 0, batch: int = BATCH) -> list[np.ndarray]:
     """The target view of each pair, sampled by the view model ``pipe`` (``lab.load("shapes", task="views")``)."""
@@ -150,6 +170,15 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
                                                              for r in score_view(im, p)], "kept").items()})
         progress(f"[views{suffix}] iou {s['view_iou']:.3f} centre {s['view_center_error_px']:.2f}px "
                  f"({time.time() - t1:.0f}s)")
+    res.update(autoencoder_ceiling(pipe.vae, pairs))
+    from ..loading import resolve_path
+    from ..token_encoders import LORA_FILE
+    from .view_model import DECODER
+    res["decoder"] = DECODER if (resolve_path(model) / DECODER / LORA_FILE).exists() else "vae"
+    if res["decoder"] == DECODER:
+        from diffusers import AutoencoderKL
+        plain = AutoencoderKL.from_pretrained(resolve_path(model) / "vae", dtype=pipe.vae.dtype).to(pipe.vae.device)
+        res.update(autoencoder_ceiling(plain, pairs, "ceiling_plain_vae"))
     c, w = summarise(copy_rows, "copy"), summarise(warp_rows, "warp")
     res.update(copy_baseline_iou=c["copy_iou"], copy_baseline_center_error_px=c["copy_center_error_px"],
                warp_baseline_iou=w["warp_iou"], warp_baseline_center_error_px=w["warp_center_error_px"],

@@ -53,7 +53,8 @@ from .tokenizer import write_tokenizer
 
 STAGES = ("vae", "preview", "unet", *(f"controlnet-{k}" for k in world.CONDITION_KINDS))
 # the task table's models (lab.shapes.tasks) and the view model (lab.shapes.view_model), on the text model's UNet
-TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views", "task-views-zero123", "task-views-coords")
+TASK_STAGES = tuple(f"task-{t}" for t in TASKS) + ("task-views", "task-views-zero123", "task-views-coords",
+                                                    "task-views-decoder")
 #: the view model's stages: their input layout and coordinate channels (lab.shapes.view_model)
 _VIEW_STAGES = {"task-views": ("warped", False), "task-views-zero123": ("view", False),
                 "task-views-coords": ("view", True)}
@@ -1011,9 +1012,11 @@ def export_pipeline(work: str | Path, dest: str | Path, kinds=world.CONDITION_KI
             if task in TOKEN_TASKS:
                 folder = TOKEN_TASKS[task]
                 ENCODERS[folder].from_pretrained(src(folder)).to(torch.float16).save_pretrained(tmp / folder)
+    from .view_model import DECODER, export_view_model
     if (src("unet-views") / LORA_FILE).exists():  # the view model: LoRA adapter, widened conv_in, camera token
-        from .view_model import export_view_model
         export_view_model(src("unet-views").parent, tmp)
+    if (src(DECODER) / LORA_FILE).exists():  # and its decoder adapter over the VAE
+        export_view_model(src(DECODER).parent, tmp, part="decoder")
     if (src("preview_decoder") / "config.json").exists():  # lab.preview.PreviewDecoder, distilled from the VAE
         shutil.copytree(src("preview_decoder"), tmp / "preview_decoder")
     if (src("low_res_scheduler") / "scheduler_config.json").exists():  # the upscaler's (lab.shapes.tasks)
@@ -1079,10 +1082,14 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
     for s in stages:
         if s not in STAGES + TASK_STAGES + stage1.STAGES:
             raise KeyError(f"unknown stage {s!r}; expected one of {STAGES + TASK_STAGES + stage1.STAGES}")
-    if left_weight is not None and not any(s.startswith("task-views") for s in stages):
+    if left_weight is not None and not any(s in _VIEW_STAGES for s in stages):
         raise ValueError("left_weight is the view model's (--task views); these stages take none")
     for s in stages:  # before any stage runs, so a bad init loses no training
-        if s.startswith("task-views"):
+        if s == "task-views-decoder":
+            if init != "zero":
+                raise ValueError(f"init={init!r} is for the ControlNet, concat task and view stages; the view "
+                                 f"decoder starts from the VAE of --base (or of --out)")
+        elif s.startswith("task-views"):
             from .view_model import check_left_weight, check_views_init
             check_views_init(init, Path(base if base is not None else out), *_VIEW_STAGES[s])
             check_left_weight(left_weight)
@@ -1117,6 +1124,9 @@ def train(stage: str | None, out: str | Path, preset: str = "cpu", device: str |
             out_rows.append(tr.train_preview())
         elif s == "unet":
             out_rows.append(tr.train_unet())
+        elif s == "task-views-decoder":  # the view world's decoder adapter over the VAE (lab.shapes.view_model)
+            from .view_model import train_view_decoder
+            out_rows.append(train_view_decoder(tr))
         elif s.startswith("task-views"):  # Zero-1-to-3 through a camera (lab.shapes.view_model)
             from .view_model import train_views  # views: the warped layout; -zero123, -coords: the view layout
             layout, coordinates = _VIEW_STAGES[s]

@@ -69,6 +69,12 @@ CAMERA_EMBEDDER = "camera_embedder"
 TASK = "views"
 #: the two input layouts (:func:`lab.conditioning.views.input_layout`) and the UNet each starts from
 LAYOUT_BASE = {"warped": "unet-inpaint", "view": "unet"}
+#: the view world's decoder adapter (``--task views-decoder``): a LoRA over the VAE's decoder alone, so the latent
+#: space (and every UNet trained in it) stays as it is -- SD's ft-MSE VAE decoder, fine-tuned the same way
+DECODER = "vae-views"
+DECODER_RANK = 8
+DECODER_TARGETS = r"decoder\.(.*\.(conv1|conv2|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0)|conv_in|conv_out)$"
+DECODER_LR = 1e-3
 
 
 def view_unet(base_unet, rank: int = LORA_RANK, coordinates: bool = False, layout: str = "view"):
@@ -352,6 +358,70 @@ def train_views(tr, coordinates: bool = False, layout: str = "warped", init: str
 
 
 
+def train_view_decoder(tr) -> dict:
+    """The view world's decoder adapter (:data:`DECODER`): a LoRA of rank :data:`DECODER_RANK` over the stage-1
+    VAE's decoder (:data:`DECODER_TARGETS`; the encoder, so the latents, untouched), trained on the target views of
+    the :class:`lab.shapes.train.Trainer` preset's training pairs (``n_train``; time: ``vae_seconds``; batch:
+    ``vae_batch``) with stage 1's reconstruction loss (MSE + 0.5 L1) from latents drawn from the encoder's
+    posterior, as the VAE itself trained. The world through a camera cuts objects at the frame's edge, which the
+    VAE never saw: it pulls them in from the edge (notebook 12). EMA weights to ``out/vae-views`` (fp32; the export
+    writes fp16), with :data:`~lab.token_encoders.ADAPTER_FILE` naming ``vae`` and its weights."""
+    from diffusers import AutoencoderKL
+    from peft import LoraConfig
+
+    p = tr.preset
+    dev = tr.device
+    t0 = time.time()
+    targets = torch.from_numpy(views.generate_pairs(p.n_train, tr.seed, split="train", workers=p.workers)["target"])
+    pairs_seconds = time.time() - t0
+    print(f"[views-decoder] {p.n_train} target views in {pairs_seconds:.1f}s", flush=True)
+    vae_dir = tr._component("vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(dev).requires_grad_(False)
+    t0 = time.time()
+    mean, std = encode_views(vae, targets.to(dev))
+    encoding_seconds = time.time() - t0
+    print(f"[views-decoder] encoded in {encoding_seconds:.1f}s", flush=True)
+    vae.add_adapter(LoraConfig(r=DECODER_RANK, lora_alpha=DECODER_RANK, init_lora_weights=True,
+                               target_modules=DECODER_TARGETS), adapter_name=ADAPTER)
+    lora = [q for n, q in vae.named_parameters() if "lora_" in n]
+    assert lora and all(n.startswith("decoder.") for n, q in vae.named_parameters() if q.requires_grad)
+    print(f"[views-decoder] trained: LoRA {sum(q.numel() for q in lora) / 1e6:.3f}M over the decoder", flush=True)
+    ema = copy.deepcopy(vae).requires_grad_(False)
+    g = tr._generator(tr.seed + 26)
+
+    def step_fn():
+        idx = torch.randint(0, len(mean), (p.vae_batch,), generator=g, device=dev)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=dev)
+        x = float_images(targets[idx.cpu()]).to(dev)
+        with tr.autocast():
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        return F.mse_loss(rec, x) + 0.5 * (rec - x).abs().mean(), {}
+
+    def state():
+        return {"vae": {k: v for k, v in vae.state_dict().items() if "lora_" in k},
+                "ema": {k: v for k, v in ema.state_dict().items() if "lora_" in k}}
+
+    def load(ck):
+        vae.load_state_dict(ck["vae"], strict=False)
+        ema.load_state_dict(ck["ema"], strict=False)
+
+    tr.preset = replace(p, ema_decay=min(p.ema_decay, VIEW_EMA))
+    try:
+        summary = tr._loop_with_ema(DECODER, lora, p.vae_seconds, DECODER_LR, step_fn, state, load, g,
+                                    [(ema, vae)], p.vae_batch)
+    finally:
+        tr.preset = p
+    summary.update(base_vae="vae", lora_rank=DECODER_RANK, loss="MSE + 0.5 L1", data=f"{p.n_train} target views",
+                   making_pairs_seconds=round(pairs_seconds, 1), encoding_seconds=round(encoding_seconds, 1))
+    (tr.out / "logs" / f"{DECODER}.summary.json").write_text(json.dumps(summary, indent=2))
+    folder = tr.out / DECODER
+    folder.mkdir(parents=True, exist_ok=True)
+    ema.save_lora_adapter(folder, adapter_name=ADAPTER, weight_name=LORA_FILE)
+    write_adapter_record(folder, "vae", vae_dir)
+    return summary
+
+
 def view_pipeline(pipe, *, seed: int = 0, layout: str = "view"):
     """Zero-1-to-3's architecture over any text-to-image :class:`lab.Pipeline` of the SD family (its UNet, VAE,
     text encoder, tokenizer and scheduler): the UNet with ``conv_in`` widened (zero) by the latent channels
@@ -371,17 +441,22 @@ def view_pipeline(pipe, *, seed: int = 0, layout: str = "view"):
                                     dtype=pipe.dtype, **parts)
 
 
-def export_view_model(src, dest) -> None:
-    """Copy a trained view model (``src/unet-views``, ``src/camera_embedder``) into the pipeline directory ``dest``
-    in fp16 (the adapter keeps its ``lora_adapter_metadata``)."""
+def export_view_model(src, dest, part: str = "unet") -> None:
+    """Copy a trained view model's ``part`` into the pipeline directory ``dest`` in fp16 (the adapters keep their
+    ``lora_adapter_metadata``): ``"unet"``, ``src/unet-views`` and ``src/camera_embedder``; ``"decoder"``, the
+    decoder adapter ``src/vae-views``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     src, dest = Path(src), Path(dest)
-    (dest / f"unet-{TASK}").mkdir(parents=True, exist_ok=True)
-    for name in (LORA_FILE, PARTIAL_FILE):
-        with safe_open(str(src / f"unet-{TASK}" / name), "pt") as f:
-            meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
-        save_file(state, str(dest / f"unet-{TASK}" / name), metadata=meta)
-    if (src / f"unet-{TASK}" / ADAPTER_FILE).exists():
-        (dest / f"unet-{TASK}" / ADAPTER_FILE).write_text((src / f"unet-{TASK}" / ADAPTER_FILE).read_text())
-    CameraTokenEncoder.from_pretrained(src / CAMERA_EMBEDDER).to(torch.float16).save_pretrained(dest / CAMERA_EMBEDDER)
+    parts = {"unet": (f"unet-{TASK}", (LORA_FILE, PARTIAL_FILE)), "decoder": (DECODER, (LORA_FILE,))}
+    for folder, names in [parts[part]]:
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            with safe_open(str(src / folder / name), "pt") as f:
+                meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
+            save_file(state, str(dest / folder / name), metadata=meta)
+        if (src / folder / ADAPTER_FILE).exists():
+            (dest / folder / ADAPTER_FILE).write_text((src / folder / ADAPTER_FILE).read_text())
+    if part == "unet":
+        CameraTokenEncoder.from_pretrained(src / CAMERA_EMBEDDER).to(torch.float16).save_pretrained(
+            dest / CAMERA_EMBEDDER)
