@@ -312,6 +312,8 @@ def test_the_view_decoder_trains_a_lora_over_the_decoder_alone_that_lab_load_mer
     pipe_dir = tmp_path / "pipe"
     shutil.copytree(bundled, pipe_dir, ignore=shutil.ignore_patterns("controlnet-*", DECODER))
     export_view_model(tmp_path / "work", pipe_dir, part="decoder")
+    with pytest.raises(ValueError, match="unknown part 'encoder'"):
+        export_view_model(tmp_path / "work", pipe_dir, part="encoder")
     with safe_open(str(pipe_dir / DECODER / LORA_FILE), "pt") as f:
         meta = f.metadata()
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16} and "lora_adapter_metadata" in meta

@@ -172,12 +172,14 @@ def run_views_eval(n: int = 200, *, steps: int = 30, guidance: float = 3.0, seed
                  f"({time.time() - t1:.0f}s)")
     res.update(autoencoder_ceiling(pipe.vae, pairs))
     from ..loading import resolve_path
-    from ..token_encoders import LORA_FILE
+    from ..token_encoders import ADAPTER_FILE, LORA_FILE
     from .view_model import DECODER
-    res["decoder"] = DECODER if (resolve_path(model) / DECODER / LORA_FILE).exists() else "vae"
-    if res["decoder"] == DECODER:
+    adapter = resolve_path(model) / DECODER
+    res["decoder"] = DECODER if (adapter / LORA_FILE).exists() else "vae"
+    if res["decoder"] == DECODER:  # and the VAE it goes over, plain
         from diffusers import AutoencoderKL
-        plain = AutoencoderKL.from_pretrained(resolve_path(model) / "vae", dtype=pipe.vae.dtype).to(pipe.vae.device)
+        base = json.loads((adapter / ADAPTER_FILE).read_text())["base"] if (adapter / ADAPTER_FILE).exists() else "vae"
+        plain = AutoencoderKL.from_pretrained(adapter.parent / base, dtype=pipe.vae.dtype).to(pipe.vae.device)
         res.update(autoencoder_ceiling(plain, pairs, "ceiling_plain_vae"))
     c, w = summarise(copy_rows, "copy"), summarise(warp_rows, "warp")
     res.update(copy_baseline_iou=c["copy_iou"], copy_baseline_center_error_px=c["copy_center_error_px"],

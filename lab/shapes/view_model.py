@@ -383,8 +383,7 @@ def train_view_decoder(tr) -> dict:
     print(f"[views-decoder] encoded in {encoding_seconds:.1f}s", flush=True)
     vae.add_adapter(LoraConfig(r=DECODER_RANK, lora_alpha=DECODER_RANK, init_lora_weights=True,
                                target_modules=DECODER_TARGETS), adapter_name=ADAPTER)
-    lora = [q for n, q in vae.named_parameters() if "lora_" in n]
-    assert lora and all(n.startswith("decoder.") for n, q in vae.named_parameters() if q.requires_grad)
+    lora = [q for n, q in vae.named_parameters() if "lora_" in n]  # peft leaves only these trainable
     print(f"[views-decoder] trained: LoRA {sum(q.numel() for q in lora) / 1e6:.3f}M over the decoder", flush=True)
     ema = copy.deepcopy(vae).requires_grad_(False)
     g = tr._generator(tr.seed + 26)
@@ -449,14 +448,16 @@ def export_view_model(src, dest, part: str = "unet") -> None:
     from safetensors.torch import save_file
     src, dest = Path(src), Path(dest)
     parts = {"unet": (f"unet-{TASK}", (LORA_FILE, PARTIAL_FILE)), "decoder": (DECODER, (LORA_FILE,))}
-    for folder, names in [parts[part]]:
-        (dest / folder).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            with safe_open(str(src / folder / name), "pt") as f:
-                meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
-            save_file(state, str(dest / folder / name), metadata=meta)
-        if (src / folder / ADAPTER_FILE).exists():
-            (dest / folder / ADAPTER_FILE).write_text((src / folder / ADAPTER_FILE).read_text())
+    if part not in parts:
+        raise ValueError(f"unknown part {part!r} of the view model; expected one of {sorted(parts)}")
+    folder, names = parts[part]
+    (dest / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with safe_open(str(src / folder / name), "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
+        save_file(state, str(dest / folder / name), metadata=meta)
+    if (src / folder / ADAPTER_FILE).exists():
+        (dest / folder / ADAPTER_FILE).write_text((src / folder / ADAPTER_FILE).read_text())
     if part == "unet":
         CameraTokenEncoder.from_pretrained(src / CAMERA_EMBEDDER).to(torch.float16).save_pretrained(
             dest / CAMERA_EMBEDDER)
