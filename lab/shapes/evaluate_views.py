@@ -107,19 +107,11 @@ def summarise(rows: list[dict], prefix: str = "view") -> dict:
 
 
 def autoencoder_ceiling(vae, pairs: list[dict], prefix: str = "ceiling") -> dict:
-    """:func:`summarise` of the target views of ``pairs`` encoded by ``vae`` and decoded from the posterior mean."""
-    import torch
-
-    from .tasks import float_images
-    targets = torch.from_numpy(np.stack([p["target"] for p in pairs]))
-    rows = []
-    with torch.no_grad():
-        for i in range(0, len(pairs), 100):
-            x = float_images(targets[i:i + 100]).to(vae.device, vae.dtype)
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-            images = ((y / 2 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            rows += [r for im, p in zip(images, pairs[i:i + 100]) for r in score_view(im, p)]
-    return summarise(rows, prefix)
+    """:func:`summarise` of the target views of ``pairs`` through ``vae`` (:func:`lab.shapes.stage1.reconstruct`:
+    encoded, the posterior mean decoded)."""
+    from .stage1 import reconstruct
+    images = reconstruct(vae, np.stack([p["target"] for p in pairs]))
+    return summarise([r for im, p in zip(images, pairs) for r in score_view(im, p)], prefix)
 
 
 def sample_views(pipe, pairs: list[dict], *, caption: bool = True, steps: int = 30, guidance: float = 3.0,
